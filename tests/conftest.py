@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+IMAGENETTE = SHARED / "data" / "imagenette-mini"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    runslow = config.getoption("--runslow") or os.environ.get("MGAB_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or MGAB_SLOW=1")
+    skip_gpu = pytest.mark.skip(reason="gpu: no CUDA device on this machine")
+    for item in items:
+        if "slow" in item.keywords and not runslow: item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available(): item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path, monkeypatch):
+    "Keep generated data of each test in its own folder"
+    monkeypatch.setenv("MGAB_DATA", str(tmp_path / "mgab-data"))
+
+
+@pytest.fixture
+def imagenette():
+    if not IMAGENETTE.is_dir(): pytest.skip(f"real photos not found at {IMAGENETTE}")
+    return IMAGENETTE

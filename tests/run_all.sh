@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite. The README's test command runs it after `pip install -e ".[dev]"`; .ci/run runs that command.
+#   1. nbdev-export + nbdev-clean must leave the notebooks and mgab/ exactly as committed,
+#   2. nbdev-test runs every notebook (cells flagged `slow`/`gpu` are skipped; `--flags slow` runs them),
+#   3. pytest runs tests/ (`--runslow` or MGAB_SLOW=1 adds the slow ones). Its summary is the last line printed.
+# `set -e` makes any failure, pytest's exit code 5 ("no tests collected") included, fail the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MPLBACKEND=Agg PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::DeprecationWarning}"
+
+echo "== nbdev-export / nbdev-clean"
+nbdev-export
+nbdev-clean
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  dirty=$(git status --porcelain -- nbs mgab pyproject.toml)
+  if [ -n "$dirty" ]; then
+    echo "The notebooks and mgab/ are out of step with what is committed:"; echo "$dirty"
+    echo "Run nbdev-export && nbdev-clean, review and commit the result."; exit 1
+  fi
+fi
+
+echo "== nbdev-test"
+nbdev-test --n-workers 2
+
+echo "== pytest"
+python -m pytest tests -q -p no:cacheprovider "$@"
