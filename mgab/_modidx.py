@@ -44,6 +44,7 @@ d = { 'settings': { 'branch': 'main',
                           'mgab.vit.MaskBiasViT.prefix_labels': ('vit.html#maskbiasvit.prefix_labels', 'mgab/vit.py'),
                           'mgab.vit.biased_sdpa': ('vit.html#biased_sdpa', 'mgab/vit.py'),
                           'mgab.vit.create_vit': ('vit.html#create_vit', 'mgab/vit.py'),
+                          'mgab.vit.load_run_encoder': ('vit.html#load_run_encoder', 'mgab/vit.py'),
                           'mgab.vit.load_vit_checkpoint': ('vit.html#load_vit_checkpoint', 'mgab/vit.py'),
                           'mgab.vit.param_groups': ('vit.html#param_groups', 'mgab/vit.py'),
                           'mgab.vit.split_params': ('vit.html#split_params', 'mgab/vit.py')}}}
