@@ -2,7 +2,8 @@
 # The whole test suite. The README's test command runs it after `pip install -e ".[dev]"`; .ci/run runs that command.
 #   1. nbdev-export + nbdev-clean must leave the notebooks and mgab/ exactly as committed,
 #   2. nbdev-test runs every notebook (cells flagged `slow`/`gpu` are skipped; `--flags slow` runs them),
-#   3. pytest runs tests/ (`--runslow` or MGAB_SLOW=1 adds the slow ones). Its summary is the last line printed.
+#   3. mgab-docs renders every processed notebook to HTML (fails on one that does not render),
+#   4. pytest runs tests/ (`--runslow` or MGAB_SLOW=1 adds the slow ones). Its summary is the last line printed.
 # `set -e` makes any failure, pytest's exit code 5 ("no tests collected") included, fail the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ fi
 
 echo "== nbdev-test"
 nbdev-test --n-workers 2
+
+echo "== mgab-docs (offline HTML docs; every notebook must render)"
+mgab-docs --no-execute --out _docs
 
 echo "== pytest"
 python -m pytest tests -q -p no:cacheprovider "$@"
