@@ -17,6 +17,7 @@ from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
 from fastai.data.external import URLs, untar_data
 from fastai.torch_core import default_device
 from .core import asset_path, data_dir
+from .masks import load_image
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTENSIONS', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES',
@@ -29,14 +30,6 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTENSIONS', 'LABELLED_VIEWS'
 # %% ../nbs/04_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-def _load_image(path) -> np.ndarray:
-    "(H, W, 3) uint8 array of an image file, EXIF orientation applied; `ValueError` naming the file if unreadable"
-    # Same semantics as `mgab.masks.load_image` (contract 1), which replaces it once both modules are merged.
-    try:
-        with Image.open(path) as im: return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
 
 # %% ../nbs/04_data.ipynb #f55d282f
 def image_files(folder) -> list[Path]:
@@ -228,7 +221,7 @@ class MaskedImages(torch.utils.data.Dataset):
         return lm
 
     def __getitem__(self, i: int):
-        img = _load_image(self.files[i])
+        img = load_image(self.files[i])
         H, W = img.shape[:2]
         lm, pil = self.label_map(i, (H, W)), Image.fromarray(img)
         xs, ms = [], []
