@@ -35,8 +35,9 @@ def test_mae_config_from_flags(folders):
     assert not resume
     assert cfg["model"] == dict(name="vit_small_patch16_224", img_size=96, num_classes=0, bias="fixed", relations="pos",
                                 share_heads=True, share_layers=True, u_pos_init=0.5, u_neg_init=None, num_labels=7)
-    expected = dict(method="mae", data=str((d/"data").resolve()), masks=str((d/"masks").resolve()), missing_masks="error",
-                    out=str((d/"run").resolve()), arch="vit_small_patch16_224", img_size=96, epochs=400, bs=128,
+    expected = dict(method="mae", data=str((d/"data").resolve()), masks=str((d/"masks").resolve()),
+                    missing_masks="error", out=str((d/"run").resolve()), arch="vit_small_patch16_224", img_size=96,
+                    epochs=400, bs=128,
                     blr=1e-4, lr=None, min_lr=0., warmup_epochs=40., weight_decay=0.1, weight_decay_end=0.1,
                     bias_lr_mult=3., seed=7, num_workers=2, progress=False, mask_ratio=0.6, norm_pix_loss=False,
                     decoder_embed_dim=256, decoder_depth=3, decoder_num_heads=8, decoder_bias=True)
@@ -68,10 +69,11 @@ def test_dino_config_from_flags(folders):
                               "--freeze-last-layer", "2", "--out", str(d/"run")])
     own = {k: cfg[k] for k in ("out_dim", "n_local", "local_size", "global_size", "teacher_temp", "warmup_teacher_temp",
                                "warmup_teacher_temp_epochs", "momentum_teacher", "clip_grad", "freeze_last_layer")}
-    assert own == dict(out_dim=8192, n_local=6, local_size=64, global_size=224, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                       warmup_teacher_temp_epochs=30, momentum_teacher=0.99, clip_grad=0., freeze_last_layer=2)
-    assert (cfg["arch"], cfg["blr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["weight_decay"], cfg["weight_decay_end"]) == \
-        ("vit_small_patch16_224", 5e-4, 1e-6, 10., 0.04, 0.4)
+    assert own == dict(out_dim=8192, n_local=6, local_size=64, global_size=224, teacher_temp=0.07,
+                       warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30, momentum_teacher=0.99, clip_grad=0.,
+                       freeze_last_layer=2)
+    shared = ("arch", "blr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end")
+    assert tuple(cfg[k] for k in shared) == ("vit_small_patch16_224", 5e-4, 1e-6, 10., 0.04, 0.4)
     assert "mask_ratio" not in cfg and "decoder_bias" not in cfg
 
 
@@ -95,7 +97,8 @@ def test_data_and_run_folder_errors(folders, capsys):
     assert f"--data '{d}/none': no such folder" in _error(
         ["--method", "mae", "--data", str(d/"none"), "--no-bias", "--epochs", "1", "--out", str(d/"run")], capsys)
     assert "--mask-ratio: MAE options, not dino" in _error(
-        ["--method", "dino", "--data", str(d/"data"), "--no-bias", "--mask-ratio", ".5", "--epochs", "1", "--out", "r"], capsys)
+        ["--method", "dino", "--data", str(d/"data"), "--no-bias", "--mask-ratio", ".5", "--epochs", "1", "--out", "r"],
+        capsys)
     (d/"run"/"checkpoints").mkdir(parents=True); (d/"run"/"checkpoints"/"last.pth").write_bytes(b"")
     argv = ["--method", "mae", "--data", str(d/"data"), "--no-bias", "--epochs", "1", "--out", str(d/"run")]
     assert "already holds a run; add --resume" in _error(argv, capsys)

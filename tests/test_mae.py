@@ -18,7 +18,8 @@ TINY = dict(name="vit_tiny_patch16_224", img_size=32)
 def _set_u(model, gen, scale=2.):
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.rsplit(".", 1)[-1] in ("u_pos", "u_neg"): p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+            if n.rsplit(".", 1)[-1] in ("u_pos", "u_neg"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
 
 
 # --- masking ---------------------------------------------------------------------------------------------------
@@ -44,7 +45,8 @@ def test_random_masking_counts_and_restore(L, ratio):
 
 def test_random_masking_bad_input():
     with pytest.raises(ValueError, match="mask_ratio"): random_masking(torch.zeros(1, 4, 2), 0.8)
-    with pytest.raises(ValueError, match="`noise` must have shape"): random_masking(torch.zeros(1, 4, 2), .5, torch.rand(1, 5))
+    with pytest.raises(ValueError, match="`noise` must have shape"):
+        random_masking(torch.zeros(1, 4, 2), .5, torch.rand(1, 5))
 
 
 def test_sincos_pos_embed_is_fixed_and_timm_compatible():
@@ -187,7 +189,8 @@ def test_loss_matches_mae_reference(norm_pix_loss, patch, img):
     imgs = torch.randn(3, 3, img, img, generator=gen)
     pred = torch.randn(3, L, patch * patch * 3, generator=gen)
     _, mask, _ = random_masking(torch.zeros(3, L, 1), .75, torch.rand(3, L, generator=gen))
-    torch.testing.assert_close(mae.forward_loss(imgs, pred, mask), _mae_ref_loss(imgs, pred, mask, patch, norm_pix_loss))
+    ref = _mae_ref_loss(imgs, pred, mask, patch, norm_pix_loss)
+    torch.testing.assert_close(mae.forward_loss(imgs, pred, mask), ref)
     torch.testing.assert_close(mae.unpatchify(mae.patchify(imgs)), imgs, rtol=0, atol=0)
 
 
@@ -215,7 +218,8 @@ class Shapes(Dataset):
         lm = torch.zeros(S, S, dtype=torch.long)
         for k in range(1, 2 + i % 2 + 1):
             h, w = torch.randint(S // 4, S // 2 + 1, (2,), generator=g).tolist()
-            y0, x0 = torch.randint(0, S - h + 1, (1,), generator=g).item(), torch.randint(0, S - w + 1, (1,), generator=g).item()
+            y0 = torch.randint(0, S - h + 1, (1,), generator=g).item()
+            x0 = torch.randint(0, S - w + 1, (1,), generator=g).item()
             x[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g) * 2 - 1
             lm[y0:y0 + h, x0:x0 + w] = k
         x = x + 0.05 * torch.randn(3, S, S)  # augmentation noise from the global RNG, restored on resume
@@ -288,7 +292,8 @@ def test_pretrain_errors(tmp_path):
     with pytest.raises(ValueError, match="'data'"): pretrain_mae(dict(epochs=1, out=tmp_path/"r", model=TINY))
     dls = shapes_dls(); dls.n_inp = 1
     with pytest.raises(ValueError, match="n_inp=1"): pretrain_mae(dict(epochs=1, out=tmp_path/"r", model=TINY), dls=dls)
-    cfg = dict(epochs=1, out=tmp_path/"r", progress=False, decoder_embed_dim=32, decoder_depth=1, model=dict(TINY, depth=1))
+    cfg = dict(epochs=1, out=tmp_path/"r", progress=False, decoder_embed_dim=32, decoder_depth=1,
+               model=dict(TINY, depth=1))
     pretrain_mae(cfg, dls=shapes_dls(n=8))
     with pytest.raises(FileExistsError, match="already holds a run"): pretrain_mae(cfg, dls=shapes_dls(n=8))
     with pytest.raises(ValueError, match="mask_ratio"):
@@ -296,7 +301,8 @@ def test_pretrain_errors(tmp_path):
 
 
 def test_extend_run_keeps_automatic_warmup(tmp_path):
-    cfg = dict(epochs=1, out=tmp_path/"r", progress=False, decoder_embed_dim=32, decoder_depth=1, model=dict(TINY, depth=1))
+    cfg = dict(epochs=1, out=tmp_path/"r", progress=False, decoder_embed_dim=32, decoder_depth=1,
+               model=dict(TINY, depth=1))
     pretrain_mae(cfg, dls=shapes_dls(n=8))
     pretrain_mae(dict(cfg, epochs=2), resume=True, dls=shapes_dls(n=8))  # min(40, epochs / 10) would change
     saved = json.loads((tmp_path/"r"/"config.json").read_text())
