@@ -7,7 +7,7 @@ Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 # %% ../nbs/01_masks.ipynb #afb1d37e
 from __future__ import annotations
 import hashlib, io, json, os, socket, zlib
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -476,8 +476,11 @@ def shard_of(key: str, num_shards: int) -> int:
 
 class MaskStore:
     "Read access to a mask store: `store[image_path] -> (H, W) uint8` label map"
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike,
+                 cache_mb: float = 256,  # decoded label maps kept in memory (LRU), so epochs after the first skip decoding
+                ):
         self.root = Path(root)
+        self.cache_bytes, self._cache, self._cached = int(cache_mb * 2**20), OrderedDict(), 0
         f = self.root/"info.json"
         if not f.is_file():
             raise FileNotFoundError(f"{self.root} is not a mask store (no info.json); build one with "
@@ -503,11 +506,20 @@ class MaskStore:
     def entry_path(self, image_path) -> Path: return self.root/"masks"/(self.key(image_path) + ".png")
 
     def __getitem__(self, image_path) -> np.ndarray:
-        p = self.entry_path(image_path)
-        try: return read_entry(p)[0]
+        k = self.key(image_path)
+        lm = self._cache.get(k)
+        if lm is not None:
+            self._cache.move_to_end(k)
+            return lm
+        try: lm = read_entry(self.root/"masks"/(k + ".png"))[0]
         except FileNotFoundError:
             raise MissingMaskError(f"no mask for image {image_path!s} in store {self.root} "
                                    f"(generator {self.info.get('generator')}); run mgab-masks to add it") from None
+        if lm.nbytes <= self.cache_bytes:  # the store is read-only while open: cached maps never go stale
+            lm.setflags(write=False)
+            self._cache[k] = lm; self._cached += lm.nbytes
+            while self._cached > self.cache_bytes: self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return lm
 
     def meta(self, image_path) -> dict: return read_entry(self.entry_path(image_path))[1]
     def __contains__(self, image_path) -> bool:
