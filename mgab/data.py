@@ -17,7 +17,7 @@ from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
 from fastai.data.external import URLs, untar_data
 from fastai.torch_core import default_device
 from .core import asset_path, data_dir
-from .masks import load_image
+from .masks import MaskStore, load_image
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTENSIONS', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES',
@@ -182,13 +182,14 @@ class MaskedImages(torch.utils.data.Dataset):
                  files: list,  # image files below `root`
                  root,  # dataset root: mask keys are paths relative to it
                  views: list[View],  # one view: items `(x, m)`; several: `([x_1, ...], [m_1, ...])`
-                 masks=None,  # mask store (see `mask_keys`), or None for mask-free data (all `m` zero)
+                 masks=None,  # mask store (see `mask_keys`) or its folder, or None for mask-free data (all `m` zero)
                  patch_size: int = 16,  # ViT patch size: `m` has `(size / patch_size)^2` labels per view
                  labels: list[int] | None = None,  # class index of each file: items get a target `y`
                  vocab: list[str] | None = None,  # class names
                  missing_masks: str = "error",  # see `mask_keys`
                  resample: str = "bilinear",  # image resampling: "bilinear" or "bicubic" (the map needs none)
                 ):
+        if isinstance(masks, (str, os.PathLike)): masks = MaskStore(masks)  # a store folder, e.g. from the CLI
         self.files, self.root, self.views, self.masks = [Path(f) for f in files], Path(root), list(views), masks
         self.patch_size, self.labels, self.vocab = patch_size, labels, vocab
         for v in self.views:

@@ -6,11 +6,11 @@ Docs: https://mgab-dev.github.io/mgab/cli_train.html.md"""
 
 # %% ../../nbs/51_cli_train.ipynb #52a80566
 from __future__ import annotations
-import argparse, importlib, json, os
+import argparse, importlib, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['METHOD_DEFAULTS', 'pretrain_config', 'pretrain_main']
+__all__ = ['METHOD_DEFAULTS', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
 
 # %% ../../nbs/51_cli_train.ipynb #8af928ec
 METHOD_DEFAULTS = {
@@ -154,5 +154,63 @@ def pretrain_main(argv: list[str] | None = None):
     run = getattr(mod, fn)(cfg, resume=resume)
     if main: print(f"mgab-pretrain: run folder {run}")
 
+# %% ../../nbs/51_cli_train.ipynb #c2b2ff87
+def _distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mgab-distill",
+                                description="Distil a biased pretraining run into a mask-free student (section 3.3)")
+    p.add_argument("--teacher", required=True, help="run folder of a biased mgab-pretrain run (MAE or DINO)")
+    p.add_argument("--out", required=True, help="the student's run folder")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--data", help="image folder (default: the teacher run's)")
+    p.add_argument("--masks", help="mask store for --data, fed to the teacher (default: the teacher run's)")
+    p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
+    p.add_argument("--lambda", dest="lam", type=float, default=1., help="weight of the attention loss, Eq. 10 (MAE)")
+    p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
+    p.add_argument("--from-scratch", action="store_true", help="random student instead of the teacher's weights")
+    p.add_argument("--student-temp", type=float, default=.1, help="DINO: student temperature")
+    p.add_argument("--teacher-temp", type=float, default=.04, help="DINO: teacher temperature")
+    p.add_argument("--bs", type=int, help="batch size per process (default: the teacher run's)")
+    lr = p.add_mutually_exclusive_group()
+    lr.add_argument("--blr", type=float, help="base learning rate at batch 256 (default: the method's)")
+    lr.add_argument("--lr", type=float, help="absolute learning rate")
+    p.add_argument("--warmup-epochs", type=float, help="default: min(epochs/10, 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
+    "Parse and check `mgab-distill` arguments into a `mgab.distill.distill_run` config; bad input exits with a message"
+    p = _distill_parser()
+    a = p.parse_args(argv)
+    teacher, out = Path(a.teacher).expanduser(), Path(a.out).expanduser()
+    for f in ("config.json", "checkpoints/last.pth"):
+        if not (teacher/f).is_file(): p.error(f"--teacher {a.teacher!r}: no {f} (is it a finished mgab-pretrain run?)")
+    if a.data is not None and not Path(a.data).expanduser().is_dir(): p.error(f"--data {a.data!r}: no such folder")
+    if a.masks is not None and not Path(a.masks).expanduser().exists(): p.error(f"--masks {a.masks!r}: no such mask store")
+    ckpt = out/"checkpoints"/"last.pth"
+    if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
+    if not a.resume and ckpt.exists(): p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
+    try: layers = None if a.layers is None else [int(l) for l in a.layers.split(",")]
+    except ValueError: p.error(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,1,2")
+    res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
+    cfg = dict(teacher=res(a.teacher), out=res(a.out), epochs=a.epochs, data=res(a.data), masks=res(a.masks),
+               missing_masks=a.missing_masks, lam=a.lam, layers=layers, from_scratch=a.from_scratch,
+               student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
+               warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress)
+    return cfg, a.resume
+
+def distill_main(argv: list[str] | None = None):
+    "Entry point of `mgab-distill`"
+    cfg, resume = distill_config(argv)
+    from mgab.distill import distill_run
+    main = os.environ.get("RANK", "0") == "0"
+    if main: print(f"mgab-distill: teacher {cfg['teacher']} -> mask-free student {cfg['out']}"
+                   + (" (resuming)" if resume else ""), flush=True)
+    run = distill_run(cfg, resume=resume)
+    if main: print(f"mgab-distill: run folder {run}")
+
 # %% ../../nbs/51_cli_train.ipynb #ca12f820
-if __name__ == "__main__": pretrain_main()
+if __name__ == "__main__":  # python -m mgab.cli.train [distill] ARGS (accelerate launch -m mgab.cli.train ...)
+    distill_main(sys.argv[2:]) if sys.argv[1:2] == ["distill"] else pretrain_main()
