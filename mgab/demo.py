@@ -21,8 +21,9 @@ __all__ = ['DEMO_DEFAULTS', 'demo_masks', 'run_demo', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
-                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=None, img_size=64, epochs=20,
-                     distill_epochs=5, bs=128, protocols=("linear", "knn"), seed=0, num_workers=None, progress=True)
+                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=None, img_size=64, epochs=15,
+                     distill_epochs=4, bs=128, bias_lr_mult=100., protocols=("linear", "knn"), seed=0, num_workers=None,
+                     progress=True)
 
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
@@ -84,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     if c["depth"]: model["depth"] = c["depth"]
     if method == "dino": model["dynamic_img_size"] = True
     base = dict(method=method, data=str(path), masks=str(store), arch=c["arch"], img_size=c["img_size"], bs=c["bs"],
-                seed=c["seed"], num_workers=c["num_workers"], progress=c["progress"])
+                bias_lr_mult=c["bias_lr_mult"], seed=c["seed"], num_workers=c["num_workers"], progress=c["progress"])
     if method == "dino":  # small images: local crops at 3/7 of the global size, fewer prototypes
         base.update(global_size=c["img_size"], local_size=max(c["img_size"] * 3 // 7 // 8 * 8, 16), n_local=4,
                     out_dim=c.get("out_dim") or 1024)
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
     p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"])
     p.add_argument("--bs", type=int, default=d["bs"])
+    p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u")
     p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--num-workers", type=int)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None):
         run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
                  points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None, depth=a.depth,
                  img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs, bs=a.bs,
+                 bias_lr_mult=a.bias_lr_mult,
                  protocols=tuple(a.protocols.split(",")), seed=a.seed, num_workers=a.num_workers,
                  progress=not a.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
