@@ -250,9 +250,9 @@ def test_bias_explorer_errors(bias_data):
 
 # ---------------------------------------------------------------- RunViewer
 
-def _write_run(d: Path, losses, layers=2, heads=3, method="mae", results=None):
+def _write_run(d: Path, losses, layers=2, heads=3, method="mae", results=None, **model):
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps(dict(method=method, model=dict(name="vit_tiny_patch16_224"),
+    (d / "config.json").write_text(json.dumps(dict(method=method, model=dict(name="vit_tiny_patch16_224", **model),
                                                    epochs=len(losses) + 1)))
     hist = [dict(epoch=e, u_pos=(np.arange(layers)[:, None] * .1 * e + np.zeros(heads)).tolist(),
                  u_neg=(-np.ones((layers, heads)) * .05 * e).tolist()) for e in range(len(losses))]
@@ -288,6 +288,16 @@ def test_run_viewer(tmp_path):
     assert rv.views["loss"].value != png and len(rv.results) == 0 and "no results.csv" in rv.results_html.value
     rv.set(metric="lr", log_y=True)
     assert rv.figs["loss"].axes[0].get_yscale() == "log" and rv.figs["loss"].axes[0].get_ylabel() == "lr"
+
+
+def test_run_viewer_vanilla_run_has_no_u_curve(tmp_path):
+    _write_run(tmp_path / "biased", [1., .8])
+    _write_run(tmp_path / "vanilla", [1., .9], bias=None)
+    rv = RunViewer([tmp_path / "biased", tmp_path / "vanilla"])
+    labels = [l.get_label() for l in rv.figs["u"].axes[0].lines]
+    assert "biased" in labels and "vanilla" not in labels
+    assert [l.get_label() for l in rv.figs["loss"].axes[0].lines] == ["biased", "vanilla"]
+    assert list(rv.summary["bias"]) == ["learnable", "none"]
 
 
 def test_run_viewer_reload(tmp_path):
