@@ -1,5 +1,4 @@
 "`mgab-masks` and `mgab-bench masks` as a user runs them: subprocesses on real photos and on odd generated images."
-import io
 import json
 import os
 import re
@@ -169,21 +168,28 @@ def test_cli_parallel_shards(imagenette, tmp_path):
     assert res["ok"] == 12 and not (res["missing"] or res["stale"] or res["corrupt"])
 
 
-def test_cli_generators_and_errors(tmp_path):
+def test_cli_generators_and_errors(tmp_path, capsys, monkeypatch):
+    from mgab.cli.masks import main
     d = _odd_folder(tmp_path / "odd")
-    out = run_masks(d, "--out", tmp_path / "s1", "--generator", "sam")
-    assert out.returncode == 1 and "needs --checkpoint" in out.stderr and "model-checkpoints" in out.stderr
-    out = run_masks(d, "--out", tmp_path / "s1", "--checkpoint", tmp_path / "sam_vit_b_01ec64.pth",
-                    "--model-type", "vit_b")
-    assert out.returncode == 1
-    assert "sam_vit_b_01ec64.pth" in out.stderr and "'vit_b'" in out.stderr and "Model Checkpoints" in out.stderr
-    assert "Traceback" not in out.stderr
-    out = run_masks(tmp_path / "nowhere", "--out", tmp_path / "s1")
-    assert out.returncode == 1 and "nowhere" in out.stderr
-    out = run_masks(d)
-    assert out.returncode == 2 and "--out" in out.stderr
-    out = run_masks("--verify", tmp_path / "nostore", d)
-    assert out.returncode == 1 and "not a mask store" in out.stderr
+
+    def run(*args):
+        capsys.readouterr()
+        try: rc = main([str(a) for a in args])
+        except SystemExit as e: rc = e.code
+        return rc, capsys.readouterr()
+
+    rc, out = run(d, "--out", tmp_path / "s1", "--generator", "sam")
+    assert rc == 1 and "needs --checkpoint" in out.err and "model-checkpoints" in out.err
+    rc, out = run(d, "--out", tmp_path / "s1", "--checkpoint", tmp_path / "sam_vit_b_01ec64.pth",
+                  "--model-type", "vit_b")
+    assert rc == 1 and "Traceback" not in out.err
+    assert "sam_vit_b_01ec64.pth" in out.err and "'vit_b'" in out.err and "Model Checkpoints" in out.err
+    rc, out = run(tmp_path / "nowhere", "--out", tmp_path / "s1")
+    assert rc == 1 and "nowhere" in out.err
+    rc, out = run(d)
+    assert rc == 2 and "--out" in out.err
+    rc, out = run("--verify", tmp_path / "nostore", d)
+    assert rc == 1 and "not a mask store" in out.err
     # a user's own generator, MODULE:NAME
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "my_masker.py").write_text(
@@ -193,14 +199,14 @@ def test_cli_generators_and_errors(tmp_path):
         "    def __call__(self, img):\n"
         "        lm = np.zeros(img.shape[:2], np.uint8); lm[:, :img.shape[1] // 2] = 1; return lm\n"
         "def make(): return Halves()\n")
-    env = _env(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path / "plug")]))
-    out = run_masks(d, "--out", tmp_path / "s2", "--generator", "my_masker:make", env=env)
-    assert out.returncode == 0, out.stderr
+    monkeypatch.syspath_prepend(str(tmp_path / "plug"))
+    rc, out = run(d, "--out", tmp_path / "s2", "--generator", "my_masker:make", "--no-progress")
+    assert rc == 0, out.err
     store = MaskStore(tmp_path / "s2")
     assert store.info["generator"] == "halves" and store.info["settings"] == {"side": "left"}
     assert store["photo.jpg"][:, :48].min() == 1 and store["photo.jpg"][:, 48:].max() == 0
-    out = run_masks(d, "--out", tmp_path / "s3", "--generator", "my_masker:nothing", env=env)
-    assert out.returncode == 1 and "my_masker:nothing" in out.stderr
+    rc, out = run(d, "--out", tmp_path / "s3", "--generator", "my_masker:nothing")
+    assert rc == 1 and "my_masker:nothing" in out.err
 
 
 @pytest.mark.slow

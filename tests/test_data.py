@@ -140,7 +140,7 @@ def test_photometric_touches_image_only(colour_data):
         random.seed(seed); item = ds[0]
         random.seed(seed); boxes = []
         # replay the random draws: crop box and flip of each view, then the colour draws that follow
-        img = D._load_image(ds.files[0]); H, W = img.shape[:2]
+        img = D.load_image(ds.files[0]); H, W = img.shape[:2]
         for v, x, m in zip(ds.views, *item):
             box = D.crop_box(H, W, v); flip = random.random() < v.flip
             D._photometric(Image.fromarray(x.numpy()), v)  # consume the same colour draws

@@ -483,3 +483,21 @@ def test_imagenette_sam_and_superpixel(imagenette):
     assert lm.shape == (224, 224) and 1 <= lm.max() <= 5
     r = grid_mask_ratios([load_image(f) for f in files], grids=(8, 32))
     assert r[8] > r[32]  # the stand-in's coarse setting keeps larger segments
+
+
+def test_store_cache_is_lru_and_read_only(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from mgab.masks import MaskStore, SuperpixelMasker, make_mask_store
+    (tmp_path / "im").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
+    make_mask_store(tmp_path / "im", tmp_path / "st", SuperpixelMasker("slic"), progress=False)
+    fresh = {k: MaskStore(tmp_path / "st", cache_mb=0)[k] for k in ("0.png", "1.png", "2.png")}
+    s = MaskStore(tmp_path / "st", cache_mb=2 * 1600 / 2**20)  # room for two 40x40 maps
+    first = s["0.png"]
+    assert s["0.png"] is first and not first.flags.writeable
+    s["1.png"]; s["0.png"]; s["2.png"]  # 1.png is now the least recently used
+    assert list(s._cache) == ["0.png", "2.png"] and s._cached == 3200
+    for k, v in fresh.items(): np.testing.assert_array_equal(s[k], v)
+    assert MaskStore(tmp_path / "st", cache_mb=0)._cache == {}

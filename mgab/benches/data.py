@@ -13,34 +13,16 @@ import torch
 from PIL import Image, ImageFilter
 from ..bench import time_alternating
 from ..core import data_dir
-from ..data import (MaskedImages, _dls, _load_image, dino_views, embedded_dataset, image_files, mae_view,
+from ..masks import MaskStore, SuperpixelMasker, make_mask_store
+from ..data import (MaskedImages, _dls, dino_views, embedded_dataset, image_files, mae_view,
                        resolve_data)
 
 # %% auto #0
-__all__ = ['PngLabelStore', 'bench_data', 'main']
-
-# %% ../../nbs/57_bench_data.ipynb #3575a72b
-class PngLabelStore:
-    "Label maps as 8-bit PNG files below `root`, keyed by relative path: the benchmark's stand-in for a `MaskStore`"
-    def __init__(self, root): self.root = Path(root)
-    def _file(self, key) -> Path: return self.root/f"{key}.png"
-    def __contains__(self, key) -> bool: return self._file(key).is_file()
-    def __getitem__(self, key) -> np.ndarray:
-        try:
-            with Image.open(self._file(key)) as im: return np.asarray(im)
-        except FileNotFoundError: raise KeyError(f"no label map for {key!r} in {self.root}") from None
-    def add(self, key, label_map: np.ndarray):
-        f = self._file(key); f.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(label_map.astype(np.uint8)).save(f)
-
-def _standin_map(img: np.ndarray, c: int = 5) -> np.ndarray:
-    "(H, W) labels 0..c: blurred brightness in `c + 1` levels, a few smooth regions like a SAM label map"
-    gray = Image.fromarray(img).convert("L").filter(ImageFilter.GaussianBlur(max(img.shape[:2]) / 50))
-    return (np.asarray(gray).astype(np.int32) * (c + 1) // 256).astype(np.uint8)
+__all__ = ['bench_data', 'main']
 
 # %% ../../nbs/57_bench_data.ipynb #84a7e8f3
 def bench_data(path=None,  # ImageFolder root (`train/` is read); default the embedded dataset
-               masks=None,  # an `mgab.masks.MaskStore` folder; default: PNG stand-in maps in a temporary folder
+               masks=None,  # an `mgab.masks.MaskStore` folder; default: a superpixel store of the images, made here
                pipeline: str = "pretrain",  # "pretrain" (MAE) or "multicrop" (DINO)
                img_size: int | None = None,  # default 64 on the embedded data, else 224
                patch_size: int | None = None,  # default 8 on the embedded data, else 16
@@ -64,13 +46,15 @@ def bench_data(path=None,  # ImageFolder root (`train/` is read); default the em
     elif pipeline == "multicrop": views = dino_views(img_size, img_size * 3 // 7 // patch_size * patch_size, n_local)
     else: raise ValueError(f"`pipeline` must be 'pretrain' or 'multicrop', got {pipeline!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        if masks is None:
-            store = PngLabelStore(tmp)
-            for f in files: store.add(f.relative_to(path).as_posix(), _standin_map(_load_image(f)))
-            store_name = "PNG stand-in"
-        else:
-            from mgab.masks import MaskStore
-            store, store_name = MaskStore(masks), f"MaskStore({masks})"
+        if masks is None:  # a real store of the benchmarked images, made with the offline superpixel stand-in
+            mirror = Path(tmp)/"images"
+            for f in files:
+                (mirror/f.relative_to(path)).parent.mkdir(parents=True, exist_ok=True)
+                (mirror/f.relative_to(path)).symlink_to(f.resolve())
+            files, path = [mirror/f.relative_to(path) for f in files], mirror
+            store = make_mask_store(mirror, Path(tmp)/"store", SuperpixelMasker("slic"), progress=False)
+            store_name = "MaskStore (superpixel stand-in, slic)"
+        else: store, store_name = MaskStore(masks), f"MaskStore({masks})"
         in_memory = {k: store[k] for k in (f.relative_to(path).as_posix() for f in files)}
         kw = dict(bs=bs, num_workers=num_workers, device="cpu", persistent_workers=num_workers > 0)
         dls = {k: _dls(MaskedImages(files, path, views, s, patch_size), MaskedImages([], path, views, None, patch_size),
@@ -90,7 +74,7 @@ def main(argv=None):
     "`mgab-bench data [--data PATH] [--masks STORE] [--pipeline pretrain|multicrop] [--img-size S] ...`"
     p = argparse.ArgumentParser(prog="mgab-bench data", description=bench_data.__doc__)
     p.add_argument("--data", default=None, help="ImageFolder root (default: the embedded dataset)")
-    p.add_argument("--masks", default=None, help="an mgab.masks.MaskStore folder (default: PNG stand-in maps)")
+    p.add_argument("--masks", default=None, help="an mgab.masks.MaskStore folder (default: a superpixel store made here)")
     p.add_argument("--pipeline", default="pretrain", choices=["pretrain", "multicrop"])
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)

@@ -1,0 +1,202 @@
+"mgab-eval and mgab-report on hand-made run folders; the parts that need mgab.data / mgab.masks skip without them."
+import csv
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.data.core import DataLoaders
+
+from mgab.cli.evaluate import eval_main, report_main
+from mgab.evaluate import RESULT_COLUMNS, evaluate_run, read_results
+from mgab.vit import create_vit
+
+ARCH, DEPTH = "vit_tiny_patch16_224", 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Items(torch.utils.data.Dataset):
+    "`(x, m, y)` items as mgab.data.labelled_dls yields them (contract 3)"
+    n_inp, vocab = 2, ["a", "b", "c"]
+
+    def __init__(self, n, seed, img_size=32):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.x = torch.randn(n, 3, img_size, img_size, generator=g) + 3 * F.one_hot(self.y, 3).float()[:, :, None, None]
+        self.m = torch.randint(0, 6, (n, (img_size // 16) ** 2), generator=g)
+
+    def __len__(self): return len(self.y)
+    def __getitem__(self, i): return self.x[i], self.m[i], self.y[i]
+
+
+def tiny_dls(has_masks=True, img_size=32):
+    dls = DataLoaders.from_dsets(Items(24, 0, img_size), Items(12, 1, img_size), bs=8, device="cpu", num_workers=0)
+    dls.has_masks = has_masks
+    return dls
+
+
+def make_run(d, bias="learnable", method="mae", epochs=2):
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    enc = create_vit(ARCH, img_size=32, num_classes=0, depth=DEPTH, bias=bias)
+    if bias == "learnable":
+        with torch.no_grad():
+            for blk in enc.blocks: blk.attn.u_pos.fill_(2.); blk.attn.u_neg.fill_(-1.)
+    torch.save(enc.state_dict(), d/"encoder.pth")
+    (d/"config.json").write_text(json.dumps(dict(method=method, epochs=epochs, data="data", masks="store",
+                                                 model=dict(name=ARCH, img_size=32, depth=DEPTH, bias=bias))))
+    return d
+
+
+def exits_with(argv_fn, contains):
+    with pytest.raises(SystemExit) as e: argv_fn()
+    assert contains in str(e.value)
+
+
+def test_evaluate_run_all_protocols_append_rows(tmp_path):
+    run = make_run(tmp_path/"run")
+    dls = tiny_dls()
+    knn = evaluate_run(run, dls, "knn", progress=False)
+    knn_nm = evaluate_run(run, dls, "knn", with_masks=False, progress=False)
+    lin = evaluate_run(run, dls, "linear", epochs=2, precompute=True, progress=False)
+    ft = evaluate_run(run, dls, "finetune", fraction=0.5, epochs=1, progress=False)
+    assert (run/"results.csv").read_text().splitlines()[0] == ",".join(RESULT_COLUMNS)
+    rows = read_results(run)
+    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in rows] == [
+        ("knn", 1.0, True), ("knn", 1.0, False), ("linear", 1.0, True), ("finetune", 0.5, True)]
+    assert all(r["metric"] == "top1" and r["arch"] == ARCH and r["method"] == "mae" and r["epochs"] == "2"
+               and r["timestamp"] for r in rows)
+    for row, r in zip((knn, knn_nm, lin, ft), rows):
+        assert 0 <= row["value"] <= 100 and r["value"] == pytest.approx(row["value"])
+    assert knn["value"] > 100 / 3  # colour-shifted classes: better than chance even for a random encoder
+
+
+def test_evaluate_run_masks_setting_recorded_truthfully(tmp_path):
+    vanilla = make_run(tmp_path/"vanilla", bias=None)
+    assert evaluate_run(vanilla, tiny_dls(), "knn", progress=False)["with_masks"] is False  # no bias: masks unused
+    biased = make_run(tmp_path/"biased")
+    assert evaluate_run(biased, tiny_dls(has_masks=False), "knn", progress=False)["with_masks"] is False
+    row = evaluate_run(biased, tiny_dls(), "knn", save=False, progress=False)
+    assert row["with_masks"] is True and len(read_results(biased)) == 1
+
+
+def test_eval_main_errors_before_data(tmp_path):
+    run = make_run(tmp_path/"run")
+    exits_with(lambda: eval_main(["--run", str(tmp_path/"missing"), "--protocol", "knn"]), "config.json")
+    (tmp_path/"noenc").mkdir(); (tmp_path/"noenc"/"config.json").write_text((run/"config.json").read_text())
+    exits_with(lambda: eval_main(["--run", str(tmp_path/"noenc"), "--protocol", "knn"]), "encoder.pth")
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn"]), "--masks STORE")
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn", "--masks", str(tmp_path/"x")]),
+               "does not exist")
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "linear", "--fraction", "2"]), "(0, 1]")
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "svm"]), "2")  # argparse: invalid choice
+
+
+def test_eval_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mgab-eval", "--help"])  # the console script calls eval_main()
+    with pytest.raises(SystemExit) as e: eval_main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--protocol {linear,knn,finetune}" in out and "--no-masks" in out
+
+
+def test_report_main(tmp_path, capsys):
+    base, ours = make_run(tmp_path/"runs"/"a_base", bias=None), make_run(tmp_path/"runs"/"b_ours")
+    dls = tiny_dls()
+    b = evaluate_run(base, dls, "knn", progress=False)
+    o = evaluate_run(ours, dls, "knn", progress=False)
+    written = report_main([str(tmp_path/"runs"), "--out", str(tmp_path/"rep")])  # a folder of runs
+    assert sorted(written) == ["fig4.png", "table1.csv", "table1.md"]
+    out = capsys.readouterr().out
+    cell = f"{o['value']:.1f} ({o['value'] - b['value']:+.1f})"
+    assert f"| MAE + our method | ViT-Ti/16 | 2 | - | - | - | - | {cell} |" in out
+    with open(written["table1.csv"], newline="") as fh: rows = list(csv.DictReader(fh))
+    assert [r["Method"] for r in rows] == ["MAE", "MAE + our method"]
+    assert float(rows[1]["kNN diff"]) == pytest.approx(o["value"] - b["value"], abs=1e-3)
+    exits_with(lambda: report_main([str(tmp_path/"nothing")]), "not a run folder")
+
+
+# ---------------------------------------------------------------- the loaders mgab-eval asks mgab.data for
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    "Stand-ins for mgab.data and mgab.masks that record how mgab-eval calls them (contracts 2 and 3)"
+    import types
+    import mgab
+    calls = []
+    root = tmp_path/"imgs"
+    for split in ("train", "val"): (root/split).mkdir(parents=True)
+
+    def labelled_dls(path, masks=None, img_size=224, patch_size=16, bs=64, augment="finetune", fraction=None,
+                     subset_file=None, seed=0, **kwargs):
+        calls.append(dict(path=path, masks=masks, img_size=img_size, patch_size=patch_size, bs=bs, augment=augment,
+                          fraction=fraction, subset_file=subset_file, seed=seed))
+        return tiny_dls(has_masks=masks is not None, img_size=img_size)
+
+    class MaskStore:
+        def __init__(self, root): self.root = root
+
+    data = types.SimpleNamespace(labelled_dls=labelled_dls, embedded_dataset=lambda: root)
+    masks = types.SimpleNamespace(MaskStore=MaskStore)
+    for name, mod in (("data", data), ("masks", masks)):
+        monkeypatch.setitem(sys.modules, f"mgab.{name}", mod)
+        monkeypatch.setattr(mgab, name, mod, raising=False)
+    return calls, root
+
+
+def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
+    calls, root = fake_data
+    run = make_run(tmp_path/"run")
+    (tmp_path/"store").mkdir()
+    knn = eval_main(["--run", str(run), "--masks", str(tmp_path/"store"), "--protocol", "knn", "--bs", "8",
+                     "--no-progress"])
+    assert calls[-1]["path"] == root and calls[-1]["masks"].root == str(tmp_path/"store")
+    c = calls[-1]
+    assert (c["augment"], c["img_size"], c["patch_size"], c["bs"]) == ("none", 32, 16, 8)  # img_size from config
+    assert knn["with_masks"] is True
+    lin = eval_main(["--run", str(run), "--data", str(root), "--no-masks", "--protocol", "linear", "--augment", "none",
+                     "--epochs", "1", "--bs", "8", "--no-progress"])
+    assert calls[-1]["masks"] is None and calls[-1]["augment"] == "none" and lin["with_masks"] is False
+    ft = eval_main(["--run", str(run), "--no-masks", "--protocol", "finetune", "--fraction", "0.1", "--seed", "3",
+                    "--epochs", "1", "--img-size", "48", "--bs", "8", "--no-progress"])
+    assert (calls[-1]["augment"], calls[-1]["fraction"], calls[-1]["seed"], calls[-1]["img_size"]) == (
+        "finetune", 0.1, 3, 48)
+    assert ft["fraction"] == 0.1
+    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in read_results(run)] == [
+        ("knn", 1.0, True), ("linear", 1.0, False), ("finetune", 0.1, False)]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == ",".join(RESULT_COLUMNS) and out[-1].startswith("finetune,0.1,False,top1,")
+
+
+# ---------------------------------------------------------------- end to end, with mgab.data (and mgab.masks)
+@pytest.fixture
+def embedded():
+    data = pytest.importorskip("mgab.data")
+    return data.embedded_dataset()
+
+
+def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
+    run = make_run(tmp_path/"run")
+    common = ["--run", str(run), "--data", str(embedded), "--img-size", "32", "--bs", "16", "--no-progress"]
+    knn = eval_main(common + ["--no-masks", "--protocol", "knn"])
+    lin = eval_main(common + ["--no-masks", "--protocol", "linear", "--augment", "none", "--epochs", "2"])
+    assert knn["with_masks"] is False and lin["with_masks"] is False
+    assert all(0 <= r["value"] <= 100 and r["value"] == r["value"] for r in (knn, lin))
+    out = capsys.readouterr().out.splitlines()
+    assert ",".join(RESULT_COLUMNS) in out and out[-1].startswith("linear,1.0,False,top1,")
+    assert [r["protocol"] for r in read_results(run)] == ["knn", "linear"]
+
+
+def test_eval_main_embedded_with_masks(tmp_path, embedded):
+    masks = pytest.importorskip("mgab.masks")
+    masks.make_mask_store(embedded, tmp_path/"store", masks.SuperpixelMasker("slic", c=5), progress=False)
+    run = make_run(tmp_path/"run")
+    row = eval_main(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
+                     "--img-size", "32", "--bs", "16", "--no-progress"])
+    assert row["with_masks"] is True and 0 <= row["value"] <= 100
