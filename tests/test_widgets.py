@@ -15,6 +15,15 @@ from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
 from mgab.widgets import BiasExplorer, MaskExplorer, RunViewer, find_runs, image_sources
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    "Tiny models: one thread is fastest, and the test machines are shared"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # the tiny SAM of test_masks: no NMS, so that each prompt gives its own masks
 TINY_SAM = dict(pred_iou_thresh=0., stability_score_thresh=0.)
 
@@ -96,7 +105,9 @@ def test_image_navigation_and_display(photos):
     assert mx.image_name != first and mx.image.shape == load_image(photos[1]).shape
     mx.controls["previous"].click(); mx.controls["previous"].click()
     assert mx.image_name == list(mx.sources)[-1]
-    assert "application/vnd.jupyter.widget-view+json" in mx._repr_mimebundle_()
+    bundle = mx._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"] == f"MaskExplorer(3 images, generator 'felzenszwalb', image {mx.image_name!r})"
 
 
 def test_upload(folder):
@@ -227,7 +238,7 @@ def test_bias_explorer_run_folder(tmp_path, folder):
     hist.append(dict(epoch=1, **{k: v.tolist() for k, v in model.bias_values().items()}))
     (run / "bias_history.json").write_text(json.dumps(hist))
     store = make_mask_store(folder, tmp_path / "store", SuperpixelMasker(points_per_side=8), progress=False)
-    bx = BiasExplorer(run, folder, store)
+    bx = BiasExplorer(run, folder, tmp_path / "store")  # a store folder works as the store
     assert bx.controls["epoch"].options == (0, 1) and bx.controls["epoch"].value == 1
     np.testing.assert_array_equal(bx.u["u_pos"][:, 0], [1., 2.])
     png = bx.views["bias"].value
@@ -280,8 +291,13 @@ def test_run_viewer(tmp_path):
     assert "0.42" in rv.results_html.value and list(rv.summary["epochs"]) == ["3/4", "2/3"]
     u = rv.u_curves("mae")["u_pos"]
     np.testing.assert_allclose(u.loc[2].values, [0., .2])  # per layer, mean over heads
-    rv.set(u_view="per layer")
-    assert len([l for l in rv.figs["u"].axes[0].lines if not l.get_label().startswith("_")]) == 2 * 2
+    rv.set(u_view="per layer")  # two runs: one line per layer, labelled by run
+    lines = rv.figs["u"].axes[0].lines[:-1]  # the last one is the zero line
+    assert len(lines) == 2 * 2 and [l.get_label() for l in lines if not l.get_label().startswith("_")] == \
+        ["mae", "mae-nobias"]
+    rv.set(runs=("mae",))
+    assert [l.get_label() for l in rv.figs["u"].axes[0].lines][:2] == ["layer 0", "layer 1"]
+    rv.set(runs=("mae", "mae-nobias"))
     png = rv.views["loss"].value
     rv.controls["runs"].value = ("mae-nobias",)
     assert [l.get_label() for l in rv.figs["loss"].axes[0].lines] == ["mae-nobias"]
@@ -342,6 +358,15 @@ def test_find_runs_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"): find_runs(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no run folder"): find_runs(tmp_path / "empty")
+
+
+def test_relative_paths_find_their_masks(folder, tmp_path, monkeypatch):
+    "Images given by relative paths are looked up in a store by their absolute path"
+    store = make_mask_store(folder, tmp_path / "store", SuperpixelMasker(points_per_side=8), progress=False)
+    monkeypatch.chdir(tmp_path)
+    mx = MaskExplorer(Path("images"), store=store, img_size=64)
+    assert mx.error is None and mx.sources["a/0.png"] == folder / "a" / "0.png"
+    np.testing.assert_array_equal(mx.label_map, store["a/0.png"])
 
 
 def test_image_sources(folder, tmp_path):
