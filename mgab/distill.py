@@ -133,7 +133,7 @@ def distill_models(teacher_run: str | Path, from_scratch: bool = False, lam: flo
     "The `MAEDistill`/`DINODistill` module for a pretraining run folder, and the teacher run's config"
     tcfg, state = _teacher_state(Path(teacher_run))
     method = tcfg.get("method")
-    if tcfg["model"].get("bias") is None:
+    if tcfg["model"].get("bias", "learnable") is None:  # create_vit defaults to a learnable bias
         raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil")
     if method == "mae":
         def build(model_kwargs):
@@ -159,6 +159,7 @@ def distill_models(teacher_run: str | Path, from_scratch: bool = False, lam: flo
 class _LogLosses(Callback):
     "Per-epoch means of the loss terms (`model.last`) into the run's metrics"
     order = 90
+    def before_fit(self): self.sums, self.n = {}, 0  # epochs skipped on resume never see before_epoch
     def before_epoch(self): self.sums, self.n = {}, 0
     def after_batch(self):
         if not self.training: return
@@ -167,6 +168,7 @@ class _LogLosses(Callback):
         self.n += 1
     def after_epoch(self):
         if self.n: self.learn.run_metrics.update({k: v / self.n for k, v in self.sums.items()})
+        self.sums, self.n = {}, 0
 
 # %% ../nbs/20_distill.ipynb #ef256062
 def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"; see `DISTILL_DEFAULTS`
@@ -187,6 +189,9 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     if c["lr"] is None:
         base = c["blr"] or (1.5e-4 if method == "mae" else 5e-4)
         c["lr"] = base * c["bs"] * max(num_distrib(), 1) / 256
+    saved = Path(c["out"])/"config.json"
+    if c["warmup_epochs"] is None and resume and saved.is_file():  # the automatic warmup depends on epochs: keep it
+        c["warmup_epochs"] = json.loads(saved.read_text()).get("warmup_epochs")
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
     set_seed(c["seed"])
     enc = model.encoder

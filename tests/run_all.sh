@@ -21,7 +21,7 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
 fi
 
 echo "== nbdev-test"
-nbdev-test --n-workers 2
+OMP_NUM_THREADS=1 nbdev-test --n-workers 2  # two notebooks at a time, one thread each: no oversubscription
 
 echo "== mgab-docs (offline HTML docs; every notebook must render)"
 mgab-docs --no-execute --out _docs

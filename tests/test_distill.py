@@ -1,0 +1,105 @@
+"Distillation end to end on the embedded data: biased teacher run -> mask-free student run -> evaluation."
+import json
+import os
+import pytest
+import torch
+from pathlib import Path
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def embedded_store(tmp_path_factory):
+    from mgab.data import embedded_dataset
+    from mgab.masks import SuperpixelMasker, make_mask_store
+    root = tmp_path_factory.mktemp("embedded")
+    old = os.environ.get("MGAB_DATA")
+    os.environ["MGAB_DATA"] = str(root)
+    try:
+        path = embedded_dataset(progress=False)
+        store = make_mask_store(path, root / "store", SuperpixelMasker("slic"), progress=False)
+    finally:
+        if old is None: os.environ.pop("MGAB_DATA", None)
+        else: os.environ["MGAB_DATA"] = old
+    return path, store.root
+
+
+TINY = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=64, num_classes=0, depth=4)
+
+
+@pytest.fixture(scope="module")
+def mae_teacher(embedded_store, tmp_path_factory):
+    from mgab.mae import pretrain_mae
+    path, store = embedded_store
+    out = tmp_path_factory.mktemp("runs") / "mae"
+    return pretrain_mae(dict(method="mae", data=str(path), masks=str(store), out=str(out), epochs=1, bs=128,
+                             model=TINY, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, progress=False,
+                             num_workers=0))
+
+
+def test_mae_distillation_run(mae_teacher, tmp_path):
+    from mgab.distill import distill_run
+    from mgab.vit import load_run_encoder
+    teacher_u = load_run_encoder(mae_teacher).bias_values()["u_pos"]
+    assert teacher_u.abs().max() > 0  # the teacher learned a bias to distil
+    out = tmp_path / "student"
+    distill_run(dict(teacher=str(mae_teacher), out=str(out), epochs=1, bs=128, layers=[0, 1], progress=False,
+                     num_workers=0))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["distill"] is True and cfg["teacher"] == str(mae_teacher) and cfg["model"]["bias"] is None
+    assert cfg["data"] and cfg["masks"]  # taken from the teacher run
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows[0]["att_loss"] > 0 and rows[0]["mim_loss"] > 0
+    assert rows[0]["train_loss"] == pytest.approx(rows[0]["mim_loss"] + rows[0]["att_loss"], rel=1e-4)
+    student = load_run_encoder(out)
+    assert student.blocks[0].attn.bias is None and student.bias_parameters() == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(student(x), student(x, torch.randint(0, 6, (2, 64))))  # takes no masks
+    # resume: two more epochs continue from the checkpoint, the first row stays
+    distill_run(dict(teacher=str(mae_teacher), out=str(out), epochs=2, bs=128, layers=[0, 1], progress=False,
+                     num_workers=0), resume=True)
+    rows2 = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows2] == [0, 1] and rows2[0] == rows[0]
+
+
+def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
+    from mgab.distill import distill_run
+    cfg = json.loads((mae_teacher / "config.json").read_text())
+    fake = tmp_path / "vanilla"
+    (fake / "checkpoints").mkdir(parents=True)
+    (fake / "checkpoints" / "last.pth").write_bytes((mae_teacher / "checkpoints" / "last.pth").read_bytes())
+    (fake / "config.json").write_text(json.dumps(dict(cfg, model=dict(cfg["model"], bias=None))))
+    with pytest.raises(ValueError, match="without bias"):
+        distill_run(dict(teacher=str(fake), out=str(tmp_path / "s"), epochs=1))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        distill_run(dict(teacher=str(tmp_path / "nothing"), out=str(tmp_path / "s"), epochs=1))
+
+
+def _small_copy(path, dest, per_class=12):
+    "An ImageFolder of symlinks to the first `per_class` train images of each class, with its own mask store"
+    from mgab.masks import SuperpixelMasker, make_mask_store
+    for split, n in (("train", per_class), ("val", 2)):
+        for cls in sorted((path / split).iterdir()):
+            (dest / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]: (dest / split / cls.name / f.name).symlink_to(f.resolve())
+    return dest, make_mask_store(dest, dest.parent / "small-store", SuperpixelMasker("slic"), progress=False).root
+
+
+def test_dino_distillation_run(embedded_store, tmp_path):
+    from mgab.dino import pretrain_dino
+    from mgab.distill import distill_run
+    from mgab.vit import load_run_encoder
+    path, store = _small_copy(embedded_store[0], tmp_path / "small")  # multi-crop is costly on 2 CPU cores
+    teacher = pretrain_dino(dict(data=str(path), masks=str(store), out=str(tmp_path / "dino"), epochs=1, bs=40,
+                                 model=dict(TINY, dynamic_img_size=True), global_size=64, local_size=32, n_local=2,
+                                 out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, progress=False, num_workers=0))
+    out = tmp_path / "student"
+    distill_run(dict(teacher=str(teacher), out=str(out), epochs=1, bs=40, progress=False, num_workers=0))
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows[0]["kd_loss"] > 0 and rows[0]["train_loss"] == pytest.approx(rows[0]["kd_loss"], rel=1e-4)
+    enc = load_run_encoder(out)
+    assert enc.blocks[0].attn.bias is None
+    # initialised from the teacher (EMA) weights, then trained: close to it but not equal
+    t_enc = load_run_encoder(teacher)
+    w_s, w_t = enc.blocks[0].attn.qkv.weight, t_enc.blocks[0].attn.qkv.weight
+    assert not torch.equal(w_s, w_t)
