@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,8 +53,15 @@ def _wait_for_server(proc, url: str, log: Path, timeout: float = 60):
 
 
 @pytest.fixture
-def lab(tmp_path):
-    "JupyterLab serving a temp folder with a copy of the explorer notebook; yields (base url, token, root)"
+def chromium():
+    "The system Chromium and python playwright, or a skip naming what is missing"
+    pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
+    return _chromium()
+
+
+@pytest.fixture
+def lab(tmp_path, chromium):
+    "JupyterLab serving a temp folder with a copy of the explorer notebook; yields (base url, token, root, log)"
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (dev extra)")
     root = tmp_path / "lab"; root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
@@ -63,6 +71,7 @@ def lab(tmp_path):
         (settings / ext).mkdir(parents=True, exist_ok=True)
         (settings / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(value))  # no news, no kernel dialog
     port, token = _free_port(), secrets.token_hex(16)
+    base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MGAB_DATA=str(tmp_path / "data"), PYTHONPATH=os.pathsep.join(
                    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
@@ -71,19 +80,22 @@ def lab(tmp_path):
     log = tmp_path / "jupyterlab.log"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--ServerApp.disable_check_xsrf=False", "--LabApp.news_url=", "--ServerApp.terminals_enabled=False"]
+           "--LabApp.news_url=", "--ServerApp.terminals_enabled=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")  # CI containers run as root
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     try:
-        base = f"http://127.0.0.1:{port}"
         _wait_for_server(proc, f"{base}/api/status?token={token}", log)
         yield base, token, root, log
-    finally:
-        proc.terminate()
-        try: proc.wait(15)
+    finally:  # ask JupyterLab to stop (it shuts its kernels down), then make sure its process group is gone
+        try: urllib.request.urlopen(urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST"),
+                                    timeout=5)
+        except OSError: proc.terminate()
+        try: proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill(); proc.wait(5)
+        try: os.killpg(proc.pid, signal.SIGKILL)  # a kernel left behind (the group is this server's own session)
+        except ProcessLookupError: pass
 
 
 def _blob_digest(page, img) -> str:
@@ -95,9 +107,8 @@ def _blob_digest(page, img) -> str:
     return bytes(data).hex()
 
 
-def test_mask_explorer_in_jupyterlab(lab):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
-    chromium = _chromium()
+def test_mask_explorer_in_jupyterlab(chromium, lab):
+    from playwright import sync_api
     base, token, root, log = lab
     ARTIFACTS.mkdir(exist_ok=True)
     t0 = time.time()
@@ -132,8 +143,8 @@ def test_mask_explorer_in_jupyterlab(lab):
             # the explorer's first view: a widget <img> with a figure
             img = page.locator(".jp-OutputArea-output img.widget-image").first
             img.wait_for(state="visible", timeout=30_000)
-            page.wait_for_function("el => el.src.startsWith('blob:') && el.naturalWidth > 100", arg=img.element_handle(),
-                                   timeout=30_000)
+            page.wait_for_function("el => el.src.startsWith('blob:') && el.naturalWidth > 100",
+                                   arg=img.element_handle(), timeout=30_000)
             panel = page.locator(".jp-OutputArea-output .widget-vbox").first
             panel.evaluate("e => e.scrollIntoView({block: 'start'})")
             # the controls are in the page
@@ -163,8 +174,8 @@ def test_mask_explorer_in_jupyterlab(lab):
             grids = panel.locator("img.widget-image").nth(1)
             src = grids.get_attribute("src")
             panel.locator("button", has_text="compare grids").click()
-            page.wait_for_function("([el, s]) => el.src !== s && el.naturalWidth > 100", arg=[grids.element_handle(), src],
-                                   timeout=30_000)
+            page.wait_for_function("([el, s]) => el.src !== s && el.naturalWidth > 100",
+                                   arg=[grids.element_handle(), src], timeout=30_000)
             panel.evaluate("e => e.scrollIntoView({block: 'start'})")
             page.screenshot(path=str(ARTIFACTS / "mask_explorer_2_after_changes.png"), full_page=False)
             panel.screenshot(path=str(ARTIFACTS / "mask_explorer_3_widget.png"))
