@@ -60,6 +60,7 @@ def _evaluate(run: Path, path: Path, store: Path, protocol: str, with_masks: boo
            for r in read_results(run)):
         return
     argv = ["--run", str(run), "--data", str(path), "--protocol", protocol, "--bs", str(bs)]
+    if protocol == "linear": argv += ["--augment", "none", "--opt", "sgd"]  # features once; SGD for ~800 small steps
     argv += ["--masks", str(store)] if with_masks else ["--no-masks"]
     if not progress: argv.append("--no-progress")
     row = eval_main(argv)

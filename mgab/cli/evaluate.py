@@ -31,6 +31,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=("cls", "avg"), help="feature pooling (default: cls; finetune: avg)")
     p.add_argument("--augment", choices=("linear", "none"), default="linear",
                    help="linear probe augmentation; 'none' precomputes the features once (default: linear)")
+    p.add_argument("--opt", choices=("lars", "sgd"), default="lars",
+                   help="linear-probe optimiser: lars (MAE, for large batches and long runs) or sgd (small data)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: blr * bs / 256)")
     p.add_argument("--blr", type=float, help="base learning rate (default: linear 0.1, finetune 5e-4)")
     p.add_argument("--layer-decay", type=float, default=0.75, help="fine-tuning layer-wise lr decay (default: 0.75)")
@@ -78,7 +80,7 @@ def eval_main(argv: list[str] | None = None) -> dict:
     if args.num_workers is not None: dl_kw["num_workers"] = args.num_workers
     dls = mdata.labelled_dls(path, **dl_kw)
     kw = {k: v for k, v in dict(lr=args.lr, blr=args.blr).items() if v is not None}
-    if args.protocol == "linear": kw["precompute"] = args.augment == "none"
+    if args.protocol == "linear": kw.update(precompute=args.augment == "none", opt=args.opt)
     if args.protocol == "finetune": kw.update(layer_decay=args.layer_decay, drop_path=args.drop_path)
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
