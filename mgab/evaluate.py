@@ -379,7 +379,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     else:
         value = top1(fine_tune(encoder, dls, pool=pool, with_masks=with_masks, progress=progress, **fit_kw, **kwargs))
     row = dict(protocol=protocol, fraction=1. if fraction is None else float(fraction), with_masks=with_masks,
-               metric="top1", value=round(value, 4), epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"],
+               metric="top1", value=round(value, 4), epochs=cfg.get("epochs", ""), arch=_arch_name(cfg["model"]),
                method=cfg.get("method", ""), timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if save: append_result(run_dir, row)
     return row
@@ -388,6 +388,11 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
 _SIZES = dict(tiny="Ti", small="S", base="B", large="L", huge="H", giant="g")
 _METHODS = dict(mae="MAE", dino="DINO")
+
+def _arch_name(model_cfg: dict) -> str:
+    "The timm name with the run's own `patch_size`, if it overrides the name's (`vit_tiny_patch16_224` at 8 px: patch8)"
+    name, ps = model_cfg["name"], model_cfg.get("patch_size")
+    return re.sub(r"patch\d+", f"patch{ps}", name) if ps else name
 
 def arch_label(name: str) -> str:
     "The paper's architecture name for a timm name: `vit_base_patch16_224` -> `ViT-B/16`"
@@ -424,7 +429,7 @@ def load_runs(run_dirs: list) -> list[dict]:
             teacher = _teacher_config(cfg, d)
             cfg = dict(cfg, **{k: teacher[k] for k in ("method", "epochs") if k in teacher})
         method = re.sub(r"[_+\- ]*distill(ed|ation)?", "", str(cfg.get("method", "?")), flags=re.I).lower() or "?"
-        runs.append(dict(run=Path(d), method=method, name=_METHODS.get(method, method), arch=cfg["model"]["name"],
+        runs.append(dict(run=Path(d), method=method, name=_METHODS.get(method, method), arch=_arch_name(cfg["model"]),
                          epochs=str(cfg.get("epochs", "")), kind=kind, results=read_results(d),
                          variant=_variant(cfg["model"]) if kind == "biased" else "",
                          bias=cfg["model"].get("bias", "learnable")))

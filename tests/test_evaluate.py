@@ -389,3 +389,9 @@ def test_read_results_types(tmp_path):
         ("knn", 1.0, False, 12.5), ("finetune", 0.1, True, 50.0)]
     header = (tmp_path/"results.csv").read_text().splitlines()[0]
     assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp"
+
+
+def test_arch_label_uses_the_runs_patch_size():
+    from mgab.evaluate import _arch_name, arch_label
+    assert arch_label(_arch_name(dict(name="vit_tiny_patch16_224", patch_size=8))) == "ViT-Ti/8"
+    assert arch_label(_arch_name(dict(name="vit_base_patch16_224"))) == "ViT-B/16"
