@@ -379,7 +379,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     else:
         value = top1(fine_tune(encoder, dls, pool=pool, with_masks=with_masks, progress=progress, **fit_kw, **kwargs))
     row = dict(protocol=protocol, fraction=1. if fraction is None else float(fraction), with_masks=with_masks,
-               metric="top1", value=round(value, 4), epochs=cfg.get("epochs", ""), arch=_arch_name(cfg["model"]),
+               metric="top1", value=round(value, 4), epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"],
                method=cfg.get("method", ""), timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if save: append_result(run_dir, row)
     return row
