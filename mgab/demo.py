@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None):
     a = p.parse_args(argv)
     try:
         run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
-                 points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None, depth=a.depth,
+                 points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
+                 depth=a.depth,
                  img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs, bs=a.bs,
                  bias_lr_mult=a.bias_lr_mult,
                  protocols=tuple(a.protocols.split(",")), seed=a.seed, num_workers=a.num_workers,

@@ -38,7 +38,8 @@ def _copy_weights(student: nn.Module, teacher: nn.Module):
     sd = {k: v for k, v in teacher.state_dict().items() if k.rsplit(".", 1)[-1] not in ("u_pos", "u_neg")}
     missing, unexpected = student.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[-1] not in ("u_pos", "u_neg")]
-    if missing or unexpected: raise ValueError(f"student and teacher differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing or unexpected:
+        raise ValueError(f"student and teacher differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 # %% ../nbs/20_distill.ipynb #6a39a8c0
 class MAEDistill(nn.Module):

@@ -93,7 +93,8 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
     from nbdev.config import get_config
     root, out = Path(root).resolve(), Path(out)
     if not out.is_absolute(): out = root/out
-    if not (root/"pyproject.toml").exists(): raise FileNotFoundError(f"no pyproject.toml in {root}; run from the repo root")
+    if not (root/"pyproject.toml").exists():
+        raise FileNotFoundError(f"no pyproject.toml in {root}; run from the repo root")
     doc_url = get_config(root).doc_url
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)/"proj"
@@ -101,7 +102,8 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
         shutil.copy(root/"pyproject.toml", work)
         for d in ("nbs", "mgab"): shutil.copytree(root/d, work/d, ignore=shutil.ignore_patterns("__pycache__", "_proc"))
         if (root/".git").exists(): (work/".git").mkdir()  # nbdev looks for the project root
-        if execute: _run(["nbdev-test", "--save", "--n-workers", "1"], work, "running the notebooks (nbdev-test --save)")
+        if execute:
+            _run(["nbdev-test", "--save", "--n-workers", "1"], work, "running the notebooks (nbdev-test --save)")
         _run(["nbdev-proc-nbs"], work, "nbdev-proc-nbs")
         proc = work/"_proc"
         nbs = sorted(p for p in proc.glob("*.ipynb"))
@@ -122,7 +124,8 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
                 nbformat.validate(nb)
                 body, _ = exporter.from_notebook_node(nb)
             except Exception as e: raise RuntimeError(f"mgab-docs: {p.name} does not render: {e}") from e
-            body = re.sub(r"(<body[^>]*>)", r"\1" + f'<nav id="mgab-nav"><b>mgab</b><ul>{nav}</ul></nav>', body, count=1)
+            sidebar = f'<nav id="mgab-nav"><b>mgab</b><ul>{nav}</ul></nav>'
+            body = re.sub(r"(<body[^>]*>)", r"\1" + sidebar, body, count=1)
             body = body.replace("</head>", style + "</head>", 1)
             (out/name).write_text(body, encoding="utf-8")
             written.append(out/name)

@@ -61,7 +61,8 @@ def show_tokens(label_map, grid_size, axs=None, cmap="tab10"):
         import matplotlib.pyplot as plt
         _, axs = plt.subplots(1, 3, figsize=(9, 3))
     vmax = max(int(lm.max()), 1)
-    axs[0].imshow(lm, cmap=cmap, vmin=0, vmax=9, interpolation="nearest"); axs[0].set_title(f"label map {tuple(lm.shape)}")
+    axs[0].imshow(lm, cmap=cmap, vmin=0, vmax=9, interpolation="nearest")
+    axs[0].set_title(f"label map {tuple(lm.shape)}")
     for ax, mode in zip(axs[1:], ("nearest", "majority")):
         ax.imshow(labels2tokens(lm, (gh, gw), mode).view(gh, gw), cmap=cmap, vmin=0, vmax=9, interpolation="nearest")
         ax.set_title(f"m, {mode} ({gh}x{gw})")

@@ -51,7 +51,8 @@ class SSLSchedule(Callback):
     order = 55
     def __init__(self, lr: float, min_lr: float = 1e-6, warmup_epochs: float = 0., wd: float = 0.05,
                  wd_end: float | None = None, bias_lr_mult: float = 1.):
-        self.lr, self.min_lr, self.warmup_epochs, self.wd, self.bias_lr_mult = lr, min_lr, warmup_epochs, wd, bias_lr_mult
+        self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
+        self.wd, self.bias_lr_mult = wd, bias_lr_mult
         self.wd_end = wd if wd_end is None else wd_end
 
     def before_fit(self):
@@ -200,7 +201,8 @@ def fit_run(learn: Learner,
     config = json.loads(json.dumps(dict(config, epochs=epochs)))  # normalise tuples etc.
     state, start = None, 0
     if resume:
-        if not ckpt.is_file(): raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
         old = json.loads(cfg_file.read_text())
         diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}")

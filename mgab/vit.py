@@ -105,7 +105,8 @@ class MaskBiasAttention(Attention):
             if use_bias: attn = attn + mask_bias(m, self.u_pos, self.u_neg).to(attn.dtype)  # Eq. 5: before scaling
             attn = attn * self.scale
             if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+                is_bool = attn_mask.dtype == torch.bool
+                attn = attn.masked_fill(~attn_mask, float("-inf")) if is_bool else attn + attn_mask
             attn = attn.softmax(dim=-1)
             if self.stash_attn: self.attn_probs = attn
             x = self.attn_drop(attn) @ v
@@ -141,10 +142,12 @@ class MaskBiasViT(VisionTransformer):
         gh, gw = grid_size or self.patch_embed.grid_size
         check_shape("m", m, (batch_size, gh * gw),
                     f"token labels are (batch, num_patches) for a {gh}x{gw} patch grid; see mgab.mre.labels2tokens")
-        if m.dtype == torch.bool or m.is_floating_point(): raise TypeError(f"`m` must hold integer labels, got {m.dtype}")
+        if m.dtype == torch.bool or m.is_floating_point():
+            raise TypeError(f"`m` must hold integer labels, got {m.dtype}")
         num_labels = self.blocks[0].attn.num_labels
         if m.numel() and (int(m.min()) < 0 or int(m.max()) > num_labels):
-            raise ValueError(f"`m` holds labels in [{int(m.min())}, {int(m.max())}] but the model takes 0..{num_labels} "
+            lo, hi = int(m.min()), int(m.max())
+            raise ValueError(f"`m` holds labels in [{lo}, {hi}] but the model takes 0..{num_labels} "
                              f"(`num_labels`={num_labels}); build it with create_vit(..., num_labels=...)")
         return F.pad(m.long(), (self.num_prefix_tokens, 0))
 
@@ -167,7 +170,8 @@ class MaskBiasViT(VisionTransformer):
         if m is not None:
             m = self.prefix_labels(m, x.shape[0], grid)
             if self.training and getattr(self.patch_drop, "prob", 0.) > 0:
-                raise NotImplementedError("patch dropout drops tokens that `m` would have to follow; use patch_drop_rate=0")
+                raise NotImplementedError("patch dropout drops tokens that `m` would have to follow; "
+                                          "use patch_drop_rate=0")
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -219,9 +223,12 @@ def create_vit(name: str = "vit_small_patch16_224",  # a timm ViT name, e.g. vit
     if kwargs.get("pretrained"):
         raise ValueError("mgab does not download weights; pass `checkpoint_path=` to a local timm checkpoint")
     kwargs.pop("pretrained", None)
-    try: model = timm.create_model(name, pretrained=False, block_fn=MaskBiasBlock, attn_layer=MaskBiasAttention, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, block_fn=MaskBiasBlock, attn_layer=MaskBiasAttention,
+                                  **kwargs)
     except TypeError as e:
-        raise ValueError(f"{name!r} is not a plain timm VisionTransformer (it sets its own block or attention): {e}") from e
+        raise ValueError(f"{name!r} is not a plain timm VisionTransformer "
+                         f"(it sets its own block or attention): {e}") from e
     if type(model) is not VisionTransformer:
         raise ValueError(f"{name!r} builds a {type(model).__name__}; mgab needs a timm VisionTransformer")
     model.__class__ = MaskBiasViT
@@ -237,7 +244,7 @@ def create_vit(name: str = "vit_small_patch16_224",  # a timm ViT name, e.g. vit
 
 # %% ../nbs/03_vit.ipynb #893ccf69
 def load_vit_checkpoint(model: MaskBiasViT,
-                        checkpoint_path: str | Path,  # .pth/.bin/.safetensors; a dict under 'model'/'state_dict' works too
+                        checkpoint_path: str | Path,  # .pth/.bin/.safetensors; also a dict under 'model'/'state_dict'
                         strict_head: bool = False,  # False: skip a classifier head whose shape differs
                        ) -> MaskBiasViT:
     "Load a timm ViT state dict into `model`; only `u_pos`/`u_neg` may be missing"
@@ -252,7 +259,8 @@ def load_vit_checkpoint(model: MaskBiasViT,
     if not strict_head:
         for k in ("head.weight", "head.bias"):
             if k in sd and k in own and sd[k].shape != own[k].shape: sd.pop(k)
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad: raise ValueError(f"checkpoint {str(p)!r} was saved from another architecture than {type(model).__name__} "
                              f"with embed_dim={model.embed_dim}, depth={len(model.blocks)}: {bad[:3]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -299,7 +307,8 @@ def load_run_encoder(run_dir: str | Path,  # a folder written by mgab-pretrain /
     run = Path(run_dir)
     cfg_file, weights = run/"config.json", run/"encoder.pth"
     for f in (cfg_file, weights):
-        if not f.is_file(): raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a finished mgab run folder?")
+        if not f.is_file():
+            raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a finished mgab run folder?")
     kwargs = dict(json.loads(cfg_file.read_text())["model"])
     kwargs.update(overrides)
     return create_vit(checkpoint_path=weights, **kwargs)
