@@ -17,7 +17,8 @@ __all__ = ['as_label_maps', 'labels2tokens', 'show_tokens', 'mask_bias', 'relati
 # %% ../nbs/02_mre.ipynb #bab92f43
 def as_label_maps(label_map) -> torch.Tensor:
     "`label_map` (numpy or torch, (H,W) or (B,H,W), integer) as a (B,H,W) int64 tensor"
-    if isinstance(label_map, np.ndarray): label_map = torch.from_numpy(np.ascontiguousarray(label_map))
+    if isinstance(label_map, np.ndarray):  # copies only maps that are non-contiguous or read-only (cached store maps)
+        label_map = torch.from_numpy(np.require(label_map, requirements=["C", "W"]))
     if not isinstance(label_map, torch.Tensor):
         raise TypeError(f"`label_map` must be a numpy array or torch tensor, got {type(label_map).__name__}")
     if label_map.dtype == torch.bool or label_map.is_floating_point() or label_map.is_complex():

@@ -145,8 +145,8 @@ class MaskBiasViT(VisionTransformer):
         if m.dtype == torch.bool or m.is_floating_point():
             raise TypeError(f"`m` must hold integer labels, got {m.dtype}")
         num_labels = self.blocks[0].attn.num_labels
-        if m.numel() and (int(m.min()) < 0 or int(m.max()) > num_labels):
-            lo, hi = int(m.min()), int(m.max())
+        lo, hi = (int(v) for v in m.aminmax()) if m.numel() else (0, 0)  # one device sync per forward
+        if lo < 0 or hi > num_labels:
             raise ValueError(f"`m` holds labels in [{lo}, {hi}] but the model takes 0..{num_labels} "
                              f"(`num_labels`={num_labels}); build it with create_vit(..., num_labels=...)")
         return F.pad(m.long(), (self.num_prefix_tokens, 0))

@@ -30,3 +30,12 @@ def _data_dir(tmp_path, monkeypatch):
 def imagenette():
     if not IMAGENETTE.is_dir(): pytest.skip(f"real photos not found at {IMAGENETTE}")
     return IMAGENETTE
+
+
+@pytest.fixture
+def one_thread():
+    "Tiny models: one intra-op thread is as fast, and leaves the other core to parallel work (shared machines)"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

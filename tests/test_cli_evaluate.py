@@ -15,12 +15,7 @@ from mgab.vit import create_vit
 ARCH, DEPTH = "vit_tiny_patch16_224", 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Items(torch.utils.data.Dataset):

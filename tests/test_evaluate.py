@@ -20,13 +20,7 @@ from mgab.vit import create_vit
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The machine is shared: one intra-op thread is as fast here and leaves the other core alone"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- labelled loaders as mgab.data makes them (contract 3)

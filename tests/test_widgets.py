@@ -15,13 +15,7 @@ from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
 from mgab.widgets import BiasExplorer, MaskExplorer, RunViewer, find_runs, image_sources
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "Tiny models: one thread is fastest, and the test machines are shared"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # the tiny SAM of test_masks: no NMS, so that each prompt gives its own masks
