@@ -20,8 +20,8 @@ from .core import check_shape
 from .mre import mask_bias, relation_factors, factor_weights
 
 # %% auto #0
-__all__ = ['biased_sdpa', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'create_vit', 'load_vit_checkpoint',
-           'split_params', 'param_groups', 'load_run_encoder']
+__all__ = ['RUN_ENCODERS', 'biased_sdpa', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'create_vit',
+           'load_vit_checkpoint', 'split_params', 'param_groups', 'load_run_encoder']
 
 # %% ../nbs/03_vit.ipynb #69fcaed0
 def biased_sdpa(q: torch.Tensor,  # (B, H, N, D)
@@ -299,13 +299,17 @@ def param_groups(model: nn.Module,
     return groups
 
 # %% ../nbs/03_vit.ipynb #92170e21
+RUN_ENCODERS = ("encoder", "student")  # encoder.pth: the run's encoder (DINO: the EMA teacher); student.pth: DINO's student
+
 def load_run_encoder(run_dir: str | Path,  # a folder written by mgab-pretrain / mgab-distill
+                     which: str = "encoder",  # "encoder" (`encoder.pth`) or "student" (`student.pth`, DINO runs)
                      **overrides,  # create_vit options to change, e.g. num_classes=100, img_size=224
                     ) -> MaskBiasViT:
-    "The trained encoder of a run folder: `create_vit(**config['model'])` loaded from `encoder.pth`"
+    "The encoder of a run folder: `create_vit(**config['model'])` loaded from `encoder.pth` or `student.pth`"
     import json
+    if which not in RUN_ENCODERS: raise ValueError(f"`which` must be one of {RUN_ENCODERS}, got {which!r}")
     run = Path(run_dir)
-    cfg_file, weights = run/"config.json", run/"encoder.pth"
+    cfg_file, weights = run/"config.json", run/f"{which}.pth"
     for f in (cfg_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a finished mgab run folder?")
