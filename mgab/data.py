@@ -530,7 +530,7 @@ def embedded_dataset(progress: bool = True) -> Path:
 
 # %% ../nbs/04_data.ipynb #e1b0a002
 class EmbeddedMasker:
-    "Offline stand-in for SAM on the embedded dataset (not SAM): its drawn objects and background, as an ideal segmenter"
+    "Offline stand-in for SAM on the embedded data (not SAM): its drawn objects and background, as an ideal segmenter"
     def __init__(self,
                  root=None,  # the embedded dataset (holding `regions.npz`); default `embedded_dataset()`
                  c: int = 5,  # masks kept, most confident first (`c` of Eq. 3)
@@ -541,21 +541,24 @@ class EmbeddedMasker:
         f = root/"regions.npz"
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing: EmbeddedMasker knows the regions of the embedded dataset only "
-                                    "(`mgab.data.embedded_dataset()`); use SuperpixelMasker or SamMasker for other images")
+                                    "(`mgab.data.embedded_dataset()`); use SuperpixelMasker or SamMasker for other "
+                                    "images")
         z = np.load(f)
         self.index = {str(d): i for i, d in enumerate(z["digests"])}
         self.owner, self.visible = z["owner"], z["visible"]
         self.c, self.background, self.min_area = c, background, min_area
         self.info = dict(generator="embedded-regions", stand_in=True,
                          description="OFFLINE STAND-IN, not SAM: the embedded dataset's drawn objects and background "
-                                     f"(an ideal class-agnostic segmenter), ranked as SAM ranks, {c} most confident kept",
+                                     f"(an ideal class-agnostic segmenter), ranked as SAM ranks, {c} most confident "
+                                     "kept",
                          settings=dict(c=c, background=background, min_area=min_area))
 
     def annotations(self, img: np.ndarray) -> list[dict]:
         "SAM-style annotations of `img`: one per visible object (and the background) with a confidence"
         i = self.index.get(pixel_digest(img))
         if i is None:
-            raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker only "
+            raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker "
+                             "only "
                              "knows the images it drew; use SuperpixelMasker or SamMasker for other images")
         owner, vis, anns = self.owner[i], self.visible[i], []
         for k in range(int(owner.max()) + 1):
