@@ -1,47 +1,74 @@
 "The main job's pipeline: tiny settings produce every artifact; the default run is a slow test."
+import csv
 import json
+import subprocess
+
+import numpy as np
 import pytest
 from mgab.demo import main, run_demo
+from mgab.vit import load_run_encoder
+
+VARIANTS = ("random", "vanilla", "biased", "distilled")
 
 
-def _check_study(out, method="mae"):
+def _check_study(out, method="mae", seeds=(0,)):
     s = json.loads((out / "summary.json").read_text())
-    assert s["stand_in_masks"] is True  # no SAM checkpoint: the labelled stand-in made the masks
-    for name in ("vanilla", "biased", "distilled"):
-        run = out / f"{method}-{name}"
-        assert (run / "encoder.pth").is_file() and (run / "results.csv").is_file(), run
-    t1 = (out / "report" / "table1.md").read_text()
-    assert "MAE" in t1 or "DINO" in t1
-    assert (out / "report" / "table2.md").is_file() and (out / "report" / "fig4.png").stat().st_size > 1000
-    return s
+    assert s["stand_in_masks"] is True  # no SAM checkpoint: a labelled stand-in made the masks
+    for seed in seeds:
+        for name in VARIANTS:
+            run = out / (f"{method}-{name}" if seed == seeds[0] else f"{method}-{name}-seed{seed}")
+            assert (run / "encoder.pth").is_file() and (run / "results.csv").is_file(), run
+    floor = json.loads((out / f"{method}-random" / "config.json").read_text())
+    assert floor["epochs"] == 0 and floor["init"] == "random" and floor["model"]["bias"] is None
+    t1 = (out / "report" / "table1.md").read_text().splitlines()
+    rows = [r for r in t1 if r.startswith("| ") and "---" not in r][1:]  # the header row dropped
+    assert rows[0].startswith(f"| {method.upper()} (random init) |")  # the floor comes first
+    assert any(r.startswith(f"| {method.upper()} + our method (distilled)") for r in rows)
+    report = out / "report"
+    for f in ("table2.md", "fig4.png", "attention.png"): assert (report / f).stat().st_size > 100, f
+    return s, rows
 
 
 def test_demo_tiny_produces_every_artifact_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    s = run_demo(out, epochs=1, distill_epochs=1, depth=2, protocols=("knn",), progress=False)
-    _check_study(out)
+    s = run_demo(out, epochs=1, distill_epochs=1, depth=2, protocols=("knn",), seeds=2, progress=False)
+    s, rows = _check_study(out, seeds=(0, 1))
     printed = capsys.readouterr().out
-    assert "STAND-IN" in printed and "| " in printed  # the stand-in is named, the table printed
-    rows = (out / "mae-biased" / "results.csv").read_text().splitlines()
-    assert len(rows) == 3  # header, with masks, without masks
+    assert "STAND-IN" in printed and "mean coverage" in printed and "70.4-72.7%" in printed
+    assert all("±" in r for r in rows)  # two seeds: mean ± std in every row
+    assert any("[" in r and "]" in r for r in rows)  # deltas carry their interval
+    # the random-init floor is the encoder the vanilla run started from: the trained one moved away from it
+    floor, trained = (load_run_encoder(out / f"mae-{v}").state_dict() for v in ("random", "vanilla"))
+    assert any(not np.allclose(floor[k], trained[k]) for k in floor)
+    with open(out / "mae-biased" / "results.csv") as f: res = list(csv.DictReader(f))
+    assert sorted(r["with_masks"] for r in res) == ["False", "True"]
     # a second run finds everything done: nothing recomputed, same table
     table = (out / "report" / "table1.md").read_text()
     assert main(["--out", str(out), "--epochs", "1", "--distill-epochs", "1", "--depth", "2", "--protocols", "knn",
-                 "--no-progress"]) == 0
+                 "--seeds", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped") == 3 and (out / "report" / "table1.md").read_text() == table
-    assert (out / "mae-biased" / "results.csv").read_text().splitlines() == rows
+    assert printed.count("skipped") == 8 and (out / "report" / "table1.md").read_text() == table
+    with open(out / "mae-biased" / "results.csv") as f: assert list(csv.DictReader(f)) == res
 
 
 def test_demo_bad_input(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--data", str(tmp_path / "nowhere")]) == 1
-    assert "nowhere" in capsys.readouterr().err
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "d").exists()  # nothing left behind
     assert main(["--out", str(tmp_path / "d"), "--masks", str(tmp_path / "nostore"), "--epochs", "1"]) == 1
     assert "nostore" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, word", [(["--epochs", "0"], "--epochs"), (["--seeds", "0"], "--seeds"),
+                                        (["--lr", "-1"], "--lr"), (["--protocols", "linear,probe"], "probe")])
+def test_demo_usage_errors_through_the_entry_point(tmp_path, args, word):
+    r = subprocess.run(["mgab-demo", "--out", str(tmp_path / "d")] + args, capture_output=True, text=True)
+    assert r.returncode == 2 and word in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.slow
 def test_demo_default_run(tmp_path):
-    "The README's first command, at its default size (minutes on 2 CPU cores)"
-    run_demo(tmp_path / "demo", progress=False)
-    assert _check_study(tmp_path / "demo")["minutes"] > 0
+    "The README's first command, at its default size (minutes on 2 CPU cores): the method beats its floor"
+    s, rows = _check_study(run_demo(tmp_path / "demo", progress=False) and tmp_path / "demo")
+    linear = {r.split("|")[1].strip(): float(r.split("|")[4].split()[0]) for r in rows}
+    assert linear["MAE + our method"] >= linear["MAE (random init)"] + 10, linear
