@@ -14,7 +14,7 @@ from fastai.torch_core import rank_distrib
 from .masks import MaskStore, SamMasker, SuperpixelMasker, make_mask_store
 from .data import resolve_data
 from .evaluate import read_results, report
-from .cli.evaluate import eval_main
+from .cli.evaluate import eval_cli
 
 # %% auto #0
 __all__ = ['DEMO_DEFAULTS', 'demo_masks', 'run_demo', 'main']
@@ -63,7 +63,7 @@ def _evaluate(run: Path, path: Path, store: Path, protocol: str, with_masks: boo
     if protocol == "linear": argv += ["--augment", "none", "--opt", "sgd"]  # features once; SGD for ~800 small steps
     argv += ["--masks", str(store)] if with_masks else ["--no-masks"]
     if not progress: argv.append("--no-progress")
-    row = eval_main(argv)
+    row = eval_cli(argv)
     _say(f"{run.name} {protocol} ({'with' if with_masks else 'without'} masks): {row['value']:.1f}%")
 
 # %% ../nbs/53_demo.ipynb #c6d79c72
