@@ -17,15 +17,15 @@ from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
 from fastai.data.external import URLs, untar_data
 from fastai.torch_core import default_device
 from .core import asset_path, data_dir
-from .masks import MaskStore, load_image
+from .masks import MaskStore, label_map, load_image, show_masks
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTENSIONS', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES',
            'EMBEDDED_DISTRACTORS', 'EMBEDDED_CONFIG', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views',
            'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops',
            'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'embedded_image',
-           'make_embedded', 'folder_digest', 'embedded_dataset', 'imagenette', 'imagenet100_classes', 'imagenet100',
-           'resolve_data', 'show_crops']
+           'pixel_digest', 'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette',
+           'imagenet100_classes', 'imagenet100', 'resolve_data', 'show_crops']
 
 # %% ../nbs/04_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -390,7 +390,7 @@ EMBEDDED_CLASSES = [(s, c) for s, cs in [("circle", ("red", "blue")), ("square",
                                           ("triangle", ("green", "yellow")), ("cross", ("yellow", "magenta")),
                                           ("star", ("magenta", "red"))] for c in cs]
 EMBEDDED_DISTRACTORS = ("bar", "ring", "crescent", "ell")
-EMBEDDED_CONFIG = dict(version=1, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
+EMBEDDED_CONFIG = dict(version=2, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
 
 def _shape_polygon(kind: str, r: float, angle: float) -> np.ndarray | None:
     "(K, 2) vertices of a polygon shape of radius `r` rotated by `angle`, None for round shapes"
@@ -441,8 +441,11 @@ def _texture(side: int, rng: np.random.Generator) -> np.ndarray:
 def embedded_image(cls: int,  # class index into `EMBEDDED_CLASSES`
                    rng: np.random.Generator,
                    size: int = 64,
-                  ) -> np.ndarray:  # (size, size, 3) uint8
-    "One synthetic image of class `cls`: its objects and some distractors on a textured background"
+                   regions: bool = False,  # also return the drawn regions (see below)
+                  ):  # (size, size, 3) uint8; with `regions`: `(image, owner, visible)`
+    """One synthetic image of class `cls`: its objects and some distractors on a textured background.
+    With `regions`, also `owner` (size, size) uint8 (0 background, k the k-th object drawn, later ones on top) and
+    `visible` (k,) float: the fraction of each object's drawn area that stays visible"""
     shape, colour = EMBEDDED_CLASSES[cls]
     side = 2 * size  # drawn at 2x, reduced for smooth edges
     img = Image.fromarray(np.clip(_texture(side, rng), 0, 255).astype(np.uint8))
@@ -450,7 +453,7 @@ def embedded_image(cls: int,  # class index into `EMBEDDED_CLASSES`
     objs = [(shape, EMBEDDED_PALETTE[colour])] * int(rng.integers(1, 4))
     objs += [(EMBEDDED_DISTRACTORS[rng.integers(len(EMBEDDED_DISTRACTORS))], colours[rng.integers(len(colours))])
              for _ in range(int(rng.integers(1, 4)))]
-    placed = []
+    placed, owner, areas = [], np.zeros((side, side), np.uint8), []
     for j in rng.permutation(len(objs)):
         kind, col = objs[j]
         r = rng.uniform(0.11, 0.2) * side
@@ -459,12 +462,23 @@ def embedded_image(cls: int,  # class index into `EMBEDDED_CLASSES`
             if all((cx - px) ** 2 + (cy - py) ** 2 > (0.8 * (r + pr)) ** 2 for px, py, pr in placed): break
         placed.append((cx, cy, r))
         col = tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, 12, 3), 0, 255))
-        img.paste(col, (0, 0), _shape_mask(kind, cx, cy, r, rng.uniform(0, 2 * np.pi), side))
+        mask = _shape_mask(kind, cx, cy, r, rng.uniform(0, 2 * np.pi), side)
+        img.paste(col, (0, 0), mask)
+        inside = np.asarray(mask) > 127
+        owner[inside] = len(placed); areas.append(inside.sum())
     out = np.asarray(img.reduce(2)).astype(np.int16) + rng.integers(-6, 7, (size, size, 3))
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if not regions: return out
+    visible = np.bincount(owner.ravel(), minlength=len(areas) + 1)[1:] / np.maximum(areas, 1)
+    return out, owner[::2, ::2].copy(), visible.astype(np.float32)  # owner at the image's resolution
 
 # %% ../nbs/04_data.ipynb #4bd70e20
-def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/*.png`)
+def pixel_digest(img: np.ndarray) -> str:
+    "SHA-1 of an image's shape and pixels: finds a decoded image among the embedded dataset's regions"
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    return hashlib.sha1(str(img.shape).encode() + img.tobytes()).hexdigest()
+
+def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/*.png`, `regions.npz`)
                   n_train: int = 120,  # training images per class
                   n_val: int = 30,  # validation images per class
                   size: int = 64,
@@ -476,11 +490,17 @@ def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/
     dest = Path(dest)
     jobs = [(s, si, c, i) for si, (s, n) in enumerate([("train", n_train), ("val", n_val)])
             for c in range(len(EMBEDDED_CLASSES)) for i in range(n)]
-    for s, si, c, i in tqdm(jobs, desc="embedded dataset", disable=not progress, leave=False):
+    keys, digests, owners, visible = [], [], [], np.zeros((len(jobs), 8), np.float32)
+    for n, (s, si, c, i) in enumerate(tqdm(jobs, desc="embedded dataset", disable=not progress, leave=False)):
         folder = dest/s/"_".join(EMBEDDED_CLASSES[c][::-1])
         if i == 0: folder.mkdir(parents=True, exist_ok=True)
-        img = embedded_image(c, np.random.default_rng([seed, si, c, i]), size)
+        img, owner, vis = embedded_image(c, np.random.default_rng([seed, si, c, i]), size, regions=True)
         Image.fromarray(img).save(folder/f"{i:04d}.png", optimize=False)
+        keys.append(f"{s}/{folder.name}/{i:04d}.png"); digests.append(pixel_digest(img))
+        owners.append(owner); visible[n, :len(vis)] = vis
+    # what the generator knows of every image: for `EmbeddedMasker`, the ideal segmenter of this data
+    np.savez_compressed(dest/"regions.npz", keys=np.array(keys), digests=np.array(digests), owner=np.stack(owners),
+                        visible=visible)
     return dest
 
 def folder_digest(folder) -> str:
@@ -507,6 +527,53 @@ def embedded_dataset(progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not done(): raise
     return root
+
+# %% ../nbs/04_data.ipynb #e1b0a002
+class EmbeddedMasker:
+    "Offline stand-in for SAM on the embedded data (not SAM): its drawn objects and background, as an ideal segmenter"
+    def __init__(self,
+                 root=None,  # the embedded dataset (holding `regions.npz`); default `embedded_dataset()`
+                 c: int = 5,  # masks kept, most confident first (`c` of Eq. 3)
+                 background: bool = True,  # the background is a region too, ranked below every object
+                 min_area: int = 16,  # regions with fewer visible pixels are dropped
+                ):
+        root = embedded_dataset(progress=False) if root is None else Path(root)
+        f = root/"regions.npz"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: EmbeddedMasker knows the regions of the embedded dataset only "
+                                    "(`mgab.data.embedded_dataset()`); use SuperpixelMasker or SamMasker for other "
+                                    "images")
+        z = np.load(f)
+        self.index = {str(d): i for i, d in enumerate(z["digests"])}
+        self.owner, self.visible = z["owner"], z["visible"]
+        self.c, self.background, self.min_area = c, background, min_area
+        self.info = dict(generator="embedded-regions", stand_in=True,
+                         description="OFFLINE STAND-IN, not SAM: the embedded dataset's drawn objects and background "
+                                     f"(an ideal class-agnostic segmenter), ranked as SAM ranks, {c} most confident "
+                                     "kept",
+                         settings=dict(c=c, background=background, min_area=min_area))
+
+    def annotations(self, img: np.ndarray) -> list[dict]:
+        "SAM-style annotations of `img`: one per visible object (and the background) with a confidence"
+        i = self.index.get(pixel_digest(img))
+        if i is None:
+            raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker "
+                             "only "
+                             "knows the images it drew; use SuperpixelMasker or SamMasker for other images")
+        owner, vis, anns = self.owner[i], self.visible[i], []
+        for k in range(int(owner.max()) + 1):
+            seg = owner == k
+            if seg.sum() < self.min_area or (k == 0 and not self.background): continue
+            conf = 0.86 if k == 0 else 0.88 + 0.1 * float(vis[k - 1])  # background below every object
+            anns.append(dict(segmentation=seg, area=int(seg.sum()), predicted_iou=conf,
+                             stability_score=1. if k == 0 else float(vis[k - 1])))
+        return anns
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        "The (H, W) uint8 label map of `img` (Eq. 3), painted by `label_map` as SAM's masks are"
+        return label_map(self.annotations(img), self.c, shape=img.shape[:2])
+
+    def __repr__(self): return f"EmbeddedMasker(c={self.c}, {len(self.index)} images) [stand-in]"
 
 # %% ../nbs/04_data.ipynb #ad8bd2ac
 def _check_image_folder(path: Path) -> Path:

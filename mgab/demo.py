@@ -10,20 +10,21 @@ from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
 import torch
-from fastai.torch_core import rank_distrib
-from .masks import MaskStore, SamMasker, SuperpixelMasker, make_mask_store
-from .data import resolve_data
-from .evaluate import read_results, report
-from .cli.evaluate import eval_cli
+from fastai.torch_core import rank_distrib, set_seed
+from .masks import MaskStore, SamMasker, SuperpixelMasker, make_mask_store, store_stats
+from .data import EmbeddedMasker, labelled_dls, resolve_data
+from .train import write_init_run
+from .evaluate import evaluate_run, read_results, report
 
 # %% auto #0
-__all__ = ['DEMO_DEFAULTS', 'demo_masks', 'run_demo', 'main']
+__all__ = ['DEMO_DEFAULTS', 'SAM_PAPER_COVERAGE', 'VARIANTS', 'demo_masker', 'demo_masks', 'run_demo', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
-                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=None, img_size=64, epochs=15,
-                     distill_epochs=4, bs=128, bias_lr_mult=100., protocols=("linear", "knn"), seed=0, num_workers=None,
-                     progress=True)
+                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=6, img_size=64, epochs=12,
+                     distill_epochs=4, bs=64, lr=2e-3, warmup_epochs=2, bias_lr_mult=100., pool="avg",
+                     protocols=("linear", "knn"), seed=0, seeds=1, num_workers=None, progress=True)
+SAM_PAPER_COVERAGE = "70.4-72.7%"  # mean mask ratio of SAM ViT-H's c=5 masks on ImageNet-100 (Table 3)
 
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
@@ -39,79 +40,120 @@ def _train(run: Path, epochs: int, fn, config: dict) -> Path:
     _say(f"{run.name}: " + (f"resuming at epoch {done}" if done else f"training {epochs} epochs"))
     return fn(dict(config, out=str(run), epochs=epochs), resume=done > 0)
 
+def _random_init(run: Path, method: str, config: dict) -> Path:
+    "The floor of Table 1: the encoder exactly as pretraining starts it (same seed), as a run folder with 0 epochs"
+    if (run/"config.json").is_file() and (run/"encoder.pth").is_file():
+        _say(f"{run.name}: done, skipped"); return run
+    _say(f"{run.name}: the untrained encoder (random-init floor)")
+    if method == "mae":
+        from mgab.mae import mae_random_init
+        return mae_random_init(dict(config, out=str(run)))
+    from mgab.dino import dino_config, dino_student
+    cfg = dino_config(dict(config, out=str(run)))
+    set_seed(cfg["seed"])  # as pretrain_dino builds its student
+    return write_init_run(dino_student(cfg).encoder, run, cfg)
+
 # %% ../nbs/53_demo.ipynb #d943d831
+def demo_masker(path: Path, checkpoint=None, model_type="vit_h", points_per_side=32) -> tuple:
+    "The study's masker and a line naming it: SAM with a checkpoint, else an offline stand-in (said so)"
+    if checkpoint is not None:
+        return (SamMasker(checkpoint, model_type=model_type, points_per_side=points_per_side),
+                f"SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid")
+    if (Path(path)/"regions.npz").is_file():
+        return (EmbeddedMasker(path), "no SAM checkpoint (--checkpoint): the embedded data's drawn objects and "
+                                      "background as an ideal segmenter would give them -- a STAND-IN, not SAM")
+    return (SuperpixelMasker(points_per_side=points_per_side),
+            "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM")
+
 def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
                progress=True) -> Path:
-    "The mask store of the study: `masks` if given, else built into `out/masks` (SAM with a checkpoint, else stand-in)"
+    "The mask store of the study: `masks` if given, else built into `out/masks`; says which masks and their coverage"
     if masks is not None:
-        MaskStore(masks)  # fails early, naming the folder, if it is not a store
-        return Path(masks)
-    if checkpoint is not None:
-        masker = SamMasker(checkpoint, model_type=model_type, points_per_side=points_per_side)
-        _say(f"masks: SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid")
+        store = MaskStore(masks)  # fails early, naming the folder, if it is not a store
+        _say(f"masks: the store {masks} ({store.info.get('description') or store.info.get('generator')})")
     else:
-        masker = SuperpixelMasker("slic", c=5)
-        _say("masks: no SAM checkpoint given (--checkpoint): using the offline SUPERPIXEL STAND-IN, not SAM")
-    return make_mask_store(path, out/"masks", masker, progress=progress).root
+        masker, what = demo_masker(path, checkpoint, model_type, points_per_side)
+        _say(f"masks: {what}")
+        store = make_mask_store(path, out/"masks", masker, progress=progress)
+    s = store_stats(store, limit=2000)
+    _say(f"masks: mean coverage {s['mean_coverage']:.1%} of each image, {s['mean_masks']:.1f} masks per image "
+         f"(SAM ViT-H in the paper: {SAM_PAPER_COVERAGE}, Table 3)")
+    return store.root
 
 # %% ../nbs/53_demo.ipynb #01bf13bd
-def _evaluate(run: Path, path: Path, store: Path, protocol: str, with_masks: bool, progress: bool, bs: int):
-    if any(r["protocol"] == protocol and r["with_masks"] == with_masks and r["fraction"] in (None, 1.)
-           for r in read_results(run)):
-        return
-    argv = ["--run", str(run), "--data", str(path), "--protocol", protocol, "--bs", str(bs)]
-    if protocol == "linear": argv += ["--augment", "none", "--opt", "sgd"]  # features once; SGD for ~800 small steps
-    argv += ["--masks", str(store)] if with_masks else ["--no-masks"]
-    if not progress: argv.append("--no-progress")
-    row = eval_cli(argv)
+def _evaluate(run: Path, dls, protocol: str, with_masks: bool, pool: str, progress: bool) -> dict:
+    "Evaluate a run once per protocol and masks setting (a rerun reads results.csv)"
+    done = [r for r in read_results(run) if r["protocol"] == protocol and r["with_masks"] == with_masks
+            and r["fraction"] in (None, 1.)]
+    if done: return done[-1]
+    kw = dict(precompute=True, opt="sgd") if protocol == "linear" else {}  # features once; SGD for few small steps
+    row = evaluate_run(run, dls, protocol, with_masks=with_masks, pool=pool, progress=progress, **kw)
     _say(f"{run.name} {protocol} ({'with' if with_masks else 'without'} masks): {row['value']:.1f}%")
+    return row
 
 # %% ../nbs/53_demo.ipynb #c6d79c72
+VARIANTS = (("random", False), ("vanilla", False), ("biased", True), ("biased", False), ("distilled", False))
+
+def _seed_name(name: str, seed: int, first: int) -> str: return name if seed == first else f"{name}-seed{seed}"
+
 def run_demo(out: str | Path = "runs/demo",  # the study folder
              **kwargs,  # see `DEMO_DEFAULTS`
             ) -> dict:
-    "The whole study: masks -> vanilla and biased pretraining -> distillation -> evaluation -> report"
+    "The whole study: masks -> random init, vanilla and biased pretraining -> distillation -> evaluation -> report"
     c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None})
     if c["method"] not in ("mae", "dino"): raise ValueError(f"`method` must be 'mae' or 'dino', got {c['method']!r}")
+    if c["seeds"] < 1: raise ValueError(f"`seeds` must be >= 1, got {c['seeds']}")
     out, t0 = Path(out), time.time()
-    out.mkdir(parents=True, exist_ok=True)
     path = resolve_data(str(c["data"]))
+    out.mkdir(parents=True, exist_ok=True)
     _say(f"data: {path}")
     store = demo_masks(path, out, c["masks"], c["checkpoint"], c["model_type"], c["points_per_side"], c["progress"])
     method = c["method"]
     if method == "mae": from mgab.mae import pretrain_mae as pretrain
     else: from mgab.dino import pretrain_dino as pretrain
+    from mgab.distill import distill_run
     model = dict(name=c["arch"], img_size=c["img_size"], num_classes=0)
     if c["patch_size"]: model["patch_size"] = c["patch_size"]
     if c["depth"]: model["depth"] = c["depth"]
     if method == "dino": model["dynamic_img_size"] = True
     base = dict(method=method, data=str(path), masks=str(store), arch=c["arch"], img_size=c["img_size"], bs=c["bs"],
-                bias_lr_mult=c["bias_lr_mult"], seed=c["seed"], num_workers=c["num_workers"], progress=c["progress"])
+                lr=c["lr"], warmup_epochs=c["warmup_epochs"], bias_lr_mult=c["bias_lr_mult"],
+                num_workers=c["num_workers"], progress=c["progress"])
     if method == "dino":  # small images: local crops at 3/7 of the global size, fewer prototypes
         base.update(global_size=c["img_size"], local_size=max(c["img_size"] * 3 // 7 // 8 * 8, 16), n_local=4,
                     out_dim=c.get("out_dim") or 1024)
-    runs = {}
-    for name, bias in (("vanilla", None), ("biased", "learnable")):
-        runs[name] = _train(out/f"{method}-{name}", c["epochs"], pretrain, dict(base, model=dict(model, bias=bias)))
-    from mgab.distill import distill_run
-    runs["distilled"] = _train(out/f"{method}-distilled", c["distill_epochs"], distill_run,
-                               dict(teacher=str(runs["biased"]), bs=c["bs"], seed=c["seed"],
-                                    num_workers=c["num_workers"], progress=c["progress"]))
-    if rank_distrib() != 0: return dict(runs=runs)
-    for protocol in c["protocols"]:
-        for name, with_masks in (("vanilla", False), ("biased", True), ("biased", False), ("distilled", False)):
-            _evaluate(runs[name], path, store, protocol, with_masks, c["progress"], c["bs"])
-    written = report(list(runs.values()), out/"report")
-    for name in ("table1.md", "table2.md"):
+    studies = []
+    for seed in range(c["seed"], c["seed"] + c["seeds"]):
+        name = lambda v: out/_seed_name(f"{method}-{v}", seed, c["seed"])
+        vanilla = dict(base, seed=seed, model=dict(model, bias=None))
+        runs = dict(random=_random_init(name("random"), method, vanilla),
+                    vanilla=_train(name("vanilla"), c["epochs"], pretrain, vanilla))
+        biased = dict(vanilla, model=dict(model, bias="learnable"))
+        runs["biased"] = _train(name("biased"), c["epochs"], pretrain, biased)
+        runs["distilled"] = _train(name("distilled"), c["distill_epochs"], distill_run,
+                                   dict(teacher=str(runs["biased"]), bs=c["bs"], seed=seed,
+                                        num_workers=c["num_workers"], progress=c["progress"]))
+        studies.append(runs)
+    if rank_distrib() != 0: return dict(runs=studies)
+    patch = c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
+    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=patch, bs=max(c["bs"], 128),
+                       augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
+    for runs in studies:
+        for protocol in c["protocols"]:
+            for name, with_masks in VARIANTS: _evaluate(runs[name], dls, protocol, with_masks, c["pool"], c["progress"])
+    run_dirs = [r for runs in studies for r in runs.values()]
+    written = report(run_dirs, out/"report", data=path, masks=store)
+    for name in ("table1.md", "table2.md", "distill.md"):
         if name in written: print(written[name].read_text())
     stand_in = MaskStore(store).stand_in
     summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in,
-                   runs={k: str(v) for k, v in runs.items()}, report={k: str(v) for k, v in written.items()},
+                   runs=[{k: str(v) for k, v in runs.items()} for runs in studies],
+                   report={k: str(v) for k, v in written.items()},
                    minutes=round((time.time() - t0) / 60, 1), threads=torch.get_num_threads(),
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     (out/"summary.json").write_text(json.dumps(summary, indent=1))
     _say(f"report in {out/'report'} ({summary['minutes']} min)"
-         + (" -- masks from the superpixel stand-in, not SAM" if stand_in else ""))
+         + (" -- masks from an offline stand-in, not SAM" if stand_in else ""))
     return summary
 
 # %% ../nbs/53_demo.ipynb #4f7f6f09
@@ -129,24 +171,34 @@ def main(argv: list[str] | None = None):
     p.add_argument("--method", choices=("mae", "dino"), default=d["method"])
     p.add_argument("--arch", default=d["arch"], help="timm ViT name")
     p.add_argument("--patch-size", type=int, default=d["patch_size"], help="0: the architecture's own")
-    p.add_argument("--depth", type=int, help="transformer blocks (default: the architecture's)")
+    p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks (0: the architecture's)")
     p.add_argument("--img-size", type=int, default=d["img_size"])
     p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
     p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"])
     p.add_argument("--bs", type=int, default=d["bs"])
+    p.add_argument("--lr", type=float, default=d["lr"], help="absolute peak learning rate of pretraining")
+    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
     p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u")
+    p.add_argument("--pool", choices=("cls", "avg"), default=d["pool"], help="features of the linear probe and kNN")
     p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seed", type=int, default=d["seed"], help="the first seed")
+    p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds of every variant (mean and spread reported)")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    protocols = tuple(o for o in a.protocols.split(",") if o)
+    bad = [o for o in protocols if o not in ("linear", "knn", "finetune")]
+    if bad: p.error(f"--protocols: unknown {bad}; choose from linear, knn, finetune")
+    for flag, v in (("--epochs", a.epochs), ("--distill-epochs", a.distill_epochs), ("--bs", a.bs),
+                    ("--seeds", a.seeds)):
+        if v < 1: p.error(f"{flag} must be >= 1, got {v}")
+    if a.lr <= 0: p.error(f"--lr must be > 0, got {a.lr}")
     try:
         run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
                  points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
-                 depth=a.depth,
-                 img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs, bs=a.bs,
-                 bias_lr_mult=a.bias_lr_mult,
-                 protocols=tuple(a.protocols.split(",")), seed=a.seed, num_workers=a.num_workers,
+                 depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs, bs=a.bs,
+                 lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult, pool=a.pool,
+                 protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
                  progress=not a.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"mgab-demo: {e}", file=sys.stderr); return 1

@@ -6,10 +6,11 @@ Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
 # %% ../nbs/30_evaluate.ipynb #baa68664
 from __future__ import annotations
-import csv, json, math, re
+import csv, hashlib, io, json, math, os, re, warnings
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
@@ -25,15 +26,20 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, Adam, SGD
 from timm.layers import DropPath, trunc_normal_
-from .vit import MaskBiasViT, split_params, load_run_encoder
+from .masks import load_image
+from .vit import MaskBiasViT, RUN_ENCODERS, split_params, load_run_encoder
+from .data import MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder, token_labels
 
 # %% auto #0
-__all__ = ['POOLS', 'RESULT_COLUMNS', 'PROTOCOLS', 'TEXT_COLUMNS', 'pool_tokens', 'uses_masks', 'extract_features', 'knn_scores',
-           'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS', 'linear_head', 'Classifier',
-           'feature_dls', 'linear_probe', 'top1', 'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'fine_tune',
-           'read_run_config', 'append_result', 'read_results', 'evaluate_run', 'arch_label', 'run_kind', 'load_runs',
-           'table1', 'table2', 'format_cell', 'to_markdown', 'write_table_csv', 'bias_stats', 'plot_bias_stats',
-           'report']
+__all__ = ['POOLS', 'RESULT_COLUMNS', 'PROTOCOLS', 'TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'CELL_CSV', 'DISTILL_COLUMNS',
+           'pool_tokens', 'uses_masks', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine',
+           'WarmupCosine', 'lars_step', 'LARS', 'linear_head', 'Classifier', 'feature_dls', 'linear_probe', 'top1',
+           'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'fine_tune', 'read_run_config', 'append_result',
+           'read_results', 'items_digest', 'predictions_name', 'save_predictions', 'load_predictions',
+           'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise', 'hierarchical_bootstrap',
+           'paired_bootstrap', 'arch_label', 'run_kind', 'replicate_key', 'load_runs', 'Cell', 'variants', 'table1',
+           'table2', 'format_cell', 'to_markdown', 'write_table_csv', 'bias_stats', 'plot_bias_stats',
+           'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -309,7 +315,9 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
     return _fit(learn, epochs, progress)
 
 # %% ../nbs/30_evaluate.ipynb #961d8cd7
-RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp")
+RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
+                  "encoder", "predictions")
+_RESULT_DEFAULTS = dict(encoder="encoder", predictions="")  # columns added later: older files lack them
 PROTOCOLS = ("linear", "knn", "finetune")
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -322,70 +330,197 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise ValueError(f"{str(f)!r} has no 'model' entry with the encoder's timm 'name'")
     return cfg
 
+def _atomic_bytes(data: bytes, fname: Path) -> Path:
+    "Write `data` to `fname` through a temporary file: readers see the old file or the new one, never a partial one"
+    fname.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fname.with_name(f".{fname.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, fname)
+    return fname
+
+def _raw_rows(f: Path) -> list[dict]:
+    with open(f, newline="") as fh: return list(csv.DictReader(fh))
+
+def _write_rows(f: Path, rows: list[dict]):
+    "All of `rows` under the current header, older rows completed with the defaults of newer columns"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
+    w.writeheader()
+    w.writerows({k: r.get(k) if r.get(k) is not None else _RESULT_DEFAULTS.get(k, "") for k in RESULT_COLUMNS}
+                for r in rows)
+    _atomic_bytes(buf.getvalue().encode(), f)
+
 def append_result(run_dir: str | Path, row: dict) -> Path:
-    "Append `row` (keys `RESULT_COLUMNS`) to the run's `results.csv`, writing the header for a new file"
+    "Append `row` (keys `RESULT_COLUMNS`) to the run's `results.csv`; a file with an older header is rewritten first"
     f = Path(run_dir)/"results.csv"
     new = not f.exists() or f.stat().st_size == 0
+    if not new:
+        with open(f, newline="") as fh: header = next(csv.reader(fh), [])
+        if header != list(RESULT_COLUMNS): _write_rows(f, _raw_rows(f))  # e.g. written before `encoder` existed
     with open(f, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
         if new: w.writeheader()
-        w.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+        w.writerow({k: row.get(k, _RESULT_DEFAULTS.get(k, "")) for k in RESULT_COLUMNS})
     return f
 
 def read_results(run_dir: str | Path) -> list[dict]:
     "Rows of a run's `results.csv` with typed `fraction`, `with_masks`, `value` (empty list without a file)"
     f = Path(run_dir)/"results.csv"
     if not f.exists(): return []
-    with open(f, newline="") as fh: rows = list(csv.DictReader(fh))
-    if rows and set(RESULT_COLUMNS) - set(rows[0]):
-        raise ValueError(f"{str(f)!r} lacks columns {sorted(set(RESULT_COLUMNS) - set(rows[0]))}")
+    rows = _raw_rows(f)
+    required = [c for c in RESULT_COLUMNS if c not in _RESULT_DEFAULTS]
+    if rows and set(required) - set(rows[0]):
+        raise ValueError(f"{str(f)!r} lacks columns {sorted(set(required) - set(rows[0]))}")
     for r in rows:
         r["fraction"] = float(r["fraction"] or 1.)
         r["with_masks"] = r["with_masks"].strip().lower() in ("true", "1", "yes")
         r["value"] = float(r["value"])
+        for k, v in _RESULT_DEFAULTS.items(): r[k] = r.get(k) or v
     return rows
 
+# %% ../nbs/30_evaluate.ipynb #4cef856c
+def items_digest(ds) -> str:
+    "16 hex digits of sha256 over a dataset's item names: its `files` relative to its `root` (in-memory data: length)"
+    files = getattr(ds, "files", None)
+    if files is None: return hashlib.sha256(f"#{len(ds)}".encode()).hexdigest()[:16]  # the saved labels still check
+    root = getattr(ds, "root", None)
+    def _name(f):
+        try: return Path(f).relative_to(root).as_posix()  # the same images at another place pair
+        except (TypeError, ValueError): return Path(f).as_posix()
+    return hashlib.sha256("\n".join(map(_name, files)).encode()).hexdigest()[:16]
+
+def predictions_name(protocol: str, with_masks: bool, fraction: float = 1., which: str = "encoder") -> str:
+    "Where `evaluate_run` keeps the per-image outcomes of one evaluation, relative to the run folder"
+    return f"predictions/{protocol}-{'masks' if with_masks else 'nomasks'}-{float(fraction):g}-{which}.npz"
+
+def save_predictions(fname: str | Path,  # .npz file to write (atomically)
+                     pred,  # (N,) predicted class of each validation image, in the loader's order
+                     label,  # (N,) its true class
+                     digest: str,  # `items_digest` of the validation set
+                     **meta,  # more scalars to keep (protocol, with_masks, fraction, which, value)
+                    ) -> Path:
+    "Write one evaluation's per-image outcomes"
+    pred, label = np.asarray(pred, np.int64), np.asarray(label, np.int64)
+    if pred.ndim != 1 or pred.shape != label.shape:
+        raise ValueError(f"`pred` and `label` must be (N,) vectors of one length, got {pred.shape}, {label.shape}")
+    buf = io.BytesIO()
+    np.savez(buf, pred=pred, label=label, digest=np.str_(digest), **{k: np.asarray(v) for k, v in meta.items()})
+    return _atomic_bytes(buf.getvalue(), Path(fname))
+
+def load_predictions(fname: str | Path) -> dict:
+    "`save_predictions`' arrays (scalars as Python values), with `correct` (N,) bool and the `file` name"
+    with np.load(fname, allow_pickle=False) as z: d = {k: z[k] if z[k].ndim else z[k].item() for k in z.files}
+    return dict(d, correct=d["pred"] == d["label"], file=str(fname))
+
+def paired_outcomes(a: list[dict],  # `load_predictions` of one variant's runs (seeds)
+                    b: list[dict],  # and of the variant it is compared with
+                   ) -> tuple[np.ndarray, np.ndarray]:  # (Sa, N) and (Sb, N) bool: image i is the same image in all
+    "Per-image correctness of two variants, refused unless all were evaluated on the same validation images"
+    ref = a[0]
+    for o in a[1:] + b:
+        if o["digest"] != ref["digest"] or len(o["label"]) != len(ref["label"]):
+            raise ValueError(f"cannot pair {o['file']!r} with {ref['file']!r}: they were evaluated on different "
+                             f"validation images (digest {o['digest']} vs {ref['digest']})")
+        if not np.array_equal(o["label"], ref["label"]):
+            raise ValueError(f"cannot pair {o['file']!r} with {ref['file']!r}: same images but different labels")
+    return np.stack([o["correct"] for o in a]), np.stack([o["correct"] for o in b])
+
 # %% ../nbs/30_evaluate.ipynb #6a86e36a
+def valid_predictions(learn: Learner) -> tuple[torch.Tensor, torch.Tensor]:  # (N,) predicted and true classes
+    "Argmax predictions and labels of a `Learner`'s validation set, in the loader's order"
+    with learn.no_bar(), learn.no_logging(): probs, targs = learn.get_preds(ds_idx=1)
+    return probs.argmax(1).cpu(), targs.long().cpu()
+
 def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  dls: DataLoaders,  # labelled loaders (contract 3) built for this protocol and fraction
                  protocol: str,  # "linear", "knn" or "finetune"
                  fraction: float | None = None,  # labelled fraction `dls` were built with, for the record (None: all)
                  with_masks: bool = True,  # feed masks to a biased encoder (only if `dls.has_masks`)
-                 encoder: MaskBiasViT | None = None,  # default: `load_run_encoder(run_dir)`
+                 encoder: MaskBiasViT | None = None,  # default: `load_run_encoder(run_dir, which)`
                  img_size: int | None = None,  # image size of `dls`, when loading the encoder
                  epochs: int | None = None,  # training epochs (default: the protocol's)
                  pool: str | None = None,  # default: "cls" for linear/knn, "avg" for finetune
                  k: int = 20, T: float = 0.07,  # kNN settings
-                 save: bool = True,  # append the row to `run_dir/results.csv`
+                 which: str = "encoder",  # the run's weights: "encoder" (encoder.pth) or "student" (student.pth)
+                 save: bool = True,  # append the row to `run_dir/results.csv` and keep the per-image outcomes
                  progress: bool = True,
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
                 ) -> dict:  # the results row
-    "Evaluate a run's encoder with one protocol and record the top-1 accuracy in its `results.csv`"
+    "Evaluate a run's encoder with one protocol; record the top-1 accuracy and each validation image's outcome"
     if protocol not in PROTOCOLS: raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {protocol!r}")
+    if which not in RUN_ENCODERS: raise ValueError(f"`which` must be one of {RUN_ENCODERS}, got {which!r}")
     cfg = read_run_config(run_dir)
     if encoder is None:
-        encoder = load_run_encoder(run_dir, num_classes=0, **({} if img_size is None else dict(img_size=img_size)))
+        encoder = load_run_encoder(run_dir, which=which, num_classes=0,
+                                   **({} if img_size is None else dict(img_size=img_size)))
     with_masks = bool(with_masks) and uses_masks(encoder) and getattr(dls, "has_masks", True)
     pool = pool or ("avg" if protocol == "finetune" else "cls")
     fit_kw = {} if epochs is None else dict(epochs=epochs)
     if protocol == "knn":
         if dls.device is not None: encoder.to(dls.device)
-        (ftr, ytr), (fva, yva) = (extract_features(encoder, dl, with_masks, pool, progress)
-                                  for dl in (dls.train, dls.valid))
-        value = knn_accuracy(ftr, ytr, fva, yva, k, T, num_classes=len(dls.vocab))
-    elif protocol == "linear":
-        value = top1(linear_probe(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
-                                  **fit_kw, **kwargs))
+        (ftr, ytr), (fva, label) = (extract_features(encoder, dl, with_masks, pool, progress)
+                                    for dl in (dls.train, dls.valid))
+        pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
     else:
-        value = top1(fine_tune(encoder, dls, pool=pool, with_masks=with_masks, progress=progress, **fit_kw, **kwargs))
-    row = dict(protocol=protocol, fraction=1. if fraction is None else float(fraction), with_masks=with_masks,
-               metric="top1", value=round(value, 4), epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"],
-               method=cfg.get("method", ""), timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    if save: append_result(run_dir, row)
+        fit = partial(linear_probe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
+        pred, label = valid_predictions(fit(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
+                                            **kwargs))
+    value = 100. * (pred == label).float().mean().item()  # top-1, from the very outcomes that are saved
+    frac = 1. if fraction is None else float(fraction)
+    name = predictions_name(protocol, with_masks, frac, which) if save else ""
+    row = dict(protocol=protocol, fraction=frac, with_masks=with_masks, metric="top1", value=round(value, 4),
+               epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"], method=cfg.get("method", ""),
+               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name)
+    if save:
+        save_predictions(Path(run_dir)/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
+                         protocol=protocol, with_masks=with_masks, fraction=frac, which=which, value=value)
+        append_result(run_dir, row)
     return row
+
+# %% ../nbs/30_evaluate.ipynb #ec4a0fcd
+def within_noise(lo: float, hi: float) -> bool:
+    "Whether an interval of a difference holds 0: the difference is within noise"
+    return lo <= 0 <= hi
+
+def hierarchical_bootstrap(correct_a,  # (Sa, N) or (N,) bool: image i right for seed s of variant a
+                           correct_b,  # (Sb, N) or (N,): the same N images for variant b
+                           n_boot: int = 2000,  # bootstrap replicates
+                           seed: int = 0,  # of the resampling: tables are reproducible
+                           level: float = 0.95,  # interval coverage
+                          ) -> tuple[float, float, float]:  # (delta, lo, hi) in accuracy points
+    "Mean accuracy of `a` minus `b` and a percentile interval that resamples seeds (each side), then images (paired)"
+    A, B = (np.atleast_2d(np.asarray(c, dtype=bool)) for c in (correct_a, correct_b))
+    if A.ndim != 2 or A.shape[1] != B.shape[1] or not A.shape[1]:
+        raise ValueError(f"outcomes must be (seeds, N) with the same N > 0 images, got {A.shape} and {B.shape}")
+    if not 0 < level < 1: raise ValueError(f"`level` must be in (0, 1), got {level}")
+    rng, N = np.random.default_rng(seed), A.shape[1]
+    delta = 100. * (A.mean() - B.mean())  # every seed has all N images: the mean over seeds of their accuracies
+    chunk, boots = max(1, 2 ** 22 // (N * (len(A) + len(B)))), []  # bounded memory: ~4M outcomes per step
+    for start in range(0, n_boot, chunk):
+        c = min(chunk, n_boot - start)
+        idx = rng.integers(0, N, (c, N))  # one resample of the images, the same for both sides: paired
+        acc = []
+        for X in (A, B):
+            per_seed = X[:, idx].mean(-1).T  # (c, S) each seed's accuracy on each resample
+            s = rng.integers(0, len(X), (c, len(X))) if len(X) > 1 else np.zeros((c, 1), dtype=int)
+            acc.append(np.take_along_axis(per_seed, s, 1).mean(1))  # the seeds resampled with replacement
+        boots.append(acc[0] - acc[1])
+    lo, hi = np.quantile(np.concatenate(boots), [(1 - level) / 2, (1 + level) / 2])
+    return float(delta), float(100 * lo), float(100 * hi)
+
+def paired_bootstrap(correct_a,  # (N,) bool: image i classified right by a
+                     correct_b,  # (N,) bool, the same images in the same order
+                     n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                    ) -> tuple[float, float, float]:  # (delta, lo, hi) in accuracy points
+    "Accuracy of `a` minus `b` with a paired bootstrap interval: images resampled with replacement, same for both"
+    a, b = np.asarray(correct_a), np.asarray(correct_b)
+    if a.ndim != 1 or a.shape != b.shape: raise ValueError(f"need two (N,) vectors, got {a.shape} and {b.shape}")
+    return hierarchical_bootstrap(a[None], b[None], n_boot, seed, level)
 
 # %% ../nbs/30_evaluate.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
+KINDS = ("random", "baseline", "biased", "distilled")  # a group's order in the tables
+REPLICATE_KEYS = ("seed", "out")  # run configs equal but for these are seeds of one variant
 _SIZES = dict(tiny="Ti", small="S", base="B", large="L", huge="H", giant="g")
 _METHODS = dict(mae="MAE", dino="DINO")
 
@@ -400,8 +535,9 @@ def arch_label(name: str) -> str:
     return f"ViT-{_SIZES.get(m[1], m[1])}/{m[2]}" if m else name
 
 def run_kind(cfg: dict) -> str:
-    "'baseline', 'biased' or 'distilled' (see above)"
+    "'random', 'baseline', 'biased' or 'distilled' (see above)"
     if "teacher" in cfg or "distill" in cfg or "distill" in str(cfg.get("method", "")).lower(): return "distilled"
+    if str(cfg.get("epochs", "")) == "0" or cfg.get("init") == "random": return "random"
     return "baseline" if cfg["model"].get("bias", "learnable") is None else "biased"
 
 def _variant(model_cfg: dict) -> str:
@@ -411,36 +547,51 @@ def _variant(model_cfg: dict) -> str:
     parts += [s.replace("_", " ") for s in ("share_heads", "share_layers") if model_cfg.get(s)]
     return f" [{', '.join(parts)}]" if parts else ""
 
-def _teacher_config(cfg: dict, run_dir: Path) -> dict:
-    "The config of a distilled run's teacher, when `cfg['teacher']` names a run folder (relative to the run or cwd)"
+def _teacher_dir(cfg: dict, run_dir: Path) -> Path | None:
+    "The run folder of a distilled run's teacher, when `cfg['teacher']` names one (relative to the run or cwd)"
     t = cfg.get("teacher")
-    if not isinstance(t, str): return {}
-    for p in (Path(run_dir)/t, Path(t)):
-        if (p/"config.json").is_file(): return read_run_config(p)
-    return {}
+    if not isinstance(t, str): return None
+    return next((p for p in (Path(run_dir)/t, Path(t)) if (p/"config.json").is_file()), None)
+
+def replicate_key(cfg: dict, run_dir: str | Path) -> str:
+    "The config without `REPLICATE_KEYS` (a teacher folder replaced by its own key): equal for the seeds of a variant"
+    c = {k: v for k, v in cfg.items() if k not in REPLICATE_KEYS}
+    if (t := _teacher_dir(cfg, run_dir)) is not None: c["teacher"] = json.loads(replicate_key(read_run_config(t), t))
+    return json.dumps(c, sort_keys=True, default=str)
 
 def load_runs(run_dirs: list) -> list[dict]:
-    "Each run folder's settings and results: run, method, name, variant, arch, epochs, kind, bias, results"
+    "Each run folder's settings and results: run, method, name, variant, arch, epochs, kind, bias, seed, key, results"
     runs = []
     for d in run_dirs:
         cfg = read_run_config(d)
-        kind = run_kind(cfg)
+        kind, key = run_kind(cfg), replicate_key(cfg, d)
         if kind == "distilled":  # compare the student with its teacher's pretraining: method and epochs from there
-            teacher = _teacher_config(cfg, d)
+            t = _teacher_dir(cfg, d)
+            teacher = {} if t is None else read_run_config(t)
             cfg = dict(cfg, **{k: teacher[k] for k in ("method", "epochs") if k in teacher})
         method = re.sub(r"[_+\- ]*distill(ed|ation)?", "", str(cfg.get("method", "?")), flags=re.I).lower() or "?"
         runs.append(dict(run=Path(d), method=method, name=_METHODS.get(method, method), arch=_arch_name(cfg["model"]),
                          epochs=str(cfg.get("epochs", "")), kind=kind, results=read_results(d),
                          variant=_variant(cfg["model"]) if kind == "biased" else "",
-                         bias=cfg["model"].get("bias", "learnable")))
+                         bias=cfg["model"].get("bias", "learnable"), seed=cfg.get("seed"), key=key))
     return runs
 
 # %% ../nbs/30_evaluate.ipynb #91ac143d
-def _latest(results: list[dict], protocol: str, fraction: float, with_masks: bool | None) -> float | None:
-    "Value of the last row for a protocol and fraction (and masks setting, unless None)"
-    vals = [r["value"] for r in results if r["protocol"] == protocol and math.isclose(r["fraction"], fraction)
-            and (with_masks is None or r["with_masks"] == with_masks)]
-    return vals[-1] if vals else None
+class Cell(NamedTuple):
+    "A table cell: accuracy (mean over seeds), its difference to the baseline with an interval, the seeds' spread"
+    value: float  # top-1 (%), the mean over the variant's seeds
+    delta: float | None = None  # value minus the baseline's (points)
+    lo: float | None = None  # the delta's interval (`hierarchical_bootstrap`), None without per-image outcomes
+    hi: float | None = None
+    std: float | None = None  # standard deviation across seeds (ddof 1), None for one seed
+    n: int = 1  # seeds
+
+def _latest(results: list[dict], protocol: str, fraction: float, with_masks: bool | None,
+            which: str = "encoder") -> dict | None:
+    "The last row for a protocol and fraction (and masks setting, unless None) of the `which` weights"
+    rows = [r for r in results if r["protocol"] == protocol and math.isclose(r["fraction"], fraction)
+            and (with_masks is None or r["with_masks"] == with_masks) and r.get("encoder", "encoder") == which]
+    return rows[-1] if rows else None
 
 def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float]]:
     "(title, protocol, fraction) columns: Linear, the paper's 1/10/100% fine-tuning, then kNN and other fractions"
@@ -458,42 +609,77 @@ def _key(run: dict) -> tuple: return run["method"], run["arch"], run["epochs"]
 def _order(run: dict) -> tuple:
     try: ep = float(run["epochs"])
     except ValueError: ep = math.inf
-    return run["method"], run["arch"], ep, ("baseline", "biased", "distilled").index(run["kind"]), str(run["run"])
+    return run["method"], run["arch"], ep, KINDS.index(run["kind"]), str(run["run"])
 
-def _row(run: dict, base: dict | None, with_masks: bool | None, cols: list, **text) -> dict:
-    "A table row: text cells, then (value, difference to `base`) per column"
-    row = dict(text, Arch=arch_label(run["arch"]), Epochs=run["epochs"], run=str(run["run"]))
-    for title, proto, frac in cols:
-        v = _latest(run["results"], proto, frac, with_masks)
-        b = _latest(base["results"], proto, frac, None) if base is not None and base is not run else None
-        row[title] = None if v is None else (v, None if b is None else v - b)
+def variants(runs: list[dict]) -> list[dict]:
+    "Runs (from `load_runs`) grouped by `replicate_key`, in table order: the first run's fields, `members`, `results`"
+    groups = {}
+    for r in sorted(runs, key=_order): groups.setdefault(r.get("key", str(r["run"])), []).append(r)
+    return [dict(ms[0], members=ms, results=[x for m in ms for x in m["results"]]) for ms in groups.values()]
+
+def _outcomes(found: list[tuple[dict, dict]]) -> list[dict] | None:
+    "The per-image outcomes named by each (run, results row), None unless all are there"
+    files = [Path(run["run"])/row["predictions"] if row.get("predictions") else None for run, row in found]
+    return [load_predictions(f) for f in files] if all(f is not None and f.is_file() for f in files) else None
+
+def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: bool | None, which: str) -> Cell | None:
+    "One variant's result in one column, with its difference to `base` and, given per-image outcomes, its interval"
+    found = [(r, row) for r in var.get("members", [var])
+             if (row := _latest(r["results"], proto, frac, with_masks, which))]
+    if not found: return None
+    v = np.array([row["value"] for _, row in found])
+    cell = Cell(float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
+    if base is None or base is var: return cell
+    bfound = [(r, row) for r in base.get("members", [base]) if (row := _latest(r["results"], proto, frac, None))]
+    if not bfound: return cell
+    cell = cell._replace(delta=cell.value - float(np.mean([row["value"] for _, row in bfound])))
+    a, b = _outcomes(found), _outcomes(bfound)
+    if a is None or b is None: return cell  # evaluated before outcomes were kept: no interval
+    try: _, lo, hi = hierarchical_bootstrap(*paired_outcomes(a, b))
+    except ValueError as e:
+        warnings.warn(f"{proto} {frac:g}: no interval for {var['run']} against {base['run']}: {e}")
+        return cell
+    return cell._replace(lo=lo, hi=hi)
+
+def _row(run: dict, base: dict | None, with_masks: bool | None, cols: list, which: str = "encoder", **text) -> dict:
+    "A table row: text cells, then a `Cell` (or None) per column"
+    members = run.get("members", [run])
+    row = dict(text, Arch=arch_label(run["arch"]), Epochs=run["epochs"], run="; ".join(str(m["run"]) for m in members))
+    for title, proto, frac in cols: row[title] = _cell(run, base, proto, frac, with_masks, which)
     return row
 
-def _rows_of(run: dict) -> list[tuple[str, bool | None]]:
-    "(label, with_masks) rows of a run in Table 1: a biased run gets one per masks setting it was evaluated with"
-    ours = f"{run['name']} + our method{run['variant']}"
-    if run["kind"] == "baseline": return [(run["name"], None)]
-    if run["kind"] == "distilled": return [(f"{ours} (distilled)", None)]
-    have = {r["with_masks"] for r in run["results"]} or {True}
-    return [(lbl, w) for lbl, w in ((ours, True), (f"{ours} (no masks)", False)) if w in have]
+def _rows_of(run: dict) -> list[tuple[str, bool | None, str]]:
+    "(label, with_masks, which) rows of a variant in Table 1: a biased one gets one per masks setting evaluated"
+    ours, out = f"{run['name']} + our method{run['variant']}", []
+    whiches = {r.get("encoder", "encoder") for r in run["results"]} | {"encoder"}
+    for which in sorted(whiches, key=lambda w: w != "encoder"):  # the run's own encoder first
+        have = {r["with_masks"] for r in run["results"] if r.get("encoder", "encoder") == which}
+        if which != "encoder" and not have: continue
+        sfx = "" if which == "encoder" else f" ({which})"
+        if run["kind"] == "random": out.append((f"{run['name']} (random init){sfx}", None, which))
+        elif run["kind"] == "baseline": out.append((run["name"] + sfx, None, which))
+        elif run["kind"] == "distilled": out.append((f"{ours} (distilled){sfx}", None, which))
+        else: out += [(lbl + sfx, w, which) for lbl, w in ((ours, True), (f"{ours} (no masks)", False))
+                      if w in (have or {True})]
+    return out
 
 def table1(runs: list[dict],  # from `load_runs`
            protocols: tuple = PROTOCOLS,  # protocols that get columns
-          ) -> tuple[list[str], list[dict]]:  # column titles; rows of {title: text, or (value, diff), or None}
+          ) -> tuple[list[str], list[dict]]:  # column titles; rows of {title: text, or `Cell`, or None}
     "The paper's Table 1: Method, Arch, Epochs, Linear, 1%, 10%, 100%, each with its difference to the baseline"
-    cols = _columns(runs, protocols)
+    cols, vs = _columns(runs, protocols), variants(runs)
     baselines = {}
-    for r in sorted(runs, key=_order):
-        if r["kind"] == "baseline": baselines.setdefault(_key(r), r)  # the first of duplicates
-    rows = [_row(run, baselines.get(_key(run)), wm, cols, Method=label)
-            for run in sorted(runs, key=_order) for label, wm in _rows_of(run)]
+    for v in vs:
+        if v["kind"] == "baseline": baselines.setdefault(_key(v), v)  # the first of several baseline variants
+    rows = [_row(v, None if v["kind"] == "random" else baselines.get(_key(v)), wm, cols, which, Method=label)
+            for v in vs for label, wm, which in _rows_of(v)]
     return ["Method", "Arch", "Epochs"] + [c[0] for c in cols], rows
 
 def table2(runs: list[dict]) -> tuple[list[str], list[dict]]:
     "The post-processing ablation (Table 2): baseline, biased with and without masks, distilled; Linear (and kNN)"
     cols = _columns(runs, ("linear", "knn"))
     groups = {}
-    for r in sorted(runs, key=_order): groups.setdefault(_key(r), []).append(r)
+    for v in variants(runs): groups.setdefault(_key(v), []).append(v)
     rows = []
     for members in groups.values():
         base = next((r for r in members if r["kind"] == "baseline"), None)
@@ -512,11 +698,15 @@ def table2(runs: list[dict]) -> tuple[list[str], list[dict]]:
 
 # %% ../nbs/30_evaluate.ipynb #1d55686a
 def format_cell(cell) -> str:
-    "`77.1 (+3.8)` for a (value, difference) pair, `77.1` without a baseline, `-` when missing"
+    "`46.3 ± 0.4 (+1.3 [-0.8, +3.4], within noise)` for a `Cell`; `77.1 (+3.8)` without interval; `-` when missing"
     if cell is None: return "-"
+    if isinstance(cell, float): return f"{cell:.4g}"
     if not isinstance(cell, tuple): return str(cell)
-    v, d = cell
-    return f"{v:.1f}" if d is None else f"{v:.1f} ({d:+.1f})"
+    c = cell if isinstance(cell, Cell) else Cell(*cell)  # also a plain (value, delta) pair
+    s = f"{c.value:.1f}" + (f" ± {c.std:.1f}" if c.std is not None else "")
+    if c.delta is None: return s
+    if c.lo is None: return f"{s} ({c.delta:+.1f})"
+    return f"{s} ({c.delta:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}]{', within noise' if within_noise(c.lo, c.hi) else ''})"
 
 def to_markdown(columns: list[str], rows: list[dict]) -> str:
     "A Markdown table of formatted cells"
@@ -524,9 +714,11 @@ def to_markdown(columns: list[str], rows: list[dict]) -> str:
     lines += ["| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
+CELL_CSV = ("", " diff", " lo", " hi", " std", " n")  # suffixes of a result column's CSV columns (Cell's fields)
+
 def write_table_csv(columns: list[str], rows: list[dict], fname: str | Path) -> Path:
-    "The table as CSV: the run folder, text columns as they are, each result as `<title>` and `<title> diff`"
-    header = ["run"] + [h for c in columns for h in ([c] if c in TEXT_COLUMNS else [c, f"{c} diff"])]
+    "The table as CSV: the run folder(s), text columns as they are, each result as `<title>`, `<title> diff`, ..."
+    header = ["run"] + [h for c in columns for h in ([c] if c in TEXT_COLUMNS else [c + s for s in CELL_CSV])]
     def _num(x): return "" if x is None else round(x, 4)
     with open(fname, "w", newline="") as fh:
         w = csv.writer(fh); w.writerow(header)
@@ -534,39 +726,158 @@ def write_table_csv(columns: list[str], rows: list[dict], fname: str | Path) -> 
             out = [r.get("run", "")]
             for c in columns:
                 if c in TEXT_COLUMNS: out.append(r.get(c, ""))
-                else: out += [_num(r[c][0]), _num(r[c][1])] if r.get(c) is not None else ["", ""]
+                elif r.get(c) is None: out += [""] * len(CELL_CSV)
+                else:
+                    cell = r[c] if isinstance(r[c], Cell) else Cell(*r[c])
+                    out += [_num(x) for x in cell[:5]] + [cell.n]
             w.writerow(out)
     return Path(fname)
 
 # %% ../nbs/30_evaluate.ipynb #678ad5f3
 def bias_stats(encoder: MaskBiasViT) -> dict[str, np.ndarray]:
-    "Per layer, the mean and standard deviation across heads of the trained `u_pos` and `u_neg` (Fig. 4)"
+    "Per layer, mean and standard deviation across heads of the trained `u_pos`, `u_neg` and `u_pos - u_neg` (Fig. 4)"
     bv = {n: u.double().numpy() for n, u in encoder.bias_values().items()}  # (L, H) each
-    return {f"{n}_{s}": getattr(bv[n], s)(1) for n in ("u_pos", "u_neg") for s in ("mean", "std")}
+    bv["gap"] = bv["u_pos"] - bv["u_neg"]  # per head: how much more a token attends inside its mask than across
+    return {f"{n}_{s}": getattr(bv[n], s)(1) for n in ("u_pos", "u_neg", "gap") for s in ("mean", "std")}
 
 def plot_bias_stats(stats: dict[str, dict[str, np.ndarray]],  # label -> `bias_stats`
                     fname: str | Path | None = None,  # PNG to write
                    ):
-    "Fig. 4: a) mean and b) standard deviation across heads of `u_pos` (solid) and `u_neg` (dashed) per layer"
+    "Fig. 4: a) mean and b) std across heads of `u_pos` (solid), `u_neg` (dashed); c) `u_pos - u_neg`, mean ± std"
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.6))
     for i, (label, s) in enumerate(stats.items()):
         layers = np.arange(1, len(s["u_pos_mean"]) + 1)
         for ax, stat in zip(axs, ("mean", "std")):
             ax.plot(layers, s[f"u_pos_{stat}"], "-o", color=f"C{i}", ms=3, label=f"{label} positive")
             ax.plot(layers, s[f"u_neg_{stat}"], "--s", color=f"C{i}", ms=3, label=f"{label} negative")
-    for ax, t in zip(axs, ("a) mean across heads", "b) standard deviation across heads")):
-        ax.set_title(t); ax.set_xlabel("layer"); ax.grid(alpha=0.3)
-    axs[0].axhline(0, color="k", lw=0.5); axs[0].set_ylabel("attention bias u"); axs[1].legend(fontsize=7)
+        if "gap_mean" in s:  # one shared axis and colour per variant: the panels compare across variants
+            m, sd = s["gap_mean"], s["gap_std"]
+            axs[2].plot(layers, m, "-o", color=f"C{i}", ms=3, label=label)
+            axs[2].fill_between(layers, m - sd, m + sd, color=f"C{i}", alpha=0.2, lw=0)
+    titles = ("a) mean across heads", "b) standard deviation across heads", "c) u_pos - u_neg, mean ± std")
+    for ax, t in zip(axs, titles): ax.set_title(t); ax.set_xlabel("layer"); ax.grid(alpha=0.3)
+    for ax in (axs[0], axs[2]): ax.axhline(0, color="k", lw=0.7, label="_zero")
+    axs[0].set_ylabel("attention bias u"); axs[2].set_ylabel("u_pos - u_neg")
+    axs[1].legend(fontsize=7); axs[2].legend(fontsize=7)
     fig.tight_layout()
     if fname is not None: fig.savefig(fname, dpi=120); plt.close(fig)
     return fig
 
+# %% ../nbs/30_evaluate.ipynb #e84da9d2
+def attention_layers(depth: int,  # blocks of the encoder
+                     layers: list[int] | None = None,  # block indices (negative from the end); default: see below
+                    ) -> list[int]:
+    "Blocks `plot_attention` shows: by default a shallow one (index 1, or 0 for depth <= 2) and the last"
+    layers = [1 if depth > 2 else 0, depth - 1] if layers is None else list(layers)
+    bad = [l for l in layers if not -depth <= l < depth]
+    if bad: raise ValueError(f"`layers` {bad} are not blocks of a {depth}-block encoder")
+    return list(dict.fromkeys(l % depth for l in layers))
+
+def query_token(m,  # (gh * gw,) token labels of one image
+                grid: tuple[int, int],  # (gh, gw)
+               ) -> int:  # patch index, row-major
+    "The token at the centre of the largest labelled region, i.e. of the most frequent nonzero token label"
+    m, (gh, gw) = np.asarray(m).reshape(-1), grid
+    if not (m > 0).any(): return (gh // 2) * gw + gw // 2  # no mask: the centre patch
+    idx = np.flatnonzero(m == np.bincount(m[m > 0]).argmax())  # ties: the smaller label (stores label by size)
+    ys, xs = np.divmod(idx, gw)
+    return int(idx[((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).argmin()])  # inside the region, even if not convex
+
+def _crop_label_map(ds: MaskedImages, i: int) -> np.ndarray | None:
+    "Image `i`'s label map under its (deterministic) crop, one label per crop pixel: (S, S)"
+    H, W = load_image(ds.files[i]).shape[:2]
+    lm, v = ds.label_map(i, (H, W)), ds.views[0]
+    return None if lm is None else token_labels(lm, crop_box(H, W, v), (H, W), v.size).reshape(v.size, v.size)
+
+def _query_attention(encoder: MaskBiasViT, x: torch.Tensor, m: torch.Tensor, q: int, layers: list[int]) -> list:
+    "Per layer, the attention (mean over heads) of patch `q` to the patch tokens: (gh, gw) arrays"
+    gh, gw = encoder.grid_size(x)
+    p = encoder.num_prefix_tokens
+    attn = encoder.attention_maps(x, m)  # per layer (1, heads, T, T)
+    return [attn[l][0].mean(0)[p + q, p:].reshape(gh, gw).float().cpu().numpy() for l in layers]  # CLS excluded
+
+@torch.no_grad()
+def plot_attention(run_dir: str | Path,  # a run folder whose encoder has mask-guided attention bias
+                   data: str | Path,  # its ImageFolder root (`val/<class>/...` images are shown)
+                   store,  # the mask store of `data` (a `MaskStore` or its folder)
+                   n_images: int = 3,  # validation images, spread evenly over the (class-sorted) list
+                   layers: list[int] | None = None,  # blocks to show, see `attention_layers`
+                   query: int | None = None,  # patch index of the query; default: see `query_token`
+                   which: str = "encoder",  # the run's weights, see `load_run_encoder`
+                  ):
+    "Attention of one query patch per image, bias on (`m`) and off (`m` = 0), masks outlined, query starred"
+    import matplotlib.pyplot as plt
+    cfg = read_run_config(run_dir)
+    encoder = load_run_encoder(run_dir, which=which, num_classes=0).eval()
+    device, size = next(encoder.parameters()).device, int(cfg["model"].get("img_size", 224))
+    files, labels, vocab = image_folder(data, "val")
+    ds = MaskedImages(files, data, [eval_view(size)], store, encoder.patch_embed.patch_size[0], labels, vocab)
+    picks = list(dict.fromkeys(np.linspace(0, len(ds) - 1, max(1, min(n_images, len(ds)))).round().astype(int)))
+    layers, depth = attention_layers(len(encoder.blocks), layers), len(encoder.blocks)
+    fig, axs = plt.subplots(len(picks), 1 + 2 * len(layers), figsize=(2.3 * (1 + 2.4 * len(layers)), 2.3 * len(picks)),
+                            squeeze=False, layout="constrained")
+    xy = np.arange(size) + 0.5  # pixel centres, for the contours
+    for k, (row, i) in enumerate(zip(axs, picks)):
+        x, m, y = ds[i]
+        xb = NormalizeCrops()((x[None], m[None]))[0].to(device)  # (1, 3, S, S)
+        gh, gw = encoder.grid_size(xb)
+        q = query_token(m, (gh, gw)) if query is None else int(query)
+        if not 0 <= q < gh * gw: raise ValueError(f"`query` must be a patch index in [0, {gh * gw}), got {q}")
+        on = _query_attention(encoder, xb, m[None].to(device), q, layers)
+        off = _query_attention(encoder, xb, torch.zeros_like(m[None]).to(device), q, layers)
+        lab = _crop_label_map(ds, i)
+        qy, qx = (q // gw + 0.5) * size / gh, (q % gw + 0.5) * size / gw
+        def _decorate(ax, label):
+            ax.set_label(label); ax.set_xticks([]); ax.set_yticks([])
+            for L in ([] if lab is None else np.unique(lab[lab > 0])):  # each mask's outline, once
+                if (lab != L).any(): ax.contour(xy, xy, (lab == L) * 1., levels=[0.5], colors="w", linewidths=0.7)
+            ax.plot(qx, qy, marker="*", color="red", ms=9, mec="k", mew=0.5)
+        row[0].imshow(x.numpy()); _decorate(row[0], f"image {k}")
+        row[0].set_title(f"{vocab[y]} (query {q})", fontsize=8)
+        for j, (l, a_on, a_off) in enumerate(zip(layers, on, off)):
+            vmax = float(max(a_on.max(), a_off.max()))  # one colour scale for the on/off pair
+            for ax, a, state in ((row[1 + 2 * j], a_on, "on"), (row[2 + 2 * j], a_off, "off")):
+                ax.imshow(x.numpy().mean(-1), cmap="gray")
+                im = ax.imshow(a, cmap="inferno", vmin=0, vmax=vmax, alpha=0.7, extent=(0, size, size, 0),
+                               interpolation="nearest")
+                _decorate(ax, f"attention {k} layer {l} {state}")
+                ax.set_title(f"layer {l + 1}/{depth}, bias {state}", fontsize=8)
+            fig.colorbar(im, ax=[row[1 + 2 * j], row[2 + 2 * j]], shrink=0.8)
+    return fig
+
+# %% ../nbs/30_evaluate.ipynb #db87e19e
+DISTILL_COLUMNS = ("Run", "Loss", "λ", "Student init", "Attn gap before", "Attn gap after", "After / before")
+_DISTILL_KEYS = ("run", "loss", "lam", "student_init", "attn_gap_before", "attn_gap_after", "ratio")  # distill.csv
+
+def distill_table(runs: list[dict]) -> tuple[list[str], list[dict]]:
+    "The attention gap of each distilled run before and after distillation (its `distill.json`), and their ratio"
+    rows = []
+    for r in sorted(runs, key=_order):
+        f = Path(r["run"])/"distill.json"
+        if not f.is_file(): continue
+        d = json.loads(f.read_text())
+        before, after = d.get("attn_gap_before"), d.get("attn_gap_after")
+        ratio = after / before if isinstance(before, (int, float)) and before and after is not None else None
+        vals = (Path(r["run"]).name, d.get("loss", ""), d.get("lam"), d.get("student_init", ""), before, after, ratio)
+        rows.append(dict(zip(DISTILL_COLUMNS, [None if v is None else float(v) if isinstance(v, (int, float))
+                                               else v for v in vals]), run=str(r["run"])))
+    return list(DISTILL_COLUMNS), rows
+
+def _write_distill_csv(rows: list[dict], fname: Path) -> Path:
+    with open(fname, "w", newline="") as fh:
+        w = csv.writer(fh); w.writerow(_DISTILL_KEYS)
+        for r in rows: w.writerow([r["run"]] + ["" if r[c] is None else r[c] for c in DISTILL_COLUMNS[1:]])
+    return fname
+
 # %% ../nbs/30_evaluate.ipynb #7f2287b6
 def report(run_dirs: list,  # run folders
-           out: str | Path = "report",  # folder for table1.md/.csv, table2.md/.csv, fig4.png
-          ) -> dict[str, Path]:
-    "Write Table 1 (and Table 2 when it has rows) as Markdown and CSV, and Fig. 4 of the runs with learnable bias"
+           out: str | Path = "report",  # folder for the tables and figures
+           data: str | Path | None = None,  # ImageFolder root of the runs: with `masks`, draws `attention.png`
+           masks=None,  # the mask store of `data` (a `MaskStore` or its folder)
+          ) -> dict[str, Path]:  # file name -> path of each file written
+    "Tables 1-2 (Markdown, CSV), Fig. 4, the attention figure of biased runs and the distillation attention gaps"
+    import matplotlib.pyplot as plt
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
     written = {}
@@ -574,10 +885,21 @@ def report(run_dirs: list,  # run folders
         if not rows: continue
         (out/f"{name}.md").write_text(to_markdown(cols, rows))
         written[f"{name}.md"], written[f"{name}.csv"] = out/f"{name}.md", write_table_csv(cols, rows, out/f"{name}.csv")
-    trained = [r for r in sorted(runs, key=_order) if r["kind"] == "biased" and r["bias"] == "learnable"]
+    trained = [v for v in variants(runs) if v["kind"] == "biased" and v["bias"] == "learnable"]  # no random init
     stats = {f"{r['run'].name}: {r['name']}{r['variant']} {arch_label(r['arch'])} {r['epochs']} ep":
-             bias_stats(load_run_encoder(r["run"])) for r in trained}
+             bias_stats(load_run_encoder(r["run"])) for r in trained}  # the first seed of each variant
     if stats:
         plot_bias_stats(stats, out/"fig4.png")
         written["fig4.png"] = out/"fig4.png"
+    biased = [v for v in variants(runs) if v["kind"] == "biased"]
+    if data is not None and masks is not None:
+        for v in biased:
+            name = "attention.png" if len(biased) == 1 else f"attention-{v['run'].name}.png"
+            fig = plot_attention(v["run"], data, masks)
+            fig.savefig(out/name, dpi=120); plt.close(fig)
+            written[name] = out/name
+    cols, rows = distill_table(runs)
+    if rows:
+        (out/"distill.md").write_text(to_markdown(cols, rows))
+        written["distill.md"], written["distill.csv"] = out/"distill.md", _write_distill_csv(rows, out/"distill.csv")
     return written

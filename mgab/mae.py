@@ -21,10 +21,11 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
 from .core import check_shape
 from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, create_vit
-from .train import SSLSchedule, fit_run, model_loss, ssl_splitter
+from .train import SSLSchedule, fit_run, model_loss, ssl_splitter, write_init_run
 
 # %% auto #0
-__all__ = ['MAE_DEFAULTS', 'sincos_pos_embed', 'random_masking', 'decoder_defaults', 'MAE', 'mae_config', 'pretrain_mae']
+__all__ = ['MAE_DEFAULTS', 'sincos_pos_embed', 'random_masking', 'decoder_defaults', 'MAE', 'mae_config', 'mae_model',
+           'mae_random_init', 'pretrain_mae']
 
 # %% ../nbs/11_mae.ipynb #87beecf2
 def sincos_pos_embed(embed_dim: int,  # a multiple of 4
@@ -263,6 +264,22 @@ def mae_config(config: dict,  # run settings; None values mean "the default"
         if cfg[k] is not None: cfg[k] = str(cfg[k])
     return cfg
 
+# %% ../nbs/11_mae.ipynb #f2c0a003
+def mae_model(cfg: dict,  # resolved by `mae_config`; the decoder's defaults are filled in
+             ) -> MAE:
+    "The MAE of a run, initialised exactly as `pretrain_mae` starts it (seeded by `cfg['seed']`)"
+    set_seed(cfg["seed"])
+    encoder = create_vit(**cfg["model"])
+    cfg.update({k: v for k, v in decoder_defaults(encoder.embed_dim).items() if cfg.get(k) is None})
+    return MAE(encoder, cfg["decoder_embed_dim"], cfg["decoder_depth"], cfg["decoder_num_heads"],
+               mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"], decoder_bias=cfg["decoder_bias"])
+
+def mae_random_init(config: dict,  # the settings of the run to start (see `MAE_DEFAULTS`); needs "out"
+                   ) -> Path:  # the run folder, `epochs: 0`
+    "The random-init floor of an MAE run: its encoder before any training, saved as a run folder"
+    cfg = mae_config(dict(config, epochs=0))
+    return write_init_run(mae_model(cfg).encoder, cfg["out"], cfg)
+
 # %% ../nbs/11_mae.ipynb #2a5c3879
 def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and "data" unless `dls` is given
                  resume: bool = False,  # continue the run in config["out"] from its last checkpoint
@@ -278,9 +295,8 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
         saved = Path(config["out"])/"config.json"
         if saved.is_file(): config = dict(config, warmup_epochs=json.loads(saved.read_text()).get("warmup_epochs"))
     cfg = mae_config(config, world)
-    set_seed(cfg["seed"])
-    encoder = create_vit(**cfg["model"])
-    cfg.update({k: v for k, v in decoder_defaults(encoder.embed_dim).items() if cfg[k] is None})
+    model = mae_model(cfg)
+    encoder = model.encoder
     if dls is None:
         if cfg["data"] is None: raise ValueError("the MAE config needs 'data' (an image folder) when no `dls` is given")
         from mgab.data import pretrain_dls
@@ -290,8 +306,6 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
         make = partial(pretrain_dls, cfg["data"], cfg["masks"], **kw)
         dls = rank0_first(make) if world > 1 else make()  # rank 0 first: it may generate the embedded dataset
     if getattr(dls, "n_inp", 2) != 2: raise ValueError(f"MAE takes batches (x, m) with n_inp=2, got n_inp={dls.n_inp}")
-    model = MAE(encoder, cfg["decoder_embed_dim"], cfg["decoder_depth"], cfg["decoder_num_heads"],
-                mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"], decoder_bias=cfg["decoder_bias"])
     sched = SSLSchedule(cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["weight_decay"], cfg["weight_decay_end"],
                         cfg["bias_lr_mult"])
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,

@@ -19,7 +19,7 @@ from .vit import split_params
 
 # %% auto #0
 __all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'run_encoders', 'RunLogger',
-           'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run']
+           'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -226,3 +226,17 @@ def fit_run(learn: Learner,
     extra = [SSLTarget(), RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
     learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     return learn
+
+# %% ../nbs/09_train.ipynb #f2c0a002
+def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining would start it
+                   run_dir: str | Path,
+                   config: dict,  # the settings of the run it is the start of; recorded with `epochs: 0`
+                  ) -> Path:
+    "A run folder of an untrained encoder (`epochs: 0`, `init: random`): the random-init floor, evaluated as any run"
+    run = Path(run_dir)
+    if _is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
+        config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
+        _atomic_text(json.dumps(config, indent=1), run/"config.json")  # last: a folder with a config is complete
+    return run

@@ -12,9 +12,12 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 
-from mgab.evaluate import (LARS, Classifier, append_result, bias_stats, evaluate_run, extract_features, fine_tune,
-                           knn_accuracy, knn_scores, linear_head, linear_probe, load_runs, lrd_param_groups,
-                           read_results, report, table1, table2, to_markdown, top1, warmup_cosine)
+from mgab.evaluate import (LARS, RESULT_COLUMNS, Cell, Classifier, append_result, bias_stats, evaluate_run,
+                           extract_features, fine_tune, hierarchical_bootstrap, items_digest, knn_accuracy, knn_scores,
+                           linear_head, linear_probe, load_predictions, load_runs, lrd_param_groups, paired_bootstrap,
+                           paired_outcomes, plot_attention, plot_bias_stats, predictions_name, read_results, report,
+                           save_predictions, table1, table2, to_markdown, top1, valid_predictions, warmup_cosine,
+                           within_noise)
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
@@ -382,10 +385,316 @@ def test_read_results_types(tmp_path):
     assert [(r["protocol"], r["fraction"], r["with_masks"], r["value"]) for r in rows] == [
         ("knn", 1.0, False, 12.5), ("finetune", 0.1, True, 50.0)]
     header = (tmp_path/"results.csv").read_text().splitlines()[0]
-    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp"
+    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp,encoder,predictions"
+    assert [(r["encoder"], r["predictions"]) for r in rows] == [("encoder", "")] * 2
 
 
 def test_arch_label_uses_the_runs_patch_size():
     from mgab.evaluate import _arch_name, arch_label
     assert arch_label(_arch_name(dict(name="vit_tiny_patch16_224", patch_size=8))) == "ViT-Ti/8"
     assert arch_label(_arch_name(dict(name="vit_base_patch16_224"))) == "ViT-B/16"
+
+
+# ---------------------------------------------------------------- results files written before `encoder`/`predictions`
+OLD_HEADER = "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp"
+
+
+def test_old_results_file_reads_and_is_upgraded(tmp_path):
+    (tmp_path/"results.csv").write_text(OLD_HEADER + "\r\nlinear,1.0,True,top1,61.5,100,vit_tiny_patch16_224,mae,t\r\n")
+    old = read_results(tmp_path)
+    assert [(r["value"], r["encoder"], r["predictions"]) for r in old] == [(61.5, "encoder", "")]
+    append_result(tmp_path, dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=40.,
+                                 encoder="student", predictions="predictions/knn-nomasks-1-student.npz"))
+    lines = (tmp_path/"results.csv").read_text().splitlines()
+    assert lines[0] == ",".join(RESULT_COLUMNS) and len(lines) == 3
+    rows = read_results(tmp_path)
+    assert [(r["protocol"], r["value"], r["encoder"]) for r in rows] == [("linear", 61.5, "encoder"),
+                                                                        ("knn", 40., "student")]
+    assert rows[1]["predictions"] == "predictions/knn-nomasks-1-student.npz"
+
+
+# ---------------------------------------------------------------- per-image outcomes and pairing
+def make_eval_run(root, name, enc):
+    d = root/name
+    d.mkdir()
+    torch.save(enc.state_dict(), d/"encoder.pth")
+    bias = "learnable" if enc.blocks[0].attn.bias is not None else None
+    (d/"config.json").write_text(json.dumps(dict(method="mae", epochs=2, model=dict(name=ARCH, img_size=32,
+                                                                                    depth=DEPTH, bias=bias))))
+    return d
+
+
+def test_evaluate_run_saves_paired_outcomes(tmp_path):
+    dls = tiny_dls()
+    biased, vanilla = make_eval_run(tmp_path, "ours", biased_encoder()), make_eval_run(tmp_path, "base",
+                                                                                       biased_encoder(bias=None))
+    rows = {}
+    for run in (biased, vanilla):
+        for proto, kw in (("knn", {}), ("linear", dict(precompute=True, epochs=2))):
+            rows[run.name, proto] = evaluate_run(run, dls, proto, progress=False, **kw)
+    r = rows["ours", "linear"]
+    assert r["predictions"] == predictions_name("linear", True, 1., "encoder")
+    assert r["predictions"] == "predictions/linear-masks-1-encoder.npz"
+    assert rows["base", "knn"]["predictions"] == "predictions/knn-nomasks-1-encoder.npz"  # no bias: no masks seen
+    p = load_predictions(biased/r["predictions"])
+    assert p["pred"].shape == (12,) and p["pred"].dtype == np.int64
+    np.testing.assert_array_equal(p["label"], dls.valid.dataset.y.numpy())
+    assert 100 * p["correct"].mean() == pytest.approx(r["value"], abs=1e-3)
+    assert (p["protocol"], p["fraction"], p["which"]) == ("linear", 1.0, "encoder") and p["with_masks"] is True
+    assert read_results(biased)[-1]["predictions"] == r["predictions"]
+    assert not list(biased.glob("predictions/.*tmp"))  # written through a temporary file, which is gone
+    knn = [load_predictions(d/rows[d.name, "knn"]["predictions"]) for d in (biased, vanilla)]
+    a, b = paired_outcomes(knn[:1], knn[1:])
+    assert a.shape == b.shape == (1, 12)
+    # evaluated on other validation images: the digests differ and pairing is refused
+    other = make_eval_run(tmp_path, "other", biased_encoder(bias=None))
+    row = evaluate_run(other, tiny_dls(n_valid=15), "knn", progress=False)
+    with pytest.raises(ValueError, match="different validation images"):
+        paired_outcomes(knn[:1], [load_predictions(other/row["predictions"])])
+    assert evaluate_run(other, dls, "knn", save=False, progress=False)["predictions"] == ""
+    assert len(read_results(other)) == 1
+
+
+def test_valid_predictions_match_top1():
+    dls = tiny_dls()
+    learn = linear_probe(biased_encoder(), dls, epochs=2, progress=False)
+    pred, label = valid_predictions(learn)
+    assert pred.shape == label.shape == (12,)
+    assert 100 * (pred == label).float().mean().item() == pytest.approx(top1(learn))
+
+
+def test_evaluate_run_which_student(tmp_path):
+    dls = tiny_dls()
+    run = make_eval_run(tmp_path, "dino", biased_encoder())
+    with pytest.raises(FileNotFoundError, match="student.pth"):  # forwarded to load_run_encoder
+        evaluate_run(run, dls, "knn", which="student", progress=False)
+    torch.save(biased_encoder(u_pos=0., u_neg=0., seed=3).state_dict(), run/"student.pth")
+    row = evaluate_run(run, dls, "knn", which="student", progress=False)
+    assert row["encoder"] == "student" and row["predictions"] == "predictions/knn-masks-1-student.npz"
+    evaluate_run(run, dls, "knn", progress=False)
+    with pytest.raises(ValueError, match="`which` must be one of"):
+        evaluate_run(run, dls, "knn", which="teacher", progress=False)
+    assert [r["encoder"] for r in read_results(run)] == ["student", "encoder"]
+    labels = [r["Method"] for r in table1(load_runs([run]))[1]]
+    assert labels == ["MAE + our method", "MAE + our method (student)"]
+
+
+def test_items_digest_names_files_relative_to_root(tmp_path):
+    class Files:
+        def __init__(self, root, names): self.root, self.files = root, [root/n for n in names]
+        def __len__(self): return len(self.files)
+    names = ["val/a/0.png", "val/b/1.png"]
+    assert items_digest(Files(tmp_path/"x", names)) == items_digest(Files(tmp_path/"copy", names))
+    assert items_digest(Files(tmp_path/"x", names)) != items_digest(Files(tmp_path/"x", names[::-1]))
+    assert items_digest(Files(tmp_path/"x", names)) != items_digest(Files(tmp_path/"x", names[:1]))
+
+
+# ---------------------------------------------------------------- bootstrap intervals
+def test_paired_bootstrap_constructed_outcomes():
+    rng = np.random.default_rng(0)
+    a = rng.random(500) < 0.7
+    assert paired_bootstrap(a, a) == (0., 0., 0.)
+    b = a.copy()
+    b[np.flatnonzero(a)[:40]] = False  # b misses 40 images that a gets: +8 points exactly
+    d, lo, hi = paired_bootstrap(a, b)
+    assert d == pytest.approx(8.) and lo < 8 < hi and not within_noise(lo, hi)
+    # the difference is 40 one-sided disagreements out of 500: the interval is about +-2.4 points wide, not +-4
+    assert 5 < lo < 7 and 9 < hi < 11
+    assert paired_bootstrap(a, b, seed=1) != (d, lo, hi)  # a different resampling, same point estimate
+    assert paired_bootstrap(a, b, seed=1)[0] == d
+    assert paired_bootstrap(a, b, level=0.5)[1] > lo  # a narrower interval for a lower level
+    d, lo, hi = paired_bootstrap([True, False, True], [False, True, False])  # 3 images
+    assert d == pytest.approx(100 / 3) and within_noise(lo, hi)
+
+
+def test_hierarchical_bootstrap_counts_seeds():
+    rng = np.random.default_rng(1)
+    N = 1000
+    ours = np.stack([rng.random(N) < p for p in (0.6, 0.9)])  # two seeds far apart
+    base = np.stack([rng.random(N) < p for p in (0.7, 0.7)])
+    d, lo, hi = hierarchical_bootstrap(ours, base)
+    assert d == pytest.approx(100 * (ours.mean() - base.mean()))
+    pooled = paired_bootstrap(ours.reshape(-1), base.reshape(-1))  # seeds ignored: all 2000 outcomes as images
+    assert hi - lo > 20 > 10 > pooled[2] - pooled[1]  # the seed spread dominates
+    assert within_noise(lo, hi) and lo < d < hi
+    steady = np.stack([ours[1], ours[1]])  # two identical seeds: no seed noise, the image-level interval
+    assert hierarchical_bootstrap(steady, base[:1]) == pytest.approx(paired_bootstrap(ours[1], base[0]), abs=0.5)
+
+
+# ---------------------------------------------------------------- seeds, random init, distillation gaps
+def make_seed_run(root, name, seed, correct, bias=None, epochs=100, labels=None, **extra):
+    "A run folder of one seed with a linear result and its per-image outcomes written by hand"
+    d = root/name
+    d.mkdir()
+    labels = np.arange(len(correct)) % 4 if labels is None else labels
+    torch.save(create_vit(ARCH, img_size=32, num_classes=0, depth=DEPTH, bias=bias).state_dict(), d/"encoder.pth")
+    (d/"config.json").write_text(json.dumps(dict(method="mae", epochs=epochs, seed=seed, out=str(d), data="x",
+                                                 model=dict(name=ARCH, img_size=32, depth=DEPTH, bias=bias), **extra)))
+    name_ = predictions_name("linear", bias is not None, 1., "encoder")
+    save_predictions(d/name_, np.where(correct, labels, (labels + 1) % 4), labels, "digest-of-val", protocol="linear")
+    append_result(d, dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
+                          value=100 * np.mean(correct), predictions=name_))
+    return d
+
+
+def test_seeds_aggregate_into_one_row_with_a_hierarchical_interval(tmp_path):
+    rng = np.random.default_rng(0)
+    N = 400
+    outs = {k: np.stack([rng.random(N) < p for p in ps]) for k, ps in
+            dict(base=(0.70, 0.72), ours=(0.76, 0.80), lr=(0.5,)).items()}
+    dirs = [make_seed_run(tmp_path, f"base{s}", s, outs["base"][s]) for s in range(2)]
+    dirs += [make_seed_run(tmp_path, f"ours{s}", 10 + s, outs["ours"][s], bias="learnable") for s in range(2)]
+    dirs.append(make_seed_run(tmp_path, "ours_lr", 0, outs["lr"][0], bias="learnable", bias_lr_mult=10))
+    cols, rows = table1(load_runs(dirs))
+    assert [r["Method"] for r in rows] == ["MAE", "MAE + our method", "MAE + our method"]  # other config: own row
+    acc = {k: 100 * v.mean(1) for k, v in outs.items()}
+    base, ours, lr = (r["Linear"] for r in rows)
+    assert base == Cell(pytest.approx(acc["base"].mean()), std=pytest.approx(acc["base"].std(ddof=1)), n=2)
+    assert ours.n == 2 and ours.value == pytest.approx(acc["ours"].mean())
+    assert ours.std == pytest.approx(acc["ours"].std(ddof=1))
+    d, lo, hi = hierarchical_bootstrap(outs["ours"], outs["base"])
+    assert ours.delta == pytest.approx(d, abs=1e-3) and (ours.lo, ours.hi) == pytest.approx((lo, hi))
+    assert lr.n == 1 and lr.std is None  # one seed against the two of the baseline
+    assert (lr.lo, lr.hi) == pytest.approx(hierarchical_bootstrap(outs["lr"], outs["base"])[1:])
+    md = to_markdown(cols, rows).splitlines()
+    assert md[3].startswith(f"| MAE + our method | ViT-Ti/16 | 100 | {ours.value:.1f} ± {ours.std:.1f} "
+                            f"({ours.delta:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    assert md[4].endswith(f"({lr.delta:+.1f} [{lr.lo:+.1f}, {lr.hi:+.1f}]) | - | - | - |")  # clearly worse
+    assert rows[1]["run"] == f"{dirs[2]}; {dirs[3]}"
+    report(dirs, tmp_path/"rep")
+    with open(tmp_path/"rep"/"table1.csv", newline="") as fh: csv_rows = list(csv.DictReader(fh))
+    r = csv_rows[1]
+    assert (float(r["Linear"]), float(r["Linear std"]), int(r["Linear n"])) == pytest.approx(
+        (ours.value, ours.std, 2), abs=1e-4)
+    assert (float(r["Linear diff"]), float(r["Linear lo"]), float(r["Linear hi"])) == pytest.approx(
+        (ours.delta, lo, hi), abs=1e-4)
+    assert csv_rows[0]["Linear lo"] == "" and csv_rows[0]["Linear diff"] == ""
+
+
+def test_unpaired_outcomes_give_no_interval(tmp_path):
+    rng = np.random.default_rng(0)
+    base = make_seed_run(tmp_path, "base", 0, rng.random(100) < 0.5)
+    ours = make_seed_run(tmp_path, "ours", 0, rng.random(100) < 0.6, bias="learnable")
+    f = ours/predictions_name("linear", True)
+    p = load_predictions(f)
+    save_predictions(f, p["pred"], p["label"], "another-val-set")
+    with pytest.warns(UserWarning, match="different validation images"):
+        cell = table1(load_runs([base, ours]))[1][1]["Linear"]
+    assert cell.delta is not None and cell.lo is None  # the difference, but no pretended interval
+
+
+def test_random_init_row_first_and_not_in_fig4(runs, tmp_path):
+    rand = make_run(tmp_path, "rand", "learnable", 0, [("linear", 1, True, 12.5)], init="random")
+    cols, rows = table1(load_runs([runs["ours"], rand, runs["base"]]))
+    md = to_markdown(cols, rows).splitlines()
+    assert md[2] == "| MAE (random init) | ViT-Ti/16 | 0 | 12.5 | - | - | - |"  # first, no difference
+    assert md[3].startswith("| MAE | ViT-Ti/16 | 1600 | 73.3 |")
+    assert md[4].startswith("| MAE + our method | ViT-Ti/16 | 1600 | 77.1 (+3.8) |")  # still against vanilla
+    written = report([rand, runs["base"], runs["ours"]], tmp_path/"rep")
+    assert "fig4.png" in written
+    written = report([rand, runs["base"]], tmp_path/"rep2")
+    assert "fig4.png" not in written  # the random encoder is no trained bias
+
+
+def test_fig4_gap_panel(runs):
+    import matplotlib.pyplot as plt
+    u = runs["u"].double().numpy()  # u_neg = -u / 2: the gap is 1.5 u
+    stats = {"ours": bias_stats(create_vit(ARCH, img_size=32, num_classes=0, depth=DEPTH,
+                                           checkpoint_path=runs["ours"]/"encoder.pth")),
+             "flat": {k: np.zeros(DEPTH) for k in ("u_pos_mean", "u_pos_std", "u_neg_mean", "u_neg_std", "gap_mean",
+                                                    "gap_std")}}
+    np.testing.assert_allclose(stats["ours"]["gap_mean"], 1.5 * u.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(stats["ours"]["gap_std"], 1.5 * u.std(1), rtol=1e-6)
+    fig = plot_bias_stats(stats)
+    assert len(fig.axes) == 3
+    ax = fig.axes[2]
+    lines = {l.get_label(): l for l in ax.lines}
+    np.testing.assert_allclose(lines["ours"].get_ydata(), 1.5 * u.mean(1), rtol=1e-6)
+    np.testing.assert_array_equal(lines["ours"].get_xdata(), np.arange(1, DEPTH + 1))
+    np.testing.assert_array_equal(lines["flat"].get_ydata(), np.zeros(DEPTH))
+    assert lines["ours"].get_color() != lines["flat"].get_color()
+    assert list(lines["_zero"].get_ydata()) == [0, 0]  # the zero line
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # the +-std band of the first variant
+    assert band.max() == pytest.approx((1.5 * (u.mean(1) + u.std(1))).max())
+    assert len(fig.axes[0].lines) == 2 * 2 + 1 and len(fig.axes[1].lines) == 2 * 2  # a) and b) as before
+    plt.close(fig)
+
+
+def test_distill_gaps(runs, tmp_path):
+    dist = make_run(tmp_path, "dist", None, 10, [("linear", 1, False, 75.0)], method="mae_distill",
+                    teacher=str(runs["ours"]))
+    (dist/"distill.json").write_text(json.dumps(dict(attn_gap_before=0.8, attn_gap_after=0.2, loss="kd", lam=0.5,
+                                                     student_init="teacher")))
+    written = report([runs["base"], runs["ours"], dist], tmp_path/"rep")
+    assert {"distill.md", "distill.csv"} <= set(written)
+    md = written["distill.md"].read_text().splitlines()
+    assert md[0] == "| Run | Loss | λ | Student init | Attn gap before | Attn gap after | After / before |"
+    assert md[2] == "| dist | kd | 0.5 | teacher | 0.8 | 0.2 | 0.25 |" and len(md) == 3
+    with open(written["distill.csv"], newline="") as fh: rows = list(csv.DictReader(fh))
+    assert float(rows[0]["ratio"]) == pytest.approx(0.25) and rows[0]["run"] == str(dist)
+    assert "distill.md" not in report([runs["base"], runs["ours"]], tmp_path/"rep2")
+
+
+# ---------------------------------------------------------------- attention figure
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    "A tiny ImageFolder (2 classes, 2 images each per split) of colour blocks, with a superpixel mask store"
+    from PIL import Image
+    from mgab.masks import SuperpixelMasker, make_mask_store
+    root, rng = tmp_path_factory.mktemp("folder"), np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            for i in range(2):
+                blocks = rng.integers(0, 256, (2, 3, 3)).astype(np.uint8)  # 2x3 colour blocks of 20 px
+                img = np.kron(blocks, np.ones((20, 20, 1), np.uint8))
+                (root/split/c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(root/split/c/f"{i}.png")
+    store = make_mask_store(root, tmp_path_factory.mktemp("store")/"masks", SuperpixelMasker("slic", c=5),
+                            progress=False)
+    return root, store
+
+
+def attention_run(root, name, u_pos, u_neg):
+    enc = create_vit(ARCH, img_size=32, patch_size=8, num_classes=0, depth=DEPTH)
+    with torch.no_grad():
+        for blk in enc.blocks: blk.attn.u_pos.fill_(u_pos); blk.attn.u_neg.fill_(u_neg)
+    d = root/name
+    d.mkdir()
+    torch.save(enc.state_dict(), d/"encoder.pth")
+    (d/"config.json").write_text(json.dumps(dict(method="mae", epochs=1, model=dict(
+        name=ARCH, img_size=32, patch_size=8, depth=DEPTH, bias="learnable"))))
+    return d
+
+
+def _maps(fig):
+    return {ax.get_label(): ax.images[-1].get_array() for ax in fig.axes if ax.get_label().startswith("attention")}
+
+
+def test_plot_attention_on_off(folder, tmp_path):
+    import matplotlib.pyplot as plt
+    data, store = folder
+    fig = plot_attention(attention_run(tmp_path, "biased", 3., -2.), data, store, n_images=3)
+    labelled = [ax.get_label() for ax in fig.axes if ax.get_label().startswith(("image", "attention"))]
+    assert len(labelled) == 3 * (1 + 2 * 2)  # per image: the image, then on/off in 2 layers
+    assert len(fig.axes) == len(labelled) + 3 * 2  # one colour bar per on/off pair
+    maps = _maps(fig)
+    assert sorted({k.split()[3] for k in maps}) == ["1", "3"]  # layer index 1 and the last of 4
+    for k in range(3):
+        for l in (1, 3):
+            on, off = maps[f"attention {k} layer {l} on"], maps[f"attention {k} layer {l} off"]
+            assert on.shape == off.shape == (4, 4)  # 32 px / 8 px patches, CLS excluded
+            assert np.all(on >= 0) and on.sum() <= 1 + 1e-5  # one row of a softmax, less the CLS share
+            assert np.abs(on - off).max() > 1e-3  # u != 0: the bias changes the attention
+    ims = [ax for ax in fig.axes if ax.get_label() == "attention 0 layer 1 on"][0].images[-1]
+    twin = [ax for ax in fig.axes if ax.get_label() == "attention 0 layer 1 off"][0].images[-1]
+    assert ims.get_clim() == twin.get_clim()  # one colour scale for the pair
+    assert [ax for ax in fig.axes if ax.get_label() == "image 0"][0].collections  # the masks outlined
+    plt.close(fig)
+    fig = plot_attention(attention_run(tmp_path, "zero", 0., 0.), data, store, n_images=2, layers=[0], query=5)
+    maps = _maps(fig)
+    assert len(maps) == 2 * 2
+    for k in range(2):
+        np.testing.assert_allclose(maps[f"attention {k} layer 0 on"], maps[f"attention {k} layer 0 off"], atol=1e-6)
+    plt.close(fig)
+    written = report([attention_run(tmp_path, "ours", 1., -1.)], tmp_path/"rep", data=data, masks=store)
+    assert written["attention.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
