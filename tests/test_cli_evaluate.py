@@ -122,8 +122,8 @@ def test_report_main(tmp_path, capsys):
     written = report_cli([str(tmp_path/"runs"), "--out", str(tmp_path/"rep")])  # a folder of runs
     assert sorted(written) == ["fig4.png", "table1.csv", "table1.md"]
     out = capsys.readouterr().out
-    cell = f"{o['value']:.1f} ({o['value'] - b['value']:+.1f})"
-    assert f"| MAE + our method | ViT-Ti/16 | 2 | - | - | - | - | {cell} |" in out
+    cell = f"{o['value']:.1f} ({o['value'] - b['value']:+.1f} ["  # then the bootstrap interval
+    assert f"| MAE + our method | ViT-Ti/16 | 2 | - | - | - | - | {cell}" in out
     with open(written["table1.csv"], newline="") as fh: rows = list(csv.DictReader(fh))
     assert [r["Method"] for r in rows] == ["MAE", "MAE + our method"]
     assert float(rows[1]["kNN diff"]) == pytest.approx(o["value"] - b["value"], abs=1e-3)
@@ -158,7 +158,7 @@ def last_row(stdout):
 
 
 def test_mgab_eval_student_entry_point(tmp_path, capsys):
-    "--student evaluates student.pth (not recorded), exit 0 and nothing on stderr; without student.pth, exit 2"
+    "--student evaluates student.pth (recorded as encoder=student), exit 0, stderr empty; without student.pth, exit 2"
     pytest.importorskip("mgab.data")
     data = colour_folder(tmp_path/"data")
     run = make_run(tmp_path/"run", bias=None, method="dino")
@@ -167,9 +167,11 @@ def test_mgab_eval_student_entry_point(tmp_path, capsys):
     common = ["--run", run, "--data", data, "--protocol", "knn", "--bs", "8", "--no-progress"]
     r = entry("mgab-eval", *common, "--student")
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
-    assert float(last_row(r.stdout)["value"]) == 50.0 and not (run/"results.csv").exists()
-    teacher = eval_cli([str(a) for a in common])["value"]  # encoder.pth, in this process: recorded
-    assert teacher > 90 and [x["value"] for x in read_results(run)] == [teacher]
+    student = last_row(r.stdout)
+    assert (float(student["value"]), student["encoder"]) == (50.0, "student")
+    teacher = eval_cli([str(a) for a in common])  # encoder.pth, in this process
+    assert teacher["value"] > 90 and teacher["encoder"] == "encoder"
+    assert [(x["encoder"], x["value"]) for x in read_results(run)] == [("student", 50.0), ("encoder", teacher["value"])]
     (run/"student.pth").unlink()
     r = entry("mgab-eval", *common, "--student")
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr

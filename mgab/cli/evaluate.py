@@ -45,7 +45,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default: mgab.data's)")
     p.add_argument("--student", action="store_true",
                    help="evaluate student.pth, a DINO run's student, instead of encoder.pth (its EMA teacher); the "
-                        "row is printed, not added to results.csv (the tables report encoder.pth)")
+                        "row is recorded with encoder=student")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -56,7 +56,7 @@ def _fail(msg: str, prog: str = "mgab-eval"):
 
 # %% ../../nbs/52_cli_evaluate.ipynb #84487737
 def eval_cli(argv: list[str] | None = None) -> dict:
-    "`mgab-eval` as a function: evaluate, record (unless `--student`) and print the results row; return it"
+    "`mgab-eval` as a function: evaluate, record and print the results row; return it"
     args = _eval_parser().parse_args(argv)
     run = Path(args.run)
     if args.subset_file and args.fraction is None:
@@ -66,11 +66,11 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     try:
         cfg = read_run_config(run)
         img_size = args.img_size or cfg["model"].get("img_size", 224)
+        which = "student" if args.student else "encoder"
         if args.student and not (run/"student.pth").is_file():
             _fail(f"run {str(run)!r} has no student.pth: --student evaluates the student of a DINO run "
                   f"(this run's method: {cfg.get('method', '?')})")
-        encoder = load_run_encoder(run, which="student" if args.student else "encoder", num_classes=0,
-                                   img_size=img_size)
+        encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
     except (FileNotFoundError, ValueError) as e: _fail(str(e))
     masks = None
     if uses_masks(encoder) and not args.no_masks:
@@ -96,7 +96,7 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     if args.protocol == "finetune": kw.update(layer_decay=args.layer_decay, drop_path=args.drop_path)
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
-                       epochs=args.epochs, pool=args.pool, save=not args.student, progress=not args.no_progress, **kw)
+                       epochs=args.epochs, pool=args.pool, which=which, progress=not args.no_progress, **kw)
     print(",".join(RESULT_COLUMNS))
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
