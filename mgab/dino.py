@@ -308,6 +308,10 @@ class DINO(Callback):
         self.teacher.load_state_dict(state["teacher"])
         self.dino_loss.center = state["center"].to(self.dino_loss.center.device)
 
+    def export_encoders(self) -> dict[str, nn.Module]:
+        "What the run folder saves (`mgab.train.run_encoders`): the EMA teacher's encoder and the student's"
+        return dict(encoder=self.teacher.encoder, student=self.student.encoder)
+
 # %% ../nbs/10_dino.ipynb #9cd0c77e
 DINO_DEFAULTS = dict(
     method="dino", data="embedded", masks=None, arch="vit_small_patch16_224", global_size=224, local_size=96,

@@ -18,8 +18,8 @@ from fastai.torch_core import rank_distrib, find_bs
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'RunLogger', 'rng_state',
-           'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run', 'write_init_run']
+__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'run_encoders', 'RunLogger',
+           'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -96,6 +96,13 @@ def _atomic_text(text: str, path: Path):
 
 def _is_main() -> bool: return rank_distrib() == 0
 
+# %% ../nbs/09_train.ipynb #87ee44fb
+def run_encoders(learn: Learner) -> dict[str, nn.Module]:
+    "The encoders a run folder saves, by file stem: a callback's `export_encoders()`, else `{'encoder': ...}`"
+    for cb in learn.cbs:
+        if hasattr(type(cb), "export_encoders"): return cb.export_encoders()  # not fastai's forwarding to learn.model
+    return {"encoder": encoder_of(learn.model)}
+
 # %% ../nbs/09_train.ipynb #abbf2166
 class RunLogger(Callback):
     "After every epoch, write `metrics.csv`/`metrics.json` and `bias_history.json`; callbacks add `learn.run_metrics`"
@@ -122,7 +129,7 @@ class RunLogger(Callback):
         row = dict(epoch=self.epoch, train_loss=self.tot / n, lr=float(self.opt.hypers[0]["lr"]),
                    time_s=round(time.time() - self.t0, 2))
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
-        enc = encoder_of(self.learn.model)
+        enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
         if hasattr(enc, "bias_values"):
             u = enc.bias_values()
             row.update(u_pos_mean=float(u["u_pos"].mean()), u_neg_mean=float(u["u_neg"].mean()))
@@ -153,7 +160,7 @@ def set_rng_state(s: dict, learn: Learner | None = None):
 
 # %% ../nbs/09_train.ipynb #5f70c2f5
 class RunCheckpoint(Callback):
-    "Save `checkpoints/last.pth` and `encoder.pth` after every epoch; restore a saved state at `before_fit`"
+    "Save `checkpoints/last.pth` and `run_encoders` (`encoder.pth`, ...) every epoch; restore a state at `before_fit`"
     order = 99  # after the logger: the saved state includes this epoch's logs
     def __init__(self, run_dir: str | Path, resume_state: dict | None = None):
         self.run, self.resume_state = Path(run_dir), resume_state
@@ -178,7 +185,7 @@ class RunCheckpoint(Callback):
         state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rng_state(self.learn),
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
         _atomic_save(state, self.run/"checkpoints"/"last.pth")
-        _atomic_save(encoder_of(model).state_dict(), self.run/"encoder.pth")
+        for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
 
 # %% ../nbs/09_train.ipynb #ccf36fc6
 class SkipValidation(Callback):

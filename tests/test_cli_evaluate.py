@@ -1,18 +1,22 @@
 "mgab-eval and mgab-report on hand-made run folders; the parts that need mgab.data / mgab.masks skip without them."
 import csv
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 
-from mgab.cli.evaluate import eval_main, report_main
+from mgab.cli.evaluate import eval_cli, eval_main, report_cli, report_main
 from mgab.evaluate import RESULT_COLUMNS, evaluate_run, read_results
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,9 +55,13 @@ def make_run(d, bias="learnable", method="mae", epochs=2):
     return d
 
 
-def exits_with(argv_fn, contains):
+def exits_with(argv_fn, contains, capsys, one_line=True):
+    "The command stops with exit status 2 and a message (one line unless argparse adds its usage) on stderr"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e: argv_fn()
-    assert contains in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and contains in err, err
+    if one_line: assert err.count("\n") == 1, err
 
 
 def test_evaluate_run_all_protocols_append_rows(tmp_path):
@@ -83,16 +91,19 @@ def test_evaluate_run_masks_setting_recorded_truthfully(tmp_path):
     assert row["with_masks"] is True and len(read_results(biased)) == 1
 
 
-def test_eval_main_errors_before_data(tmp_path):
+def test_eval_main_errors_before_data(tmp_path, capsys):
     run = make_run(tmp_path/"run")
-    exits_with(lambda: eval_main(["--run", str(tmp_path/"missing"), "--protocol", "knn"]), "config.json")
+    exits_with(lambda: eval_main(["--run", str(tmp_path/"missing"), "--protocol", "knn"]), "config.json", capsys)
     (tmp_path/"noenc").mkdir(); (tmp_path/"noenc"/"config.json").write_text((run/"config.json").read_text())
-    exits_with(lambda: eval_main(["--run", str(tmp_path/"noenc"), "--protocol", "knn"]), "encoder.pth")
-    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn"]), "--masks STORE")
+    exits_with(lambda: eval_main(["--run", str(tmp_path/"noenc"), "--protocol", "knn"]), "encoder.pth", capsys)
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn"]), "--masks STORE", capsys)
     exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn", "--masks", str(tmp_path/"x")]),
-               "does not exist")
-    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "linear", "--fraction", "2"]), "(0, 1]")
-    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "svm"]), "2")  # argparse: invalid choice
+               "does not exist", capsys)
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "linear", "--fraction", "2"]), "(0, 1]", capsys)
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn", "--student"]),
+               "has no student.pth: --student evaluates the student of a DINO run (this run's method: mae)", capsys)
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "svm"]), "invalid choice: 'svm'", capsys,
+               one_line=False)  # argparse prints its usage too
 
 
 def test_eval_help(capsys, monkeypatch):
@@ -100,6 +111,7 @@ def test_eval_help(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e: eval_main()
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--protocol {linear,knn,finetune}" in out and "--no-masks" in out
+    assert "--student" in out and "student.pth" in out
 
 
 def test_report_main(tmp_path, capsys):
@@ -107,15 +119,71 @@ def test_report_main(tmp_path, capsys):
     dls = tiny_dls()
     b = evaluate_run(base, dls, "knn", progress=False)
     o = evaluate_run(ours, dls, "knn", progress=False)
-    written = report_main([str(tmp_path/"runs"), "--out", str(tmp_path/"rep")])  # a folder of runs
+    written = report_cli([str(tmp_path/"runs"), "--out", str(tmp_path/"rep")])  # a folder of runs
     assert sorted(written) == ["fig4.png", "table1.csv", "table1.md"]
     out = capsys.readouterr().out
-    cell = f"{o['value']:.1f} ({o['value'] - b['value']:+.1f})"
-    assert f"| MAE + our method | ViT-Ti/16 | 2 | - | - | - | - | {cell} |" in out
+    cell = f"{o['value']:.1f} ({o['value'] - b['value']:+.1f} ["  # then the bootstrap interval
+    assert f"| MAE + our method | ViT-Ti/16 | 2 | - | - | - | - | {cell}" in out
     with open(written["table1.csv"], newline="") as fh: rows = list(csv.DictReader(fh))
     assert [r["Method"] for r in rows] == ["MAE", "MAE + our method"]
     assert float(rows[1]["kNN diff"]) == pytest.approx(o["value"] - b["value"], abs=1e-3)
-    exits_with(lambda: report_main([str(tmp_path/"nothing")]), "not a run folder")
+    exits_with(lambda: report_main([str(tmp_path/"nothing")]), "not a run folder", capsys)
+
+
+# ---------------------------------------------------------------- the installed commands, as a user runs them
+def entry(*argv):
+    "Run an installed console script on this checkout's code"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def colour_folder(root, n=6):
+    "An ImageFolder (train/, val/) of `n` noisy red (class a) and blue (class b) 32x32 images per split"
+    from PIL import Image
+    import numpy as np
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in enumerate(((220, 40, 40), (40, 40, 220))):
+            (root/split/"ab"[c]).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + g.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root/split/"ab"[c]/f"{i}.png")
+    return root
+
+
+def last_row(stdout):
+    lines = stdout.splitlines()
+    assert lines[-2] == ",".join(RESULT_COLUMNS), stdout
+    return dict(zip(RESULT_COLUMNS, lines[-1].split(",")))
+
+
+def test_mgab_eval_student_entry_point(tmp_path, capsys):
+    "--student evaluates student.pth (recorded as encoder=student), exit 0, stderr empty; without student.pth, exit 2"
+    pytest.importorskip("mgab.data")
+    data = colour_folder(tmp_path/"data")
+    run = make_run(tmp_path/"run", bias=None, method="dino")
+    zero = {k: torch.zeros_like(v) for k, v in torch.load(run/"encoder.pth", weights_only=True).items()}
+    torch.save(zero, run/"student.pth")  # a collapsed student: all features equal, kNN at chance
+    common = ["--run", run, "--data", data, "--protocol", "knn", "--bs", "8", "--no-progress"]
+    r = entry("mgab-eval", *common, "--student")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    student = last_row(r.stdout)
+    assert (float(student["value"]), student["encoder"]) == (50.0, "student")
+    teacher = eval_cli([str(a) for a in common])  # encoder.pth, in this process
+    assert teacher["value"] > 90 and teacher["encoder"] == "encoder"
+    assert [(x["encoder"], x["value"]) for x in read_results(run)] == [("student", 50.0), ("encoder", teacher["value"])]
+    (run/"student.pth").unlink()
+    r = entry("mgab-eval", *common, "--student")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"mgab-eval: error: run {str(run)!r} has no student.pth: --student evaluates")
+
+
+def test_mgab_report_entry_point(tmp_path):
+    run = make_run(tmp_path/"run")
+    evaluate_run(run, tiny_dls(), "knn", progress=False)
+    r = entry("mgab-report", run, "--out", tmp_path/"rep")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert "| MAE + our method | ViT-Ti/16 | 2 |" in r.stdout and (tmp_path/"rep"/"fig4.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------- the loaders mgab-eval asks mgab.data for
@@ -149,16 +217,16 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
     calls, root = fake_data
     run = make_run(tmp_path/"run")
     (tmp_path/"store").mkdir()
-    knn = eval_main(["--run", str(run), "--masks", str(tmp_path/"store"), "--protocol", "knn", "--bs", "8",
+    knn = eval_cli(["--run", str(run), "--masks", str(tmp_path/"store"), "--protocol", "knn", "--bs", "8",
                      "--no-progress"])
     assert calls[-1]["path"] == root and calls[-1]["masks"].root == str(tmp_path/"store")
     c = calls[-1]
     assert (c["augment"], c["img_size"], c["patch_size"], c["bs"]) == ("none", 32, 16, 8)  # img_size from config
     assert knn["with_masks"] is True
-    lin = eval_main(["--run", str(run), "--data", str(root), "--no-masks", "--protocol", "linear", "--augment", "none",
+    lin = eval_cli(["--run", str(run), "--data", str(root), "--no-masks", "--protocol", "linear", "--augment", "none",
                      "--epochs", "1", "--bs", "8", "--no-progress"])
     assert calls[-1]["masks"] is None and calls[-1]["augment"] == "none" and lin["with_masks"] is False
-    ft = eval_main(["--run", str(run), "--no-masks", "--protocol", "finetune", "--fraction", "0.1", "--seed", "3",
+    ft = eval_cli(["--run", str(run), "--no-masks", "--protocol", "finetune", "--fraction", "0.1", "--seed", "3",
                     "--epochs", "1", "--img-size", "48", "--bs", "8", "--no-progress"])
     assert (calls[-1]["augment"], calls[-1]["fraction"], calls[-1]["seed"], calls[-1]["img_size"]) == (
         "finetune", 0.1, 3, 48)
@@ -179,8 +247,8 @@ def embedded():
 def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
     run = make_run(tmp_path/"run")
     common = ["--run", str(run), "--data", str(embedded), "--img-size", "32", "--bs", "16", "--no-progress"]
-    knn = eval_main(common + ["--no-masks", "--protocol", "knn"])
-    lin = eval_main(common + ["--no-masks", "--protocol", "linear", "--augment", "none", "--epochs", "2"])
+    knn = eval_cli(common + ["--no-masks", "--protocol", "knn"])
+    lin = eval_cli(common + ["--no-masks", "--protocol", "linear", "--augment", "none", "--epochs", "2"])
     assert knn["with_masks"] is False and lin["with_masks"] is False
     assert all(0 <= r["value"] <= 100 and r["value"] == r["value"] for r in (knn, lin))
     out = capsys.readouterr().out.splitlines()
@@ -192,6 +260,6 @@ def test_eval_main_embedded_with_masks(tmp_path, embedded):
     masks = pytest.importorskip("mgab.masks")
     masks.make_mask_store(embedded, tmp_path/"store", masks.SuperpixelMasker("slic", c=5), progress=False)
     run = make_run(tmp_path/"run")
-    row = eval_main(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
+    row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
                      "--img-size", "32", "--bs", "16", "--no-progress"])
     assert row["with_masks"] is True and 0 <= row["value"] <= 100

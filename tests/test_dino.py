@@ -339,6 +339,17 @@ def test_bf16_autocast_path():
 
 
 # --- runs ---
+def _encoder_part(sd):
+    "The encoder's entries of a `DINOStudent` state dict, named as in the encoder's own"
+    return {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+
+def _assert_same(got, want):
+    assert got.keys() == want.keys()
+    for k, v in want.items(): assert torch.equal(got[k].cpu(), v.cpu()), k
+
+def _differs(a, b): return [k for k in a if not torch.equal(a[k].cpu(), b[k].cpu())]
+
+
 def test_pretrain_dino_short_run_loss_falls_no_collapse(tmp_path, capsys):
     c = tiny_config(epochs=6, bs=16, out=str(tmp_path/"run"))
     set_seed(0)
@@ -354,11 +365,11 @@ def test_pretrain_dino_short_run_loss_falls_no_collapse(tmp_path, capsys):
     assert (run/"metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
     cfg = json.loads((run/"config.json").read_text())
     assert cfg["method"] == "dino" and cfg["model"]["dynamic_img_size"] and cfg["out_dim"] == 64
-    enc = load_run_encoder(run)  # the run folder contract: encoder.pth + config.json
     state = torch.load(run/"checkpoints"/"last.pth", weights_only=False)
-    own = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    for k, v in enc.state_dict().items(): torch.testing.assert_close(v, own[k])
     assert set(state["callbacks"]["DINO"]) == {"teacher", "center"}
+    teacher, student = (_encoder_part(sd) for sd in (state["callbacks"]["DINO"]["teacher"], state["model"]))
+    _assert_same(load_run_encoder(run).state_dict(), teacher)  # the run folder contract: config.json + encoder.pth
+    _assert_same(load_run_encoder(run, which="student").state_dict(), student)
     assert len(json.loads((run/"bias_history.json").read_text())) == 6
 
 
@@ -388,13 +399,24 @@ class KillAfter(Callback):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
+    learners = {}
     def run(name, resume=False, cbs=()):
         learn, c = tiny_learner(n=24)
         with learn.no_bar(), learn.no_logging(): fit_run(learn, 3, tmp_path/name, c, resume=resume, cbs=list(cbs))
+        learners[name] = learn
         return json.loads((tmp_path/name/"metrics.json").read_text())
     a = run("a")
     assert len(run("b", cbs=[KillAfter(1)])) == 2
     b = run("b", resume=True)
+    saved = {r: {w: torch.load(tmp_path/r/f"{w}.pth", weights_only=True) for w in ("encoder", "student")} for r in "ab"}
+    for w in ("encoder", "student"): _assert_same(saved["b"][w], saved["a"][w])  # resumed == uninterrupted
+    learn = learners["a"]  # encoder.pth: the EMA teacher's encoder; student.pth: the student's
+    _assert_same(saved["a"]["encoder"], learn.dino.teacher.encoder.state_dict())
+    _assert_same(saved["a"]["student"], learn.model.encoder.state_dict())
+    assert "blocks.0.attn.qkv.weight" in _differs(saved["a"]["encoder"], saved["a"]["student"])
+    u_mean = {who: float(enc.bias_values()["u_pos"].mean()) for who, enc in (("teacher", learn.dino.teacher.encoder),
+                                                                              ("student", learn.model.encoder))}
+    assert a[2]["u_pos_mean"] == u_mean["teacher"] != u_mean["student"]  # logs and Fig. 4 follow encoder.pth
     assert [r["epoch"] for r in b] == [0, 1, 2]
     for k in ("train_loss", "teacher_entropy", "kl", "teacher_std", "u_pos_mean"): assert a[2][k] == b[2][k], k
     sa, sb = (torch.load(tmp_path/r/"checkpoints"/"last.pth", weights_only=False)["callbacks"]["DINO"] for r in "ab")
@@ -450,6 +472,44 @@ class QuadrantStore:
         lm = np.ones((h, w), np.uint8)
         lm[:h // 2, w // 2:], lm[h // 2:, :w // 2], lm[h // 2:, w // 2:] = 2, 3, 4
         return lm
+
+
+def tiny_image_folder(root, n=8, size=40):
+    "An ImageFolder of `n` images per class and split: red discs (class a) and blue squares (class b) on noise"
+    from PIL import Image
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for split in ("train", "val"):
+        for c, (colour, shape) in enumerate((((230, 30, 30), "disc"), ((30, 30, 230), "square"))):
+            (root/split/"ab"[c]).mkdir(parents=True)
+            for i in range(n):
+                img = g.integers(0, 90, (size, size, 3)).astype(np.uint8)
+                cy, cx, r = *g.integers(12, size - 12, 2), g.integers(6, 11)
+                inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2) if shape == "disc" else (
+                    (abs(yy - cy) < r) & (abs(xx - cx) < r))
+                img[inside] = colour
+                Image.fromarray(img).save(root/split/"ab"[c]/f"{i}.png")
+    return root
+
+
+def test_dino_run_folder_holds_teacher_and_student(tmp_path):
+    "`pretrain_dino` on an ImageFolder: encoder.pth is the EMA teacher's encoder, student.pth the student's"
+    pytest.importorskip("mgab.data")
+    data = tiny_image_folder(tmp_path/"data")
+    c = dict(data=str(data), masks=None, out=str(tmp_path/"run"), epochs=2, bs=8, lr=5e-4, warmup_epochs=1,
+             out_dim=32, head_hidden_dim=64, head_bottleneck_dim=16, global_size=32, local_size=16, n_local=2,
+             momentum_teacher=0.99, num_workers=0, model=MODEL, progress=False)
+    run = pretrain_dino(c)
+    state = torch.load(run/"checkpoints"/"last.pth", weights_only=False)
+    assert state["epoch"] == 1
+    teacher, student = (_encoder_part(sd) for sd in (state["callbacks"]["DINO"]["teacher"], state["model"]))
+    _assert_same(torch.load(run/"encoder.pth", weights_only=True), teacher)
+    _assert_same(torch.load(run/"student.pth", weights_only=True), student)
+    assert len(_differs(teacher, student)) > len(teacher) // 2  # the EMA lags the student in most tensors
+    _assert_same(load_run_encoder(run).state_dict(), teacher)
+    _assert_same(load_run_encoder(run, which="student").state_dict(), student)
+    history = json.loads((run/"bias_history.json").read_text())
+    assert history[-1]["u_pos"] == load_run_encoder(run).bias_values()["u_pos"].tolist()  # Fig. 4's teacher
 
 
 @pytest.mark.slow

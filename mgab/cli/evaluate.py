@@ -6,13 +6,15 @@ Docs: https://mgab-dev.github.io/mgab/cli_evaluate.html.md"""
 
 # %% ../../nbs/52_cli_evaluate.ipynb #79239165
 from __future__ import annotations
-import argparse, sys
+import argparse, sys, warnings
 from pathlib import Path
-from ..vit import load_run_encoder
-from ..evaluate import PROTOCOLS, RESULT_COLUMNS, evaluate_run, read_run_config, report, uses_masks
+with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    from mgab.vit import load_run_encoder
+    from mgab.evaluate import PROTOCOLS, RESULT_COLUMNS, evaluate_run, read_run_config, report, uses_masks
 
 # %% auto #0
-__all__ = ['eval_main', 'find_runs', 'report_main']
+__all__ = ['eval_cli', 'eval_main', 'find_runs', 'report_cli', 'report_main']
 
 # %% ../../nbs/52_cli_evaluate.ipynb #e7ccc953
 def _eval_parser() -> argparse.ArgumentParser:
@@ -41,14 +43,20 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.07, help="kNN temperature (default: 0.07)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label subset")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default: mgab.data's)")
+    p.add_argument("--student", action="store_true",
+                   help="evaluate student.pth, a DINO run's student, instead of encoder.pth (its EMA teacher); the "
+                        "row is recorded with encoder=student")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
-def _fail(msg: str): raise SystemExit(f"mgab-eval: {msg}")
+def _fail(msg: str, prog: str = "mgab-eval"):
+    "Stop the command as argparse does for bad input: one line on stderr, exit status 2"
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 # %% ../../nbs/52_cli_evaluate.ipynb #84487737
-def eval_main(argv: list[str] | None = None) -> dict:
-    "Entry point of `mgab-eval`; returns the results row it appended"
+def eval_cli(argv: list[str] | None = None) -> dict:
+    "`mgab-eval` as a function: evaluate, record and print the results row; return it"
     args = _eval_parser().parse_args(argv)
     run = Path(args.run)
     if args.subset_file and args.fraction is None:
@@ -58,7 +66,11 @@ def eval_main(argv: list[str] | None = None) -> dict:
     try:
         cfg = read_run_config(run)
         img_size = args.img_size or cfg["model"].get("img_size", 224)
-        encoder = load_run_encoder(run, num_classes=0, img_size=img_size)
+        which = "student" if args.student else "encoder"
+        if args.student and not (run/"student.pth").is_file():
+            _fail(f"run {str(run)!r} has no student.pth: --student evaluates the student of a DINO run "
+                  f"(this run's method: {cfg.get('method', '?')})")
+        encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
     except (FileNotFoundError, ValueError) as e: _fail(str(e))
     masks = None
     if uses_masks(encoder) and not args.no_masks:
@@ -84,10 +96,15 @@ def eval_main(argv: list[str] | None = None) -> dict:
     if args.protocol == "finetune": kw.update(layer_decay=args.layer_decay, drop_path=args.drop_path)
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
-                       epochs=args.epochs, pool=args.pool, progress=not args.no_progress, **kw)
+                       epochs=args.epochs, pool=args.pool, which=which, progress=not args.no_progress, **kw)
     print(",".join(RESULT_COLUMNS))
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
+
+def eval_main(argv: list[str] | None = None) -> int:
+    "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message)"
+    eval_cli(argv)
+    return 0
 
 # %% ../../nbs/52_cli_evaluate.ipynb #38328053
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -96,11 +113,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if (p/"config.json").is_file(): runs.append(p)
         elif p.is_dir() and (subs := sorted(d for d in p.iterdir() if (d/"config.json").is_file())): runs += subs
-        else: raise SystemExit(f"mgab-report: {str(p)!r} is not a run folder (no config.json) nor a folder of runs")
+        else: _fail(f"{str(p)!r} is not a run folder (no config.json) nor a folder of runs", "mgab-report")
     return runs
 
-def report_main(argv: list[str] | None = None) -> dict[str, Path]:
-    "Entry point of `mgab-report`; returns the files it wrote"
+def report_cli(argv: list[str] | None = None) -> dict[str, Path]:
+    "`mgab-report` as a function: write and print the tables and Fig. 4; return the files it wrote"
     p = argparse.ArgumentParser("mgab-report", description="Table 1, Table 2 and Fig. 4 of the paper from run folders")
     p.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
     p.add_argument("--out", default="report", help="output folder (default: report)")
@@ -110,3 +127,8 @@ def report_main(argv: list[str] | None = None) -> dict[str, Path]:
         if name in written: print(written[name].read_text())
     print("wrote " + ", ".join(str(f) for f in written.values()))
     return written
+
+def report_main(argv: list[str] | None = None) -> int:
+    "Entry point of `mgab-report`: exit status 0 (bad input exits 2 with a one-line message)"
+    report_cli(argv)
+    return 0
