@@ -60,6 +60,7 @@ class SSLSchedule(Callback):
         total = self.n_epoch * self.n_per_epoch
         self.lrs = cosine_schedule(self.lr, self.min_lr, total, int(self.warmup_epochs * self.n_per_epoch))
         self.wds = cosine_schedule(self.wd, self.wd_end, total)
+        self.travel = np.cumsum(self.lrs)
         decay, _, bias = (set(map(id, g)) for g in split_params(getattr(self.learn.model, "module", self.learn.model)))
         self.kinds = ["bias" if id(pl[0]) in bias else "decay" if id(pl[0]) in decay else "no_decay"
                       for pl in self.opt.param_lists]
@@ -70,6 +71,9 @@ class SSLSchedule(Callback):
         self.learn.sched_iter = it  # other callbacks (DINO's teacher momentum) follow the same clock
         lr, wd = float(self.lrs[it]), float(self.wds[it])
         self.opt.set_hyper("lr", [lr * self.bias_lr_mult if k == "bias" else lr for k in self.kinds])
+        if "bias" in self.kinds:  # AdamW moves a parameter by at most ~lr per step: the farthest u can have gone
+            self.learn.run_metrics = getattr(self.learn, "run_metrics", {})
+            self.learn.run_metrics["u_travel"] = float(self.travel[it]) * self.bias_lr_mult
         self.opt.set_hyper("wd", [wd if k == "decay" else 0. for k in self.kinds])
 
 # %% ../nbs/09_train.ipynb #a31bf294
@@ -221,6 +225,8 @@ def fit_run(learn: Learner,
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
         _atomic_text(json.dumps(config, indent=1), cfg_file)
+    if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
+        learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     ckpt_cb = RunCheckpoint(run, state)
     ckpt_cb._start = start
     extra = [SSLTarget(), RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
