@@ -777,10 +777,10 @@ def attention_layers(depth: int,  # blocks of the encoder
 def query_token(m,  # (gh * gw,) token labels of one image
                 grid: tuple[int, int],  # (gh, gw)
                ) -> int:  # patch index, row-major
-    "The token at the centre of the largest labelled region, i.e. of the most frequent nonzero token label"
+    "The token at the centre of the most confident mask present (the smallest label: label 1 is SAM's most confident)"
     m, (gh, gw) = np.asarray(m).reshape(-1), grid
     if not (m > 0).any(): return (gh // 2) * gw + gw // 2  # no mask: the centre patch
-    idx = np.flatnonzero(m == np.bincount(m[m > 0]).argmax())  # ties: the smaller label (stores label by size)
+    idx = np.flatnonzero(m == m[m > 0].min())
     ys, xs = np.divmod(idx, gw)
     return int(idx[((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).argmin()])  # inside the region, even if not convex
 
