@@ -18,8 +18,8 @@ from fastai.torch_core import rank_distrib, find_bs
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'RunLogger', 'rng_state',
-           'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run']
+__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'atomic_text', 'RunLogger',
+           'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -89,7 +89,8 @@ def _atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
 
-def _atomic_text(text: str, path: Path):
+def atomic_text(text: str, path: Path):
+    "Write `text` to `path` through a temporary file, so that readers never see a partial file"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -130,8 +131,8 @@ class RunLogger(Callback):
             self.history.append(dict(epoch=self.epoch, u_pos=u["u_pos"].tolist(), u_neg=u["u_neg"].tolist()))
         self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
         if not _is_main(): return
-        _atomic_text(json.dumps(self.rows, indent=1), self.run/"metrics.json")
-        _atomic_text(json.dumps(self.history), self.run/"bias_history.json")
+        atomic_text(json.dumps(self.rows, indent=1), self.run/"metrics.json")
+        atomic_text(json.dumps(self.history), self.run/"bias_history.json")
         cols = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.run/"metrics.csv.tmp", "w", newline="") as f:
             w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
@@ -213,7 +214,7 @@ def fit_run(learn: Learner,
         raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
-        _atomic_text(json.dumps(config, indent=1), cfg_file)
+        atomic_text(json.dumps(config, indent=1), cfg_file)
     ckpt_cb = RunCheckpoint(run, state)
     ckpt_cb._start = start
     extra = [SSLTarget(), RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
