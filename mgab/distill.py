@@ -6,25 +6,26 @@ Docs: https://mgab-dev.github.io/mgab/distill.html.md"""
 
 # %% ../nbs/20_distill.ipynb #bb436ea5
 from __future__ import annotations
-import copy, json
+import json, random
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastai.callback.core import Callback
 from fastai.distributed import rank0_first  # noqa: F401 -- also adds Learner.distrib_ctx
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import num_distrib, set_seed
+from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
 from .vit import create_vit
 from .mae import MAE
 from .dino import DINOStudent, DINOHead, dino_kd_loss, dino_config, dino_student
-from .train import SSLSchedule, fit_run, model_loss, ssl_splitter
-from fastai.callback.core import Callback
+from .train import SSLSchedule, atomic_text, encoder_of, fit_run, model_loss, ssl_splitter
 
 # %% auto #0
-__all__ = ['DISTILL_DEFAULTS', 'MAEDistill', 'DINODistill', 'distill_models', 'distill_run']
+__all__ = ['ATTN_LOSSES', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill', 'DINODistill',
+           'attention_gap', 'gap_batch', 'AttentionGap', 'distill_models', 'distill_run']
 
 # %% ../nbs/20_distill.ipynb #859bc691
 def _bias_free(model_kwargs: dict) -> dict:
@@ -41,22 +42,41 @@ def _copy_weights(student: nn.Module, teacher: nn.Module):
     if missing or unexpected:
         raise ValueError(f"student and teacher differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+# %% ../nbs/20_distill.ipynb #a7e1c0d2
+def attention_kl(a_s: torch.Tensor,  # (..., T) student attention, each row sums to 1
+                 a_t: torch.Tensor,  # (..., T) teacher attention
+                 eps: float = 1e-8,  # floor of the student's probabilities under the log
+                ) -> torch.Tensor:  # scalar
+    "KL(A_t || A_s) of each query row (a distribution over the keys), mean over all other dimensions (Eq. 9)"
+    return (torch.xlogy(a_t, a_t) - a_t * a_s.clamp_min(eps).log()).sum(-1).mean()
+
+def attention_sse(a_s: torch.Tensor,  # (..., T) student attention
+                  a_t: torch.Tensor,  # (..., T) teacher attention
+                 ) -> torch.Tensor:  # scalar
+    "Squared error of each query row summed over the keys, mean over all other dimensions (Eq. 9)"
+    return (a_s - a_t).pow(2).sum(-1).mean()
+
+ATTN_LOSSES = dict(kl=attention_kl, sse=attention_sse)
+
 # %% ../nbs/20_distill.ipynb #6a39a8c0
 class MAEDistill(nn.Module):
-    "Student MAE without masks, trained with its MAE loss plus `lam` x attention MSE to a frozen biased teacher"
+    "Student MAE without masks, trained with its MAE loss plus `lam` x attention loss to a frozen biased teacher"
     def __init__(self,
                  teacher: MAE,  # pretrained biased MAE (its encoder is used; frozen)
                  student: MAE,  # same architecture, encoder built with `bias=None`
                  lam: float = 1.,  # lambda of Eq. 10
                  layers: list[int] | None = None,  # encoder layers whose attention is matched; None: all
+                 attn_loss: str = "kl",  # Eq. 9 per query row: "kl" (`attention_kl`) or "sse" (`attention_sse`)
                 ):
         super().__init__()
         if student.uses_masks: raise ValueError("the student must be built with bias=None: it takes no masks")
+        if attn_loss not in ATTN_LOSSES:
+            raise ValueError(f"`attn_loss` must be one of {list(ATTN_LOSSES)}, got {attn_loss!r}")
         n = len(student.encoder.blocks)
         if len(teacher.encoder.blocks) != n: raise ValueError("teacher and student need the same depth")
         self.layers = list(range(n)) if layers is None else [int(l) for l in layers]
         if any(not 0 <= l < n for l in self.layers): raise ValueError(f"`layers` must lie in 0..{n - 1}, got {layers}")
-        self.student, self.teacher, self.lam = student, teacher, lam
+        self.student, self.teacher, self.lam, self.attn_loss = student, teacher, lam, attn_loss
         self.teacher.requires_grad_(False).eval()
         self.last = {}
 
@@ -79,7 +99,8 @@ class MAEDistill(nn.Module):
             self.teacher.forward_encoder(x, m if self.teacher.uses_masks else None, noise)
             a_t = maps()
         rec = self.student.forward_loss(x, self.student.forward_decoder(latent, ids_restore), mask)
-        att = torch.stack([F.mse_loss(a_s[l].float(), a_t[l].float()) for l in self.layers]).mean()  # Eq. 9
+        loss = ATTN_LOSSES[self.attn_loss]
+        att = torch.stack([loss(a_s[l].float(), a_t[l].float()) for l in self.layers]).mean()  # Eq. 9
         self.last = dict(mim_loss=rec.detach(), att_loss=att.detach())
         return rec + self.lam * att  # Eq. 10
 
@@ -116,10 +137,85 @@ class DINODistill(nn.Module):
         self.last = dict(kd_loss=loss.detach())
         return loss
 
+# %% ../nbs/20_distill.ipynb #e5f6a7b8
+@torch.no_grad()
+def attention_gap(student: nn.Module,  # mask-free ViT (or a model with `.encoder`), run without `m`
+                  teacher: nn.Module,  # biased ViT of the same depth (or a model with `.encoder`), run with `m`
+                  x: torch.Tensor,  # (B, C, H, W) images
+                  m: torch.Tensor,  # (B, L) token labels, for the teacher
+                  bs: int = 16,  # images per forward pass (the maps of all layers are held at once)
+                 ) -> float:
+    "Mean over images, layers, heads and queries of the total-variation distance of student and teacher attention"
+    s_enc, t_enc = encoder_of(student), encoder_of(teacher)
+    if len(s_enc.blocks) != len(t_enc.blocks): raise ValueError("student and teacher need the same depth")
+    modes = s_enc.training, t_enc.training
+    s_enc.eval(); t_enc.eval()  # no dropout or drop-path in a measurement
+    try:
+        tv = []
+        for i in range(0, len(x), bs):
+            a_s, a_t = s_enc.attention_maps(x[i:i + bs]), t_enc.attention_maps(x[i:i + bs], m[i:i + bs])
+            # per layer (b, H, T, T) -> per image (b,): the mean TV distance of the query rows
+            tv.append(torch.stack([0.5 * (s.float() - t.float()).abs().sum(-1).mean((1, 2))
+                                   for s, t in zip(a_s, a_t)]).mean(0))
+        return float(torch.cat(tv).mean())
+    finally: s_enc.train(modes[0]); t_enc.train(modes[1])
+
+# %% ../nbs/20_distill.ipynb #c1d2e3f4
+def gap_batch(dl,  # a training loader of `mgab.data.MaskedImages` (one view or several)
+              n: int = 64,  # images, spread evenly over the dataset
+              seed: int = 0,  # seeds the crops: every call returns the same batch
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # x (n, 3, S, S) normalised, m (n, L), on the loader's device
+    "The fixed batch `attention_gap` is measured on: the same images and crops at every call, first view of multi-crop"
+    dl = getattr(dl, "dl", dl)  # fastai's DistributedDL wraps the loader
+    ds = dl.dataset
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().tolist()
+    state = random.getstate()
+    random.seed(seed)  # MaskedImages draws crops, flips and colour changes from `random`
+    try: items = [ds[i] for i in idx]
+    finally: random.setstate(state)  # the training run's random stream is untouched
+    first = lambda o: o[0] if isinstance(o, (list, tuple)) else o
+    x, m = torch.stack([first(it[0]) for it in items]), torch.stack([first(it[1]) for it in items])
+    return dl.after_batch(to_device((x, m), dl.device))
+
+class AttentionGap(Callback):
+    "`attention_gap` of the distillation model on `gap_batch`: `attn_gap` per epoch, `distill.json` at the end"
+    order = 91  # before `RunLogger` (95) writes the epoch's row
+    def __init__(self,
+                 run_dir: str | Path,
+                 info: dict | None = None,  # more entries of distill.json (loss, lam, student_init)
+                 n_images: int = 64,
+                ):
+        self.run, self.info, self.n_images, self.before = Path(run_dir), dict(info or {}), n_images, None
+
+    def gap(self) -> float:
+        model = getattr(self.learn.model, "module", self.learn.model)  # DDP unwrapped
+        return attention_gap(model.student, model.teacher, *self.batch)
+
+    def before_fit(self):
+        self.batch, self.trained = gap_batch(self.dls.train, self.n_images), False
+        self.before = self.gap()  # a resumed run then restores its first value (`load_checkpoint_state`)
+
+    def after_batch(self):
+        if self.training: self.trained = True
+
+    def after_epoch(self):
+        if not self.trained: return  # an epoch skipped on resume
+        self.trained = False
+        self.learn.run_metrics["attn_gap"] = self.gap()
+
+    def after_fit(self):
+        if rank_distrib() != 0: return
+        rec = dict(attn_gap_before=self.before, attn_gap_after=self.gap(), **self.info)
+        atomic_text(json.dumps(rec, indent=1), self.run/"distill.json")
+
+    def checkpoint_state(self) -> dict: return dict(before=self.before)
+    def load_checkpoint_state(self, state: dict): self.before = state["before"]
+
 # %% ../nbs/20_distill.ipynb #91db36fb
-DISTILL_DEFAULTS = dict(lam=1., layers=None, from_scratch=False, bs=None, lr=None, blr=None, min_lr=None,
-                        warmup_epochs=None, weight_decay=None, seed=0, num_workers=None, student_temp=0.1,
+DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", student_init="teacher", bs=None, lr=None, blr=None,
+                        min_lr=None, warmup_epochs=None, weight_decay=None, seed=0, num_workers=None, student_temp=0.1,
                         teacher_temp=0.04, progress=True)
+STUDENT_INITS = ("teacher", "scratch")
 
 def _teacher_state(run: Path) -> tuple[dict, dict]:
     cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
@@ -129,30 +225,34 @@ def _teacher_state(run: Path) -> tuple[dict, dict]:
     if cfg.get("distill"): raise ValueError(f"{str(run)!r} is itself a distillation run; give its teacher run")
     return cfg, torch.load(ckpt, map_location="cpu", weights_only=False)
 
-def distill_models(teacher_run: str | Path, from_scratch: bool = False, lam: float = 1., layers=None,
+def distill_models(teacher_run: str | Path,
+                   student_init: str = "teacher",  # "teacher": the teacher's weights but the bias; "scratch": random
+                   lam: float = 1., layers=None, attn_loss: str = "kl",
                    student_temp: float = 0.1, teacher_temp: float = 0.04) -> tuple[nn.Module, dict]:
     "The `MAEDistill`/`DINODistill` module for a pretraining run folder, and the teacher run's config"
+    if student_init not in STUDENT_INITS:
+        raise ValueError(f"`student_init` must be one of {STUDENT_INITS}, got {student_init!r}")
     tcfg, state = _teacher_state(Path(teacher_run))
     method = tcfg.get("method")
     if tcfg["model"].get("bias", "learnable") is None:  # create_vit defaults to a learnable bias
         raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil")
     if method == "mae":
-        def build(model_kwargs):
+        def build(model_kwargs, init_weights=False):
             return MAE(create_vit(**model_kwargs), tcfg["decoder_embed_dim"], tcfg["decoder_depth"],
                        tcfg["decoder_num_heads"], mask_ratio=tcfg["mask_ratio"], norm_pix_loss=tcfg["norm_pix_loss"],
-                       decoder_bias=False, init_weights=False)
+                       decoder_bias=False, init_weights=init_weights)
         teacher = build(tcfg["model"])
         if tcfg.get("decoder_bias"): raise ValueError("teachers with a biased decoder are not supported yet")
         teacher.load_state_dict(state["model"])
-        student = build(_bias_free(tcfg["model"]))
-        if not from_scratch: _copy_weights(student, teacher)
-        return MAEDistill(teacher, student, lam, layers), tcfg
+        student = build(_bias_free(tcfg["model"]), init_weights=student_init == "scratch")  # MAE's initialisation
+        if student_init == "teacher": _copy_weights(student, teacher)
+        return MAEDistill(teacher, student, lam, layers, attn_loss), tcfg
     if method == "dino":
         c = dino_config(tcfg)
         teacher = dino_student(c)
         teacher.load_state_dict(state["callbacks"]["DINO"]["teacher"])  # DINO evaluates (and distils) the EMA teacher
         student = dino_student(dict(c, model=_bias_free(c["model"])))
-        if not from_scratch: _copy_weights(student, teacher)
+        if student_init == "teacher": _copy_weights(student, teacher)
         return DINODistill(teacher, student, student_temp, teacher_temp), tcfg
     raise ValueError(f"cannot distil a run of method {method!r}")
 
@@ -180,9 +280,11 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     "Distil a biased pretraining run into a mask-free student (Eqs. 8-10), as a resumable fastai run"
     for k in ("teacher", "out", "epochs"):
         if config.get(k) is None: raise ValueError(f"the distillation config needs {k!r}")
+    if "from_scratch" in config: raise ValueError("`from_scratch` is gone: use student_init='scratch' or 'teacher'")
     c = dict(DISTILL_DEFAULTS); c.update({k: v for k, v in config.items() if v is not None})
-    model, tcfg = distill_models(c["teacher"], c["from_scratch"], c["lam"], c["layers"], c["student_temp"],
-                                 c["teacher_temp"])
+    set_seed(c["seed"])  # before the student is built: a "scratch" student is the same for the same seed
+    model, tcfg = distill_models(c["teacher"], c["student_init"], c["lam"], c["layers"], c["attn_loss"],
+                                 c["student_temp"], c["teacher_temp"])
     method = tcfg["method"]
     for k in ("data", "masks", "img_size", "arch", "bs", "min_lr", "weight_decay", "missing_masks"):
         if c.get(k) is None and tcfg.get(k) is not None: c[k] = tcfg[k]
@@ -194,7 +296,6 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     if c["warmup_epochs"] is None and resume and saved.is_file():  # the automatic warmup depends on epochs: keep it
         c["warmup_epochs"] = json.loads(saved.read_text()).get("warmup_epochs")
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
-    set_seed(c["seed"])
     enc = model.encoder
     if dls is None:
         from mgab.data import multicrop_dls, pretrain_dls, resolve_data
@@ -213,8 +314,12 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
         if c.get(k) is not None: c[k] = str(c[k])
     sched = SSLSchedule(c["lr"], c.get("min_lr") or 0., c["warmup_epochs"], c.get("weight_decay") or 0.05)
     betas = (0.9, 0.95) if method == "mae" else (0.9, 0.999)
+    mae = method == "mae"
+    gap = AttentionGap(c["out"], dict(loss=c["attn_loss"] if mae else None, lam=float(c["lam"]) if mae else None,
+                                      student_init=c["student_init"]))
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
-                    opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=betas), cbs=[sched, _LogLosses()])
+                    opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=betas),
+                    cbs=[sched, _LogLosses(), gap])
     if getattr(getattr(dls, "device", None), "type", None) == "cuda": learn.to_bf16()
     distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
     bar = learn.no_bar() if not c.get("progress", True) else nullcontext()

@@ -18,8 +18,9 @@ from fastai.torch_core import rank_distrib, find_bs
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'run_encoders', 'RunLogger',
-           'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run', 'write_init_run']
+__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'atomic_text',
+           'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run',
+           'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -93,7 +94,8 @@ def _atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
 
-def _atomic_text(text: str, path: Path):
+def atomic_text(text: str, path: Path):
+    "Write `text` to `path` through a temporary file, so that readers never see a partial file"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -141,8 +143,8 @@ class RunLogger(Callback):
             self.history.append(dict(epoch=self.epoch, u_pos=u["u_pos"].tolist(), u_neg=u["u_neg"].tolist()))
         self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
         if not _is_main(): return
-        _atomic_text(json.dumps(self.rows, indent=1), self.run/"metrics.json")
-        _atomic_text(json.dumps(self.history), self.run/"bias_history.json")
+        atomic_text(json.dumps(self.rows, indent=1), self.run/"metrics.json")
+        atomic_text(json.dumps(self.history), self.run/"bias_history.json")
         cols = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.run/"metrics.csv.tmp", "w", newline="") as f:
             w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
@@ -224,7 +226,7 @@ def fit_run(learn: Learner,
         raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
-        _atomic_text(json.dumps(config, indent=1), cfg_file)
+        atomic_text(json.dumps(config, indent=1), cfg_file)
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     ckpt_cb = RunCheckpoint(run, state)
@@ -244,5 +246,5 @@ def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining 
         run.mkdir(parents=True, exist_ok=True)
         _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
         config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
-        _atomic_text(json.dumps(config, indent=1), run/"config.json")  # last: a folder with a config is complete
+        atomic_text(json.dumps(config, indent=1), run/"config.json")  # last: a folder with a config is complete
     return run

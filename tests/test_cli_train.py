@@ -180,3 +180,37 @@ def test_end_to_end_with_resume(tmp_path, capsys):
     assert cfg["epochs"] == 2 and cfg["model"]["img_size"] == 32 and cfg["masks"] == str((tmp_path/"masks").resolve())
     from mgab.vit import load_run_encoder
     assert load_run_encoder(run).bias_values()["u_pos"].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def distill_teacher(tmp_path_factory):
+    "A finished biased MAE run on 20 tiny embedded images (32 px, depth 2): something for mgab-distill to distil"
+    pytest.importorskip("mgab.data")
+    from mgab.data import make_embedded
+    from mgab.mae import pretrain_mae
+    from mgab.masks import SuperpixelMasker, make_mask_store
+    root = tmp_path_factory.mktemp("distill-cli")
+    data = make_embedded(root/"data", n_train=2, n_val=1, size=32, progress=False)
+    make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False)
+    model = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=2)
+    return pretrain_mae(dict(method="mae", data=str(data), masks=str(root/"store"), out=str(root/"teacher"), epochs=1,
+                             bs=8, model=model, progress=False, num_workers=0))
+
+
+def test_distill_entry_point_student_init(distill_teacher, tmp_path):
+    "`mgab-distill --student-init scratch` runs through the installed entry point; a bad value exits 2"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    argv = ["mgab-distill", "--teacher", str(distill_teacher), "--epochs", "1", "--bs", "8", "--num-workers", "0",
+            "--no-progress"]
+    out = tmp_path/"student"
+    r = subprocess.run(argv + ["--out", str(out), "--student-init", "scratch"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out/"config.json").read_text())["student_init"] == "scratch"
+    info = json.loads((out/"distill.json").read_text())
+    assert info["student_init"] == "scratch" and info["loss"] == "kl" and info["lam"] == 1.
+    assert all("attn_gap" in row for row in json.loads((out/"metrics.json").read_text()))
+    r = subprocess.run(argv + ["--out", str(tmp_path/"bad"), "--student-init", "random"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "--student-init: invalid choice: 'random'" in r.stderr
+    assert not (tmp_path/"bad").exists()

@@ -55,11 +55,57 @@ def test_mae_distillation_run(mae_teacher, tmp_path):
     assert student.blocks[0].attn.bias is None and student.bias_parameters() == []
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(): assert torch.equal(student(x), student(x, torch.randint(0, 6, (2, 64))))  # takes no masks
-    # resume: two more epochs continue from the checkpoint, the first row stays
+    info = json.loads((out / "distill.json").read_text())
+    assert info["attn_gap_after"] == pytest.approx(rows[0]["attn_gap"], rel=1e-5)
+    # resume: two more epochs continue from the checkpoint, the first row stays, so does the gap before the first fit
     distill_run(dict(teacher=str(mae_teacher), out=str(out), epochs=2, bs=128, layers=[0, 1], progress=False,
                      num_workers=0), resume=True)
     rows2 = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in rows2] == [0, 1] and rows2[0] == rows[0]
+    info2 = json.loads((out / "distill.json").read_text())
+    assert info2["attn_gap_before"] == info["attn_gap_before"]
+    assert info2["attn_gap_after"] == pytest.approx(rows2[1]["attn_gap"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gap_teacher(embedded_store, tmp_path_factory):
+    "A tiny teacher (32 px, depth 2) whose bias grew large enough to leave a student-teacher attention gap"
+    from mgab.mae import pretrain_mae
+    path, store = embedded_store
+    out = tmp_path_factory.mktemp("runs") / "mae-gap"
+    model = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=2)
+    return pretrain_mae(dict(method="mae", data=str(path), masks=str(store), out=str(out), epochs=2, bs=128, lr=1.5e-3,
+                             bias_lr_mult=100., model=model, progress=False, num_workers=0))
+
+
+def test_distillation_closes_the_attention_gap(gap_teacher, tmp_path):
+    "A random student moves its attention towards the teacher's: the gap on the fixed batch falls"
+    from mgab.distill import distill_run
+    out = tmp_path / "student"
+    distill_run(dict(teacher=str(gap_teacher), out=str(out), epochs=2, bs=128, student_init="scratch", progress=False,
+                     num_workers=0))
+    info = json.loads((out / "distill.json").read_text())
+    assert set(info) == {"attn_gap_before", "attn_gap_after", "loss", "lam", "student_init"}
+    assert (info["loss"], info["lam"], info["student_init"]) == ("kl", 1.0, "scratch")
+    assert 0 < info["attn_gap_after"] < info["attn_gap_before"] < 1
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1] and all(0 < r["attn_gap"] < 1 for r in rows)
+    assert rows[-1]["attn_gap"] == pytest.approx(info["attn_gap_after"], rel=1e-5)  # the model after the last epoch
+    assert not (out / "distill.json.tmp").exists()
+
+
+@pytest.mark.parametrize("init", ["teacher", "scratch"])
+def test_student_init(gap_teacher, init):
+    from mgab.distill import distill_models
+    model, _ = distill_models(gap_teacher, student_init=init)
+    t = {k: v for k, v in model.teacher.state_dict().items() if k.rsplit(".", 1)[-1] not in ("u_pos", "u_neg")}
+    s = model.student.state_dict()
+    assert set(s) <= set(t) | {k for k in s if k.rsplit(".", 1)[-1] in ("u_pos", "u_neg")}
+    same = [k for k in s if k in t and torch.equal(s[k], t[k])]
+    learned = [k for k in t if k.startswith("encoder.blocks") and k.endswith(("qkv.weight", "fc1.weight"))]
+    if init == "teacher": assert sorted(same) == sorted(t)
+    else: assert learned and not set(learned) & set(same)  # random weights wherever the teacher learned some
+    with pytest.raises(ValueError, match="student_init"): distill_models(gap_teacher, student_init="random")
 
 
 def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
@@ -73,6 +119,8 @@ def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
         distill_run(dict(teacher=str(fake), out=str(tmp_path / "s"), epochs=1))
     with pytest.raises(FileNotFoundError, match="config.json"):
         distill_run(dict(teacher=str(tmp_path / "nothing"), out=str(tmp_path / "s"), epochs=1))
+    with pytest.raises(ValueError, match="student_init='scratch'"):  # the old flag is gone, not silently ignored
+        distill_run(dict(teacher=str(mae_teacher), out=str(tmp_path / "s"), epochs=1, from_scratch=True))
 
 
 def _small_copy(path, dest, per_class=12):
@@ -97,6 +145,9 @@ def test_dino_distillation_run(embedded_store, tmp_path):
     distill_run(dict(teacher=str(teacher), out=str(out), epochs=1, bs=40, progress=False, num_workers=0))
     rows = json.loads((out / "metrics.json").read_text())
     assert rows[0]["kd_loss"] > 0 and rows[0]["train_loss"] == pytest.approx(rows[0]["kd_loss"], rel=1e-4)
+    info = json.loads((out / "distill.json").read_text())
+    assert (info["loss"], info["lam"], info["student_init"]) == (None, None, "teacher")  # Eq. 8 matches no attention
+    assert 0 < info["attn_gap_before"] < 1 and info["attn_gap_after"] == pytest.approx(rows[0]["attn_gap"], rel=1e-5)
     enc = load_run_encoder(out)
     assert enc.blocks[0].attn.bias is None
     # initialised from the teacher (EMA) weights, then trained: close to it but not equal

@@ -167,7 +167,11 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
     p.add_argument("--lambda", dest="lam", type=float, default=1., help="weight of the attention loss, Eq. 10 (MAE)")
     p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
-    p.add_argument("--from-scratch", action="store_true", help="random student instead of the teacher's weights")
+    p.add_argument("--attn-loss", choices=("kl", "sse"),
+                   help="MAE: attention loss per query row, KL(teacher || student) or squared error summed "
+                   "over keys (default kl)")
+    p.add_argument("--student-init", choices=("teacher", "scratch"),
+                   help="student weights: the teacher's without the bias (default) or a random initialisation")
     p.add_argument("--student-temp", type=float, default=.1, help="DINO: student temperature")
     p.add_argument("--teacher-temp", type=float, default=.04, help="DINO: teacher temperature")
     p.add_argument("--bs", type=int, help="batch size per process (default: the teacher run's)")
@@ -196,7 +200,8 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     except ValueError: p.error(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,1,2")
     res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
     cfg = dict(teacher=res(a.teacher), out=res(a.out), epochs=a.epochs, data=res(a.data), masks=res(a.masks),
-               missing_masks=a.missing_masks, lam=a.lam, layers=layers, from_scratch=a.from_scratch,
+               missing_masks=a.missing_masks, lam=a.lam, layers=layers, attn_loss=a.attn_loss,
+               student_init=a.student_init,
                student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
                warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress)
     return cfg, a.resume
