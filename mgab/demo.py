@@ -17,7 +17,7 @@ from .train import write_init_run
 from .evaluate import evaluate_run, read_results, report
 
 # %% auto #0
-__all__ = ['DEMO_DEFAULTS', 'SAM_PAPER_COVERAGE', 'VARIANTS', 'demo_masker', 'demo_masks', 'run_demo', 'main']
+__all__ = ['DEMO_DEFAULTS', 'SAM_PAPER_COVERAGE', 'VARIANTS', 'demo_masker', 'demo_masks', 'bias_reach', 'run_demo', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
@@ -79,6 +79,18 @@ def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="v
     _say(f"masks: mean coverage {s['mean_coverage']:.1%} of each image, {s['mean_masks']:.1f} masks per image "
          f"(SAM ViT-H in the paper: {SAM_PAPER_COVERAGE}, Table 3)")
     return store.root
+
+# %% ../nbs/53_demo.ipynb #d3a0b001
+def bias_reach(run: Path) -> dict | None:
+    "How far the learned `u` went against the farthest AdamW allowed (`u_travel`): the check on `bias_lr_mult`"
+    run = Path(run)
+    rows = json.loads((run/"metrics.json").read_text()) if (run/"metrics.json").is_file() else []
+    hist = json.loads((run/"bias_history.json").read_text()) if (run/"bias_history.json").is_file() else []
+    if not rows or not hist or "u_travel" not in rows[-1]: return None
+    u = torch.tensor([hist[-1]["u_pos"], hist[-1]["u_neg"]])  # (2, layers, heads)
+    travel, far = float(rows[-1]["u_travel"]), float(u.abs().max())
+    return dict(travel=round(travel, 3), max_abs_u=round(far, 3), ratio=round(far / travel, 3) if travel else None,
+                u_pos=[round(float(v), 2) for v in u[0].mean(-1)], u_neg=[round(float(v), 2) for v in u[1].mean(-1)])
 
 # %% ../nbs/53_demo.ipynb #01bf13bd
 def _evaluate(run: Path, dls, protocol: str, with_masks: bool, pool: str, progress: bool) -> dict:
@@ -145,8 +157,13 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     written = report(run_dirs, out/"report", data=path, masks=store)
     for name in ("table1.md", "table2.md", "distill.md"):
         if name in written: print(written[name].read_text())
+    reach = {runs["biased"].name: bias_reach(runs["biased"]) for runs in studies}
+    for name, r in reach.items():
+        if r: _say(f"{name}: max |u| {r['max_abs_u']:.2f} = {r['ratio']:.0%} of the {r['travel']:.2f} AdamW allowed "
+                   f"(bias_lr_mult {c['bias_lr_mult']:g}); u_pos - u_neg per layer: "
+                   + " ".join(f"{p - n:+.1f}" for p, n in zip(r["u_pos"], r["u_neg"])))
     stand_in = MaskStore(store).stand_in
-    summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in,
+    summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in, bias_reach=reach,
                    runs=[{k: str(v) for k, v in runs.items()} for runs in studies],
                    report={k: str(v) for k, v in written.items()},
                    minutes=round((time.time() - t0) / 60, 1), threads=torch.get_num_threads(),
