@@ -24,8 +24,8 @@ from .dino import DINOStudent, DINOHead, dino_kd_loss, dino_config, dino_student
 from .train import SSLSchedule, atomic_text, encoder_of, fit_run, model_loss, ssl_splitter
 
 # %% auto #0
-__all__ = ['ATTN_LOSSES', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill', 'DINODistill',
-           'attention_gap', 'gap_batch', 'AttentionGap', 'distill_models', 'distill_run']
+__all__ = ['ATTN_LOSSES', 'ATTN_TOKENS', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill',
+           'DINODistill', 'attention_gap', 'gap_batch', 'AttentionGap', 'distill_models', 'distill_run']
 
 # %% ../nbs/20_distill.ipynb #859bc691
 def _bias_free(model_kwargs: dict) -> dict:
@@ -57,6 +57,7 @@ def attention_sse(a_s: torch.Tensor,  # (..., T) student attention
     return (a_s - a_t).pow(2).sum(-1).mean()
 
 ATTN_LOSSES = dict(kl=attention_kl, sse=attention_sse)
+ATTN_TOKENS = ("all", "visible")
 
 # %% ../nbs/20_distill.ipynb #6a39a8c0
 class MAEDistill(nn.Module):
@@ -67,9 +68,12 @@ class MAEDistill(nn.Module):
                  lam: float = 1.,  # lambda of Eq. 10
                  layers: list[int] | None = None,  # encoder layers whose attention is matched; None: all
                  attn_loss: str = "kl",  # Eq. 9 per query row: "kl" (`attention_kl`) or "sse" (`attention_sse`)
+                 attn_tokens: str = "all",  # Eq. 9's n x n maps over "all" tokens, or the MAE-"visible" ones only
                 ):
         super().__init__()
         if student.uses_masks: raise ValueError("the student must be built with bias=None: it takes no masks")
+        if attn_tokens not in ATTN_TOKENS:
+            raise ValueError(f"`attn_tokens` must be one of {ATTN_TOKENS}, got {attn_tokens!r}")
         if attn_loss not in ATTN_LOSSES:
             raise ValueError(f"`attn_loss` must be one of {list(ATTN_LOSSES)}, got {attn_loss!r}")
         n = len(student.encoder.blocks)
@@ -77,6 +81,7 @@ class MAEDistill(nn.Module):
         self.layers = list(range(n)) if layers is None else [int(l) for l in layers]
         if any(not 0 <= l < n for l in self.layers): raise ValueError(f"`layers` must lie in 0..{n - 1}, got {layers}")
         self.student, self.teacher, self.lam, self.attn_loss = student, teacher, lam, attn_loss
+        self.attn_tokens = attn_tokens
         self.teacher.requires_grad_(False).eval()
         self.last = {}
 
@@ -92,11 +97,18 @@ class MAEDistill(nn.Module):
         "Eq. 10 on images `x` (B, C, H, W); `m` (B, L) labels go to the teacher only"
         B, L = x.shape[0], self.student.grid[0] * self.student.grid[1]
         noise = torch.rand(B, L, device=x.device)  # one masking for both: the same visible tokens
+        visible = self.attn_tokens == "visible"
         with self.student.encoder.stashing_attention() as maps:
             latent, mask, ids_restore = self.student.forward_encoder(x, None, noise)
-            a_s = maps()  # per layer (B, heads, T, T), T = prefix + visible tokens
+            if visible: a_s = maps()  # per layer (B, heads, T, T), T = prefix + visible tokens
+        if not visible:  # Eq. 9 on the n x n maps of all tokens: the mask-free encoder evaluation will use
+            with self.student.encoder.stashing_attention() as maps:
+                self.student.encoder.forward_features(x)
+                a_s = maps()  # per layer (B, heads, T, T), T = prefix + all patch tokens
         with torch.no_grad(), self.teacher.encoder.stashing_attention() as maps:
-            self.teacher.forward_encoder(x, m if self.teacher.uses_masks else None, noise)
+            tm = m if self.teacher.uses_masks else None
+            if visible: self.teacher.forward_encoder(x, tm, noise)
+            else: self.teacher.encoder.forward_features(x, tm)
             a_t = maps()
         rec = self.student.forward_loss(x, self.student.forward_decoder(latent, ids_restore), mask)
         loss = ATTN_LOSSES[self.attn_loss]
@@ -212,9 +224,9 @@ class AttentionGap(Callback):
     def load_checkpoint_state(self, state: dict): self.before = state["before"]
 
 # %% ../nbs/20_distill.ipynb #91db36fb
-DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", student_init="teacher", bs=None, lr=None, blr=None,
-                        min_lr=None, warmup_epochs=None, weight_decay=None, seed=0, num_workers=None, student_temp=0.1,
-                        teacher_temp=0.04, progress=True)
+DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", student_init="teacher", bs=None,
+                        lr=None, blr=None, min_lr=None, warmup_epochs=None, weight_decay=None, seed=0, num_workers=None,
+                        student_temp=0.1, teacher_temp=0.04, progress=True)
 STUDENT_INITS = ("teacher", "scratch")
 
 def _teacher_state(run: Path) -> tuple[dict, dict]:
@@ -227,7 +239,7 @@ def _teacher_state(run: Path) -> tuple[dict, dict]:
 
 def distill_models(teacher_run: str | Path,
                    student_init: str = "teacher",  # "teacher": the teacher's weights but the bias; "scratch": random
-                   lam: float = 1., layers=None, attn_loss: str = "kl",
+                   lam: float = 1., layers=None, attn_loss: str = "kl", attn_tokens: str = "all",
                    student_temp: float = 0.1, teacher_temp: float = 0.04) -> tuple[nn.Module, dict]:
     "The `MAEDistill`/`DINODistill` module for a pretraining run folder, and the teacher run's config"
     if student_init not in STUDENT_INITS:
@@ -246,7 +258,7 @@ def distill_models(teacher_run: str | Path,
         teacher.load_state_dict(state["model"])
         student = build(_bias_free(tcfg["model"]), init_weights=student_init == "scratch")  # MAE's initialisation
         if student_init == "teacher": _copy_weights(student, teacher)
-        return MAEDistill(teacher, student, lam, layers, attn_loss), tcfg
+        return MAEDistill(teacher, student, lam, layers, attn_loss, attn_tokens), tcfg
     if method == "dino":
         c = dino_config(tcfg)
         teacher = dino_student(c)
@@ -284,7 +296,7 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     c = dict(DISTILL_DEFAULTS); c.update({k: v for k, v in config.items() if v is not None})
     set_seed(c["seed"])  # before the student is built: a "scratch" student is the same for the same seed
     model, tcfg = distill_models(c["teacher"], c["student_init"], c["lam"], c["layers"], c["attn_loss"],
-                                 c["student_temp"], c["teacher_temp"])
+                                 c["attn_tokens"], c["student_temp"], c["teacher_temp"])
     method = tcfg["method"]
     for k in ("data", "masks", "img_size", "arch", "bs", "min_lr", "weight_decay", "missing_masks"):
         if c.get(k) is None and tcfg.get(k) is not None: c[k] = tcfg[k]

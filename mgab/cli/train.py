@@ -167,6 +167,8 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
     p.add_argument("--lambda", dest="lam", type=float, default=1., help="weight of the attention loss, Eq. 10 (MAE)")
     p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
+    p.add_argument("--attn-tokens", choices=("all", "visible"),
+                   help="MAE: Eq. 9 on the attention of all tokens (default) or of MAE's visible tokens only")
     p.add_argument("--attn-loss", choices=("kl", "sse"),
                    help="MAE: attention loss per query row, KL(teacher || student) or squared error summed "
                    "over keys (default kl)")
@@ -201,6 +203,7 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
     cfg = dict(teacher=res(a.teacher), out=res(a.out), epochs=a.epochs, data=res(a.data), masks=res(a.masks),
                missing_masks=a.missing_masks, lam=a.lam, layers=layers, attn_loss=a.attn_loss,
+               attn_tokens=a.attn_tokens,
                student_init=a.student_init,
                student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
                warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress)
