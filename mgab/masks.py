@@ -280,7 +280,7 @@ class SuperpixelMasker:
         if points_per_side < 1: raise ValueError(f"`points_per_side` must be >= 1, got {points_per_side}")
         self.method, self.c, self.points_per_side, self.kwargs = method, c, points_per_side, kwargs
         skimage = self.skimage_kwargs()
-        if "min_size" not in kwargs and method == "felzenszwalb": skimage["min_size"] = "H*W/64"
+        if "min_size" not in kwargs and method == "felzenszwalb": skimage["min_size"] = f"H*W/{points_per_side**2}"
         self.info = dict(generator="superpixel", stand_in=True,
                          description=f"OFFLINE STAND-IN, not SAM: scikit-image {method} superpixels, "
                                      f"{c} largest segments kept",
@@ -289,8 +289,11 @@ class SuperpixelMasker:
 
     def skimage_kwargs(self, H: int = 224, W: int = 224) -> dict:
         "The scikit-image arguments for an H x W image: the calibrated defaults of the grid, then `kwargs`"
-        t = float(np.log2(self.points_per_side))  # 3, 4, 5 for the paper's 8x8, 16x16, 32x32 grids
-        if self.method == "felzenszwalb": kw = dict(scale=120 + 20 * t, sigma=0.8, min_size=max(1, H * W // 64))
+        g = self.points_per_side
+        t = float(np.log2(g))  # 3, 4, 5 for the paper's 8x8, 16x16, 32x32 grids
+        if self.method == "felzenszwalb":
+            scale = float(np.interp(t, [3, 4, 5], [180, 345, 430]))  # calibrated at 8, 16, 32; constant beyond
+            kw = dict(scale=scale, sigma=0.8, min_size=max(1, H * W // g**2))
         else: kw = dict(n_segments=12, compactness=max(1., 36 - 2 * t), start_label=1)
         return kw | self.kwargs
 

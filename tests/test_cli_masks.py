@@ -57,7 +57,7 @@ def test_cli_imagenette(imagenette, tmp_path):
     assert len(store) == 20 and store.info["generator"] == "superpixel" and store.info["stand_in"]
     # the settings record the calibrated skimage arguments, so a store of other defaults is never resumed with these
     assert store.info["settings"] == dict(method="felzenszwalb", c=5, points_per_side=32,
-                                          skimage=dict(scale=220, sigma=0.8, min_size="H*W/64"))
+                                          skimage=dict(scale=430, sigma=0.8, min_size="H*W/1024"))
     k = next(iter(store))
     assert store[k].shape == load_image(imgs / k).shape[:2] and 1 <= store[k].max() <= 5
     sizes = [store.entry_path(k).stat().st_size for k in store]
