@@ -17,11 +17,11 @@ from PIL import Image, ImageOps, PngImagePlugin
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'STORE_FORMAT', 'load_image', 'label_map', 'load_sam',
-           'build_tiny_sam', 'SamMasker', 'label_map_agreement', 'SuperpixelMasker', 'masker_info', 'mask_ratio',
-           'show_masks', 'prompt_grid_maps', 'grid_mask_ratios', 'show_prompt_grid', 'MissingMaskError',
-           'CorruptMaskError', 'read_entry', 'write_entry', 'list_images', 'shard_of', 'MaskStore', 'make_mask_store',
-           'verify_store', 'store_is_valid', 'store_stats', 'store_summary']
+__all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'SAM_PAPER_COVERAGE', 'STORE_FORMAT', 'load_image',
+           'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker', 'label_map_agreement', 'SuperpixelMasker',
+           'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps', 'grid_mask_ratios', 'show_prompt_grid',
+           'MissingMaskError', 'CorruptMaskError', 'read_entry', 'write_entry', 'list_images', 'shard_of', 'MaskStore',
+           'make_mask_store', 'verify_store', 'store_is_valid', 'store_stats', 'coverage_line', 'store_summary']
 
 # %% ../nbs/01_masks.ipynb #1aa374c8
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -263,34 +263,45 @@ def label_map_agreement(masker_a: Callable, masker_b: Callable,  # two maskers t
     return dict(images=n, identical=same / max(n, 1), pixels=pix / max(n, 1))
 
 # %% ../nbs/01_masks.ipynb #cf2fd0e0
+SAM_PAPER_COVERAGE = {8: 0.704, 32: 0.727}  # Table 3: SAM ViT-H's average mask ratio (c = 5) by prompt grid side
+# (the 16x16 row's mask ratio is not legible in the text copy of the paper, so it is left out rather than guessed)
+
 class SuperpixelMasker:
     "Offline stand-in for SAM (not the paper's masks): the `c` largest scikit-image superpixels as a label map"
     methods = ("felzenszwalb", "slic")
     def __init__(self,
                  method: str = "felzenszwalb",  # "felzenszwalb" or "slic"
                  c: int = 5,  # segments kept, largest first
-                 points_per_side: int = 32,  # segment scale matching a SAM prompt grid (see above)
+                 points_per_side: int = 32,  # the SAM grid whose Table 3 coverage the defaults match (see above)
                  **kwargs,  # scikit-image arguments, overriding those derived from `points_per_side`
                 ):
         if method not in self.methods: raise ValueError(f"`method` must be one of {self.methods}, got {method!r}")
         if not 1 <= c <= 255: raise ValueError(f"`c` must be in 1..255 (uint8 labels), got {c}")
         if points_per_side < 1: raise ValueError(f"`points_per_side` must be >= 1, got {points_per_side}")
         self.method, self.c, self.points_per_side, self.kwargs = method, c, points_per_side, kwargs
+        skimage = self.skimage_kwargs()
+        if "min_size" not in kwargs and method == "felzenszwalb": skimage["min_size"] = f"H*W/{points_per_side**2}"
         self.info = dict(generator="superpixel", stand_in=True,
                          description=f"OFFLINE STAND-IN, not SAM: scikit-image {method} superpixels, "
                                      f"{c} largest segments kept",
-                         settings=dict(method=method, c=c, points_per_side=points_per_side, **kwargs))
+                         settings=dict(method=method, c=c, points_per_side=points_per_side, **kwargs,
+                                       skimage=skimage))
+
+    def skimage_kwargs(self, H: int = 224, W: int = 224) -> dict:
+        "The scikit-image arguments for an H x W image: the calibrated defaults of the grid, then `kwargs`"
+        g = self.points_per_side
+        t = float(np.log2(g))  # 3, 4, 5 for the paper's 8x8, 16x16, 32x32 grids
+        if self.method == "felzenszwalb":
+            scale = float(np.interp(t, [3, 4, 5], [180, 345, 430]))  # calibrated at 8, 16, 32; constant beyond
+            kw = dict(scale=scale, sigma=0.8, min_size=max(1, H * W // g**2))
+        else: kw = dict(n_segments=12, compactness=max(1., 36 - 2 * t), start_label=1)
+        return kw | self.kwargs
 
     def segment(self, img: np.ndarray) -> np.ndarray:
         "scikit-image's segment ids for `img` (all segments)"
         from skimage.segmentation import felzenszwalb, slic
-        H, W = _check_image(img).shape[:2]
-        g = self.points_per_side
-        if self.method == "felzenszwalb":
-            kw = dict(scale=100, sigma=0.8, min_size=max(1, H * W // g**2)) | self.kwargs
-            return felzenszwalb(img, **kw)
-        kw = dict(n_segments=max(2, g * g // 16), compactness=10, start_label=1) | self.kwargs
-        return slic(img, channel_axis=-1, **kw)
+        kw = self.skimage_kwargs(*_check_image(img).shape[:2])
+        return felzenszwalb(img, **kw) if self.method == "felzenszwalb" else slic(img, channel_axis=-1, **kw)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         "The (H, W) uint8 label map of `img`: label 1 is the largest segment"
@@ -700,29 +711,54 @@ def store_is_valid(res: dict) -> bool:
 def store_stats(store: MaskStore | str | os.PathLike,  # a store or its folder
                 limit: int | None = None,  # at most this many entries, evenly spaced over the sorted keys
                ) -> dict:
-    "Per-entry coverage, number of masks and file size of a store"
+    "Per-entry coverage, number of masks, largest mask's share and file size of a store"
     store = store if isinstance(store, MaskStore) else MaskStore(store)
     keys = list(store.keys())
+    total = len(keys)
     if limit is not None and len(keys) > limit:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, limit).astype(int)]
-    cov, k, size = [], [], []
+    cov, k, big, size = [], [], [], []
     for key in keys:
         p = store.entry_path(key)
         lm = read_entry(p)[0]
-        cov.append(mask_ratio(lm)); k.append(int(lm.max(initial=0))); size.append(p.stat().st_size)
-    cov, k, size = np.array(cov), np.array(k, int), np.array(size, int)
-    return dict(n=len(cov), coverage=cov, masks=k, bytes=size, mean_coverage=float(cov.mean()) if len(cov) else 0.,
-                mean_masks=float(k.mean()) if len(k) else 0., bytes_per_entry=float(size.mean()) if len(size) else 0.,
-                generator=store.info.get("generator"), stand_in=store.stand_in)
+        area = np.bincount(lm.ravel(), minlength=2)[1:] / lm.size  # share of each label 1..k
+        cov.append(mask_ratio(lm)); k.append(int(lm.max(initial=0))); big.append(float(area.max(initial=0.)))
+        size.append(p.stat().st_size)
+    cov, k, big, size = np.array(cov), np.array(k, int), np.array(big), np.array(size, int)
+    mean = lambda a: float(a.mean()) if len(a) else 0.
+    return dict(n=len(cov), total=total, coverage=cov, masks=k, largest=big, bytes=size, mean_coverage=mean(cov),
+                mean_masks=mean(k), mean_largest=mean(big), bytes_per_entry=mean(size),
+                generator=store.info.get("generator"), stand_in=store.stand_in,
+                settings=store.info.get("settings", {}))
+
+def coverage_line(s: dict,  # `store_stats` of a store
+                 ) -> str:
+    "One line: a store's mean coverage beside SAM ViT-H's in the paper (Table 3), masks per image, the generator"
+    if not s["n"]: return f"no entries to measure coverage on (generator: {s['generator']})"
+    lo, hi = min(SAM_PAPER_COVERAGE.values()), max(SAM_PAPER_COVERAGE.values())
+    st = s.get("settings") or {}
+    g = st.get("points_per_side")
+    at = f"; {SAM_PAPER_COVERAGE[g]:.1%} at {g}x{g}" if g in SAM_PAPER_COVERAGE else ""
+    over = f"{s['n']} images" if s["n"] == s.get("total", s["n"]) else f"{s['n']} of {s['total']} images (sampled)"
+    if s["stand_in"]: gen = f"{s['generator']} stand-in ({st.get('method', '?')}, {g}x{g} calibration), NOT SAM"
+    elif s["generator"] == "sam": gen = f"sam ({st.get('model_type')}, {g}x{g} grid)"
+    else: gen = str(s["generator"])
+    return (f"mean coverage {s['mean_coverage']:.1%} over {over} (SAM ViT-H in the paper: {lo * 100:.1f}-"
+            f"{hi * 100:.1f}%, Table 3{at}); {s['mean_masks']:.1f} masks per image, largest "
+            f"{s['mean_largest']:.1%} of the image on average; generator: {gen}")
 
 def store_summary(store: MaskStore | str | os.PathLike,  # a store or its folder
                   limit: int | None = 5000,  # entries to read, evenly spaced (None: all)
                   axs=None,  # two matplotlib axes
+                  show_line: bool = True,  # print `coverage_line`
                  ) -> dict:
-    "Plot a store's coverage histogram and masks per image; returns `store_stats`"
+    "Plot a store's coverage histogram beside SAM's published mean, and masks per image; returns `store_stats`"
     import matplotlib.pyplot as plt
     s = store_stats(store, limit)
+    if show_line: print(coverage_line(s))
     if axs is None: _, axs = plt.subplots(1, 2, figsize=(9, 3.2))
+    lo, hi = min(SAM_PAPER_COVERAGE.values()) * 100, max(SAM_PAPER_COVERAGE.values()) * 100
+    axs[0].axvspan(lo, hi, color="tab:green", alpha=.3, label=f"SAM ViT-H mean, paper: {lo:.1f}-{hi:.1f}%")
     axs[0].hist(s["coverage"] * 100, bins=20, range=(0, 100), color="tab:blue")
     axs[0].axvline(s["mean_coverage"] * 100, color="k", ls="--", label=f"mean {s['mean_coverage']:.1%}")
     axs[0].set_xlabel("mask coverage per image (%)"); axs[0].set_ylabel("images"); axs[0].legend(fontsize=8)

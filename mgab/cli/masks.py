@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, importlib, sys
 from pathlib import Path
 from ..masks import (SamMasker, SuperpixelMasker, make_mask_store, verify_store, store_is_valid, MaskStore,
-                        SAM_CHECKPOINTS_URL)
+                        SAM_CHECKPOINTS_URL, store_stats, coverage_line)
 
 # %% auto #0
 __all__ = ['make_masker', 'main']
@@ -23,11 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the mask store folder (created or resumed)")
     p.add_argument("--verify", nargs="+", metavar=("STORE", "IMAGE_DIR"),
                    help="check STORE against IMAGE_DIR (default: the folder it was built from) and exit")
+    p.add_argument("--summary", metavar="STORE",
+                   help="print STORE's mean mask coverage beside SAM's in the paper (Table 3) and exit")
     p.add_argument("--generator", help="sam, superpixel or MODULE:NAME (a factory returning a masker); "
                    "default: sam with --checkpoint, else superpixel")
     p.add_argument("--c", type=int, default=5, help="masks kept per image (paper: 5)")
     p.add_argument("--points-per-side", type=int, default=32,
-                   help="SAM prompt grid (paper: 32); for superpixels, the matching segment scale")
+                   help="SAM prompt grid (paper: 32); for superpixels, the grid whose Table 3 coverage "
+                   "the defaults match")
     g = p.add_argument_group("SAM")
     g.add_argument("--checkpoint", help=f"SAM checkpoint file ({SAM_CHECKPOINTS_URL})")
     g.add_argument("--model-type", default="vit_h", help="vit_h (paper), vit_l or vit_b")
@@ -85,16 +88,24 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
     return 0 if ok else 1
 
 # %% ../../nbs/50_cli_masks.ipynb #bb76fa14
+def _summary(store: MaskStore, log=print):
+    log(coverage_line(store_stats(store, limit=5000)))
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-masks`"
     p = _parser()
     a = p.parse_args(argv)
     try:
+        if a.summary:
+            _summary(MaskStore(a.summary))
+            return 0
         if a.verify:
             if len(a.verify) > 2: p.error("--verify takes STORE and optionally IMAGE_DIR")
             store = MaskStore(a.verify[0])
             image_dir = a.verify[1] if len(a.verify) > 1 else (a.image_dir or store.image_dir)
-            return _report(verify_store(store, image_dir, progress=not a.no_progress), store, image_dir)
+            rc = _report(verify_store(store, image_dir, progress=not a.no_progress), store, image_dir)
+            _summary(store)
+            return rc
         if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
         if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
         masker = make_masker(a, log=lambda m: print(m, file=sys.stderr))
@@ -108,4 +119,5 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['errors']} unreadable; {len(store)} entries in the store"
           + (" [superpixel STAND-IN, not SAM]" if store.stand_in else ""))
     for k, e in list(errs.items())[:20]: print(f"  unreadable: {k}: {e['error']}")
+    _summary(store)
     return 0
