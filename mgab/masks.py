@@ -740,7 +740,9 @@ def coverage_line(s: dict,  # `store_stats` of a store
     g = st.get("points_per_side")
     at = f"; {SAM_PAPER_COVERAGE[g]:.1%} at {g}x{g}" if g in SAM_PAPER_COVERAGE else ""
     over = f"{s['n']} images" if s["n"] == s.get("total", s["n"]) else f"{s['n']} of {s['total']} images (sampled)"
-    if s["stand_in"]: gen = f"{s['generator']} stand-in ({st.get('method', '?')}, {g}x{g} calibration), NOT SAM"
+    if s["stand_in"] and "method" in st:
+        gen = f"{s['generator']} stand-in ({st['method']}, {g}x{g} calibration), NOT SAM"
+    elif s["stand_in"]: gen = f"{s['generator']} stand-in, NOT SAM"
     elif s["generator"] == "sam": gen = f"sam ({st.get('model_type')}, {g}x{g} grid)"
     else: gen = str(s["generator"])
     return (f"mean coverage {s['mean_coverage']:.1%} over {over} (SAM ViT-H in the paper: {lo * 100:.1f}-"
