@@ -27,4 +27,4 @@ echo "== mgab-docs (offline HTML docs; every notebook must render)"
 mgab-docs --no-execute --out _docs
 
 echo "== pytest"
-python -m pytest tests -q -p no:cacheprovider "$@"
+python -m pytest tests -q -p no:cacheprovider --durations=10 "$@"
