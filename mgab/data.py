@@ -558,8 +558,7 @@ class EmbeddedMasker:
         i = self.index.get(pixel_digest(img))
         if i is None:
             raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker "
-                             "only "
-                             "knows the images it drew; use SuperpixelMasker or SamMasker for other images")
+                             "only knows the images it drew; use SuperpixelMasker or SamMasker for other images")
         owner, vis, anns = self.owner[i], self.visible[i], []
         for k in range(int(owner.max()) + 1):
             seg = owner == k

@@ -299,7 +299,7 @@ def param_groups(model: nn.Module,
     return groups
 
 # %% ../nbs/03_vit.ipynb #92170e21
-RUN_ENCODERS = ("encoder", "student")  # encoder.pth: the run's encoder (DINO: the EMA teacher); student.pth: DINO's student
+RUN_ENCODERS = ("encoder", "student")  # encoder.pth: the run's encoder (DINO: its EMA teacher); student.pth: DINO
 
 def load_run_encoder(run_dir: str | Path,  # a folder written by mgab-pretrain / mgab-distill
                      which: str = "encoder",  # "encoder" (`encoder.pth`) or "student" (`student.pth`, DINO runs)

@@ -194,10 +194,12 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     for f in ("config.json", "checkpoints/last.pth"):
         if not (teacher/f).is_file(): p.error(f"--teacher {a.teacher!r}: no {f} (is it a finished mgab-pretrain run?)")
     if a.data is not None and not Path(a.data).expanduser().is_dir(): p.error(f"--data {a.data!r}: no such folder")
-    if a.masks is not None and not Path(a.masks).expanduser().exists(): p.error(f"--masks {a.masks!r}: no such mask store")
+    if a.masks is not None and not Path(a.masks).expanduser().exists():
+        p.error(f"--masks {a.masks!r}: no such mask store")
     ckpt = out/"checkpoints"/"last.pth"
     if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-    if not a.resume and ckpt.exists(): p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
+    if not a.resume and ckpt.exists():
+        p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
     try: layers = None if a.layers is None else [int(l) for l in a.layers.split(",")]
     except ValueError: p.error(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,1,2")
     res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
