@@ -173,10 +173,11 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
 # %% ../nbs/53_demo.ipynb #4f7f6f09
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-demo`"
-    p = argparse.ArgumentParser(prog="mgab-demo", description=run_demo.__doc__)
+    p = argparse.ArgumentParser(prog="mgab-demo", description=run_demo.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEMO_DEFAULTS
-    p.add_argument("--out", default="runs/demo", help="study folder (default runs/demo); rerun to resume")
-    p.add_argument("--data", default=d["data"], help="embedded (default), imagenette, imagenet100:ROOT or a folder "
+    p.add_argument("--out", default="runs/demo", help="study folder; rerun to resume")
+    p.add_argument("--data", default=d["data"], help="embedded, imagenette, imagenet100:ROOT or a folder "
                    "with train/ and val/")
     p.add_argument("--masks", help="an existing mask store for --data (default: build one in OUT/masks)")
     p.add_argument("--checkpoint", help="SAM checkpoint (e.g. sam_vit_h_4b8939.pth) to make real SAM masks")
