@@ -520,7 +520,8 @@ def paired_bootstrap(correct_a,  # (N,) bool: image i classified right by a
 # %% ../nbs/30_evaluate.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
 KINDS = ("random", "baseline", "biased", "distilled")  # a group's order in the tables
-REPLICATE_KEYS = ("seed", "out")  # run configs equal but for these are seeds of one variant
+# run configs equal but for these are seeds of one variant (progress bars and loader workers change no result)
+REPLICATE_KEYS = ("seed", "out", "progress", "num_workers")
 _SIZES = dict(tiny="Ti", small="S", base="B", large="L", huge="H", giant="g")
 _METHODS = dict(mae="MAE", dino="DINO")
 
@@ -548,10 +549,11 @@ def _variant(model_cfg: dict) -> str:
     return f" [{', '.join(parts)}]" if parts else ""
 
 def _teacher_dir(cfg: dict, run_dir: Path) -> Path | None:
-    "The run folder of a distilled run's teacher, when `cfg['teacher']` names one (relative to the run or cwd)"
+    "The run folder of a distilled run's teacher named by `cfg['teacher']` (relative to the run, cwd, or beside it)"
     t = cfg.get("teacher")
     if not isinstance(t, str): return None
-    return next((p for p in (Path(run_dir)/t, Path(t)) if (p/"config.json").is_file()), None)
+    cands = (Path(run_dir)/t, Path(t), Path(run_dir).parent/Path(t).name)  # the last: a study read from elsewhere
+    return next((p for p in cands if (p/"config.json").is_file()), None)
 
 def replicate_key(cfg: dict, run_dir: str | Path) -> str:
     "The config without `REPLICATE_KEYS` (a teacher folder replaced by its own key): equal for the seeds of a variant"
