@@ -698,3 +698,22 @@ def test_plot_attention_on_off(folder, tmp_path):
     plt.close(fig)
     written = report([attention_run(tmp_path, "ours", 1., -1.)], tmp_path/"rep", data=data, masks=store)
     assert written["attention.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replicate_key_ignores_run_time_settings_and_finds_moved_teachers(tmp_path):
+    "Seeds of one variant group even when one was run with progress bars or other workers; teachers found beside"
+    import json
+    from mgab.evaluate import replicate_key
+    a = dict(method="mae", seed=0, out="a", progress=True, num_workers=None, lr=1e-3,
+             model=dict(name="vit_tiny_patch16_224"))
+    b = dict(a, seed=1, out="b", progress=False, num_workers=2)
+    assert replicate_key(a, tmp_path) == replicate_key(b, tmp_path)
+    assert replicate_key(a, tmp_path) != replicate_key(dict(a, lr=2e-3), tmp_path)
+    study = tmp_path / "study"
+    for name, seed in (("t0", 0), ("t1", 1)):
+        (study / name).mkdir(parents=True)
+        (study / name / "config.json").write_text(json.dumps(dict(a, seed=seed, out=f"elsewhere/{name}")))
+    # students that recorded their teachers relative to another working directory
+    k0, k1 = (replicate_key(dict(method="mae", distill=True, seed=s, out=f"s{s}", teacher=f"elsewhere/t{s}"),
+                            study / f"s{s}") for s in (0, 1))
+    assert k0 == k1 and isinstance(json.loads(k0)["teacher"], dict)
