@@ -159,7 +159,6 @@ def last_row(stdout):
 
 def test_mgab_eval_student_entry_point(tmp_path, capsys):
     "--student evaluates student.pth (recorded as encoder=student), exit 0, stderr empty; without student.pth, exit 2"
-    pytest.importorskip("mgab.data")
     data = colour_folder(tmp_path/"data")
     run = make_run(tmp_path/"run", bias=None, method="dino")
     zero = {k: torch.zeros_like(v) for k, v in torch.load(run/"encoder.pth", weights_only=True).items()}
@@ -240,7 +239,7 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
 # ---------------------------------------------------------------- end to end, with mgab.data (and mgab.masks)
 @pytest.fixture
 def embedded():
-    data = pytest.importorskip("mgab.data")
+    import mgab.data as data
     return data.embedded_dataset()
 
 
@@ -257,7 +256,7 @@ def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
 
 
 def test_eval_main_embedded_with_masks(tmp_path, embedded):
-    masks = pytest.importorskip("mgab.masks")
+    import mgab.masks as masks
     masks.make_mask_store(embedded, tmp_path/"store", masks.SuperpixelMasker("slic", c=5), progress=False)
     run = make_run(tmp_path/"run")
     row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",

@@ -164,8 +164,8 @@ def test_parsing_imports_no_torch():
 
 @pytest.mark.slow
 def test_end_to_end_with_resume(tmp_path, capsys):
-    data = pytest.importorskip("mgab.data")
-    masks = pytest.importorskip("mgab.masks")
+    import mgab.data as data
+    import mgab.masks as masks
     root = data.embedded_dataset()
     masks.make_mask_store(root, tmp_path/"masks", masks.SuperpixelMasker(c=5), progress=False)
     argv = ["--method", "mae", "--data", str(root), "--masks", str(tmp_path/"masks"), "--arch", "vit_tiny_patch16_224",
@@ -185,7 +185,6 @@ def test_end_to_end_with_resume(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def distill_teacher(tmp_path_factory):
     "A finished biased MAE run on 20 tiny embedded images (32 px, depth 2): something for mgab-distill to distil"
-    pytest.importorskip("mgab.data")
     from mgab.data import make_embedded
     from mgab.mae import pretrain_mae
     from mgab.masks import SuperpixelMasker, make_mask_store

@@ -494,7 +494,6 @@ def tiny_image_folder(root, n=8, size=40):
 
 def test_dino_run_folder_holds_teacher_and_student(tmp_path):
     "`pretrain_dino` on an ImageFolder: encoder.pth is the EMA teacher's encoder, student.pth the student's"
-    pytest.importorskip("mgab.data")
     data = tiny_image_folder(tmp_path/"data")
     c = dict(data=str(data), masks=None, out=str(tmp_path/"run"), epochs=2, bs=8, lr=5e-4, warmup_epochs=1,
              out_dim=32, head_hidden_dim=64, head_bottleneck_dim=16, global_size=32, local_size=16, n_local=2,
@@ -515,7 +514,6 @@ def test_dino_run_folder_holds_teacher_and_student(tmp_path):
 @pytest.mark.slow
 def test_pretrain_dino_on_embedded_data(tmp_path):
     "The run `mgab-pretrain --method dino` makes: data resolved and loaded by mgab.data"
-    pytest.importorskip("mgab.data")
     c = dict(method="dino", data="embedded", masks=None, out=str(tmp_path/"run"), epochs=1, bs=64, out_dim=64,
              head_hidden_dim=128, head_bottleneck_dim=32, global_size=32, local_size=16, n_local=2, num_workers=0,
              model=MODEL, progress=False)
@@ -527,7 +525,7 @@ def test_pretrain_dino_on_embedded_data(tmp_path):
 
 @pytest.mark.slow
 def test_multicrop_dls_labels_reach_student_and_teacher():
-    data = pytest.importorskip("mgab.data")
+    import mgab.data as data
     dls = data.multicrop_dls(data.embedded_dataset(progress=False), QuadrantStore(), global_size=32, local_size=16,
                              n_local=2, patch_size=8, bs=8, valid=False, num_workers=0)
     spy = Spy()

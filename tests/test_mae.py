@@ -322,14 +322,14 @@ def test_bf16_run_on_cuda(tmp_path):
 # --- with mgab.data (after merge) -------------------------------------------------------------------------------
 
 def _store(image_root, out):
-    masks = pytest.importorskip("mgab.masks")
+    import mgab.masks as masks
     masks.make_mask_store(image_root, out, masks.SuperpixelMasker(c=5), progress=False)
     return out
 
 
 @pytest.mark.slow
 def test_short_run_on_embedded_data(tmp_path):
-    data = pytest.importorskip("mgab.data")
+    import mgab.data as data
     root = data.embedded_dataset()
     cfg = dict(epochs=3, out=tmp_path/"run", data=root, masks=_store(root, tmp_path/"masks"), blr=1.5e-3, bs=32,
                progress=False, model=dict(name="vit_tiny_patch16_224", img_size=64), num_workers=0)
@@ -339,7 +339,6 @@ def test_short_run_on_embedded_data(tmp_path):
 
 @pytest.mark.slow
 def test_short_run_on_imagenette(tmp_path, imagenette):
-    pytest.importorskip("mgab.data")
     cfg = dict(epochs=2, out=tmp_path/"run", data=imagenette, masks=_store(imagenette, tmp_path/"masks"), blr=1.5e-3,
                bs=32, progress=False, model=dict(name="vit_tiny_patch16_224", img_size=64), num_workers=0)
     rows = _metrics(pretrain_mae(cfg))
