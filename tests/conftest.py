@@ -7,6 +7,11 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGENETTE = SHARED / "data" / "imagenette-mini"
 
 
+def pytest_configure(config):
+    "Under pytest-xdist (tests/run_all.sh runs two workers) each worker uses one intra-op thread: no oversubscription"
+    if os.environ.get("PYTEST_XDIST_WORKER"): torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 

@@ -3,7 +3,7 @@
 #   1. nbdev-export + nbdev-clean must leave the notebooks and mgab/ exactly as committed,
 #   2. nbdev-test runs every notebook (cells flagged `slow`/`gpu` are skipped; `--flags slow` runs them),
 #   3. mgab-docs renders every processed notebook to HTML (fails on one that does not render),
-#   4. pytest runs tests/ (`--runslow` or MGAB_SLOW=1 adds the slow ones). Its summary is the last line printed.
+#   4. pytest runs tests/ on two workers (`--runslow` or MGAB_SLOW=1 adds the slow ones); its summary is printed last.
 # `set -e` makes any failure, pytest's exit code 5 ("no tests collected") included, fail the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +27,5 @@ echo "== mgab-docs (offline HTML docs; every notebook must render)"
 mgab-docs --no-execute --out _docs
 
 echo "== pytest"
-python -m pytest tests -q -p no:cacheprovider --durations=10 "$@"
+# two workers (pytest-xdist), one test module per worker at a time so module fixtures are built once
+OMP_NUM_THREADS=1 python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=10 "$@"

@@ -16,7 +16,6 @@ from mgab.dino import (DINO, DINOHead, DINOLoss, DINOStudent, DINO_DEFAULTS, col
 from mgab.train import SSLTarget, fit_run
 from mgab.vit import create_vit, load_run_encoder
 
-torch.set_num_threads(1)
 
 
 # --- DINO's loss, transcribed from facebookresearch/dino main_dino.py (DINOLoss), single process ---

@@ -5,7 +5,6 @@ import pytest
 import torch
 from pathlib import Path
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from mgab.mae import MAE, pretrain_mae, random_masking, sincos_pos_embed
 from mgab.mre import labels2tokens, mask_bias
 from mgab.vit import create_vit, load_run_encoder
 
-torch.set_num_threads(2)
 TINY = dict(name="vit_tiny_patch16_224", img_size=32)
 
 

@@ -6,7 +6,6 @@ import torch
 from mgab.mre import mask_bias
 from mgab.vit import biased_sdpa, create_vit, load_vit_checkpoint, MaskBiasAttention
 
-torch.set_num_threads(2)
 
 
 def _randomise_bias(model, gen):
