@@ -53,7 +53,7 @@ def load_image(path: str | os.PathLike,  # an image file PIL can read
 # %% ../nbs/01_masks.ipynb #7e2a1c02
 class UnreadableImages:
     "The images a run skipped because they cannot be read, listed once in one warning line"
-    def __init__(self, where: str):  # what the images belong to, e.g. "masks of /data/imagenette"
+    def __init__(self, where: str):  # where the images are, e.g. "under /data/imagenette"
         self.where, self.errors, self._told = where, {}, 0
 
     def add(self, name, error):
@@ -75,7 +75,7 @@ class UnreadableImages:
         names = list(self.errors)
         more = f" and {len(names) - n} more" if len(names) > n else ""
         s = "" if len(names) == 1 else "s"
-        return (f"mgab: warning: skipped {len(names)} unreadable image{s} of {self.where}: {', '.join(names[:n])}"
+        return (f"mgab: warning: skipped {len(names)} unreadable image{s} {self.where}: {', '.join(names[:n])}"
                 f"{more} ({self.errors[names[0]]})")
 
     def warn(self, file=None):
@@ -773,7 +773,7 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
     store = MaskStore(out)
     generator = info["generator"] + (" (stand-in)" if info.get("stand_in") else "")
     c, settings_id = info.get("settings", {}).get("c"), _settings_id(info)
-    skips = UnreadableImages(f"{image_dir} (masks)")
+    skips = UnreadableImages(f"under {image_dir} (no masks)")
 
     def prepare(k):
         src, entry = image_dir/k, store.entry_path(k)
