@@ -188,10 +188,11 @@ class MaskedImages(torch.utils.data.Dataset):
         self.files, self.root, self.views, self.masks = [Path(f) for f in files], Path(root), list(views), masks
         self.patch_size, self.labels, self.vocab = patch_size, labels, vocab
         self.unreadable = UnreadableImages(f"under {self.root}")
-        if hasattr(masks, "unreadable"):  # the mask stage found them unreadable: leave them out, say so once
-            bad = masks.unreadable({self._name(i): f for i, f in enumerate(self.files)})
+        if getattr(masks, "errors", None):  # images the mask stage could not read: leave them out, say so once
+            names = [self._name(i) for i in range(len(self.files))]
+            bad = masks.unreadable(dict(zip(names, self.files)))
             for name, err in bad.items(): self.unreadable.add(name, err)
-            keep = [i for i in range(len(self.files)) if self._name(i) not in bad]
+            keep = [i for i, name in enumerate(names) if name not in bad]
             self.files = [self.files[i] for i in keep]
             if labels is not None: self.labels = [labels[i] for i in keep]
             self.unreadable.warn()

@@ -486,8 +486,7 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 def read_meta(path: str | os.PathLike) -> dict:
     "The metadata of one store entry without decoding its pixels (its PNG text chunk); `CorruptMaskError` if none"
-    path = Path(path)
-    data, pos = path.read_bytes(), 8
+    with open(path, "rb") as f: data, pos = f.read(), 8
     if data.startswith(_PNG_SIG):
         while pos + 8 <= len(data):  # PNG chunks: length, type, data, CRC
             n, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -651,24 +650,26 @@ class MaskStore:
                     ) -> dict:  # counts: checked, hashed
         "Refuse entries that do not match their images: size + mtime, SHA-256 on mismatch and for a sample"
         want, keys = _settings_id(self.info), list(images)
-        sampled = set(random.sample(keys, min(sample, len(keys))))
+        sampled = set(random.Random().sample(keys, min(sample, len(keys))))  # own RNG: crops' stream untouched
         bad, foreign, hashed, real_dirs = [], 0, 0, {}
         def real(p: Path) -> str:  # resolved once per folder, not once per file
             d = real_dirs.get(p.parent)
             if d is None: d = real_dirs[p.parent] = os.path.realpath(p.parent)
             return os.path.join(d, p.name)
-        for k in keys:
-            path = Path(images[k]).absolute()
+        masks_dir = os.path.join(self.root, "masks")
+        for k in keys:  # plain strings and os.path: pathlib would cost more than the check (~20 us an entry)
+            path = os.path.abspath(images[k])
             try:
-                key = self.key(k)
-                meta, st = read_meta(self.root/"masks"/(key + ".png")), path.stat()
+                key = self.key(k) if os.path.isabs(k) else k
+                meta, st = read_meta(os.path.join(masks_dir, key + ".png")), os.stat(path)
                 ok = meta.get("settings_id", want) == want  # entries of another generator: a racing writer's
                 if ok and (k in sampled or (meta.get("bytes"), meta.get("mtime_ns")) != (st.st_size, st.st_mtime_ns)):
-                    ok = meta.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest(); hashed += 1
+                    with open(path, "rb") as f: ok = meta.get("sha256") == hashlib.sha256(f.read()).hexdigest()
+                    hashed += 1
             except (OSError, KeyError, CorruptMaskError): key, ok = None, False  # gone or damaged
             if ok: continue
             bad.append(k)
-            foreign += key is None or real(self.image_dir/key) != real(path)  # masked from another file
+            foreign += key is None or real(self.image_dir/key) != real(Path(path))  # masked from another file
         if not bad: return dict(checked=len(keys), hashed=hashed)
         names = ", ".join(Path(k).as_posix() for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         if foreign:
