@@ -17,28 +17,23 @@ from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
 from fastai.data.external import URLs, untar_data
 from fastai.torch_core import default_device
 from .core import asset_path, data_dir
-from .masks import MaskStore, label_map, load_image, show_masks
+from .masks import MaskStore, UnreadableImages, label_map, list_images, load_image, show_masks
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTENSIONS', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES',
-           'EMBEDDED_DISTRACTORS', 'EMBEDDED_CONFIG', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views',
-           'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops',
-           'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'embedded_image',
-           'pixel_digest', 'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette',
-           'imagenet100_classes', 'imagenet100', 'resolve_data', 'show_crops']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES', 'EMBEDDED_DISTRACTORS',
+           'EMBEDDED_CONFIG', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views', 'eval_view', 'crop_box',
+           'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops', 'pretrain_dls',
+           'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'embedded_image', 'pixel_digest',
+           'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette', 'imagenet100_classes',
+           'imagenet100', 'resolve_data', 'show_crops']
 
 # %% ../nbs/04_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # %% ../nbs/04_data.ipynb #f55d282f
 def image_files(folder) -> list[Path]:
-    "All image files below `folder` (symlinked folders followed, hidden files skipped), sorted"
-    out = []
-    for d, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(o for o in dirs if not o.startswith("."))
-        out += [Path(d)/f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(out)
+    "All image files below `folder`, sorted, as `mgab.masks.list_images` finds them (symlinks followed, once)"
+    return [Path(folder)/k for k in list_images(folder)]
 
 def _check_split(path: Path, split: str) -> Path:
     p = path/split
@@ -192,6 +187,15 @@ class MaskedImages(torch.utils.data.Dataset):
         if isinstance(masks, (str, os.PathLike)): masks = MaskStore(masks)  # a store folder, e.g. from the CLI
         self.files, self.root, self.views, self.masks = [Path(f) for f in files], Path(root), list(views), masks
         self.patch_size, self.labels, self.vocab = patch_size, labels, vocab
+        self.unreadable = UnreadableImages(f"under {self.root}")
+        if getattr(masks, "errors", None):  # images the mask stage could not read: leave them out, say so once
+            names = [self._name(i) for i in range(len(self.files))]
+            bad = masks.unreadable(dict(zip(names, self.files)))
+            for name, err in bad.items(): self.unreadable.add(name, err)
+            keep = [i for i, name in enumerate(names) if name not in bad]
+            self.files = [self.files[i] for i in keep]
+            if labels is not None: self.labels = [labels[i] for i in keep]
+            self.unreadable.warn()
         for v in self.views:
             if v.size % patch_size: raise ValueError(f"crop size {v.size} is not a multiple of patch_size {patch_size}")
         if resample not in ("bilinear", "bicubic"):
@@ -199,6 +203,12 @@ class MaskedImages(torch.utils.data.Dataset):
         self.resample = Image.Resampling.BILINEAR if resample == "bilinear" else Image.Resampling.BICUBIC
         self.keys = None if masks is None else mask_keys(self.files, self.root, masks, missing_masks)
         self.n_missing = 0 if self.keys is None else sum(k is None for k in self.keys)
+        if self.keys is not None and hasattr(masks, "check_images"):  # stale or foreign entries: `StaleMasksError`
+            masks.check_images({k: f for k, f in zip(self.keys, self.files) if k is not None}, where=self.root)
+
+    def _name(self, i: int) -> str:
+        try: return self.files[i].relative_to(self.root).as_posix()
+        except ValueError: return str(self.files[i])
 
     @property
     def has_masks(self) -> bool: return self.masks is not None
@@ -222,7 +232,13 @@ class MaskedImages(torch.utils.data.Dataset):
         return lm
 
     def __getitem__(self, i: int):
-        img = load_image(self.files[i])
+        n = len(self.files)
+        for j in range(i, i + n):  # an image that cannot be read gives its place to the next readable one
+            img = self.unreadable.load(self.files[j % n], self._name(j % n))
+            if img is not None: i = j % n; break
+            self.unreadable.warn()
+        else: raise ValueError(f"none of the {n} images under {self.root} can be read: "
+                               f"{next(iter(self.unreadable.errors.values()))}")
         H, W = img.shape[:2]
         lm, pil = self.label_map(i, (H, W)), Image.fromarray(img)
         xs, ms = [], []

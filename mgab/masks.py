@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 
 # %% ../nbs/01_masks.ipynb #afb1d37e
 from __future__ import annotations
-import hashlib, io, json, os, socket, zlib
+import hashlib, io, json, os, random, socket, struct, sys, zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'SAM_PAPER_COVERAGE', 'STORE_FORMAT', 'load_image',
-           'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker', 'label_map_agreement', 'SuperpixelMasker',
-           'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps', 'grid_mask_ratios', 'show_prompt_grid',
-           'MissingMaskError', 'CorruptMaskError', 'read_entry', 'write_entry', 'list_images', 'shard_of', 'MaskStore',
-           'make_mask_store', 'verify_store', 'store_is_valid', 'store_stats', 'coverage_line', 'store_summary']
+           'UnreadableImages', 'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker', 'label_map_agreement',
+           'SuperpixelMasker', 'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps', 'grid_mask_ratios',
+           'show_prompt_grid', 'MissingMaskError', 'CorruptMaskError', 'StaleMasksError', 'read_entry', 'read_meta',
+           'write_entry', 'list_images', 'shard_of', 'MaskStore', 'make_mask_store', 'verify_store', 'store_is_valid',
+           'store_stats', 'coverage_line', 'store_summary']
 
 # %% ../nbs/01_masks.ipynb #1aa374c8
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float samples, one channel
@@ -48,6 +49,40 @@ def load_image(path: str | os.PathLike,  # an image file PIL can read
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image {path} does not exist")
     return _decode_image(path, path)
+
+# %% ../nbs/01_masks.ipynb #7e2a1c02
+class UnreadableImages:
+    "The images a run skipped because they cannot be read, listed once in one warning line"
+    def __init__(self, where: str):  # where the images are, e.g. "under /data/imagenette"
+        self.where, self.errors, self._told = where, {}, 0
+
+    def add(self, name, error):
+        "Record image `name` as unreadable with `error`"
+        self.errors.setdefault(str(name), str(error))
+
+    def load(self, path: str | os.PathLike, name=None) -> np.ndarray | None:
+        "`load_image(path)`, or None when it cannot be read (then recorded under `name`, default `path`)"
+        try: return load_image(path)
+        except (OSError, ValueError) as e:
+            self.add(path if name is None else name, e)
+            return None
+
+    def __len__(self): return len(self.errors)
+    def __contains__(self, name): return str(name) in self.errors
+
+    def line(self, n: int = 3) -> str:
+        "The warning: how many images were skipped, the first `n` names and the first error"
+        names = list(self.errors)
+        more = f" and {len(names) - n} more" if len(names) > n else ""
+        s = "" if len(names) == 1 else "s"
+        return (f"mgab: warning: skipped {len(names)} unreadable image{s} {self.where}: {', '.join(names[:n])}"
+                f"{more} ({self.errors[names[0]]})")
+
+    def warn(self, file=None):
+        "Print `line()` to stderr once, and again only when more images were skipped since"
+        if len(self.errors) > self._told:
+            print(self.line(), file=file or sys.stderr, flush=True)
+            self._told = len(self.errors)
 
 # %% ../nbs/01_masks.ipynb #bb954a33
 def _segmentation(ann: Mapping, i: int) -> np.ndarray:
@@ -425,6 +460,9 @@ class MissingMaskError(KeyError):
 class CorruptMaskError(ValueError):
     "A mask store entry cannot be read back"
 
+class StaleMasksError(ValueError):
+    "Mask store entries do not match the images they are used for"
+
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 def read_entry(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -443,6 +481,20 @@ def read_entry(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     if list(lm.shape) != list(meta.get("shape", [])) or zlib.crc32(lm.tobytes()) != meta.get("crc32"):
         raise CorruptMaskError(f"corrupt mask entry {path}: its pixels do not match the recorded shape and CRC-32")
     return lm, meta
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+def read_meta(path: str | os.PathLike) -> dict:
+    "The metadata of one store entry without decoding its pixels (its PNG text chunk); `CorruptMaskError` if none"
+    with open(path, "rb") as f: data, pos = f.read(), 8
+    if data.startswith(_PNG_SIG):
+        while pos + 8 <= len(data):  # PNG chunks: length, type, data, CRC
+            n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            if kind == b"tEXt" and data[pos + 8:pos + 13] == b"mgab\x00":
+                try: return json.loads(data[pos + 13:pos + 8 + n].decode("latin-1"))
+                except ValueError: break
+            pos += 12 + n
+    raise CorruptMaskError(f"corrupt mask entry {path}: no readable mgab metadata")
 
 def _tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
@@ -468,18 +520,34 @@ def _fingerprint_bytes(data: bytes, st: os.stat_result) -> dict:
 
 def _is_image(name: str) -> bool: return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
 
-def list_images(image_dir: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
-    "Relative POSIX paths of the image files below `image_dir`, sorted; hidden files and `exclude`d folders skipped"
+def list_images(image_dir: str | os.PathLike,  # the folder to search, recursively
+                exclude: Iterable[str | os.PathLike] = (),  # folders to leave out (a store inside `image_dir`)
+               ) -> list[str]:  # relative POSIX paths, sorted like `Path`s
+    "The image files below `image_dir`: hidden ones and `exclude`d folders skipped, each real file once"
     root = Path(image_dir)
     if not root.is_dir(): raise FileNotFoundError(f"image folder {root} does not exist")
-    skip = {os.path.abspath(p) for p in exclude}
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders are often symlinks
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.abspath(os.path.join(dirpath, d)) not in skip)
-        rel = Path(dirpath).relative_to(root)
-        out += [(rel/f).as_posix() for f in filenames if _is_image(f)]
-    return sorted(out)
+    skip = {os.path.realpath(p) for p in exclude}
+    seen_dirs, seen_files, out = set(), set(), []
+    def walk(d: str, real: str, rel: str):
+        if real in seen_dirs or real in skip: return  # a symlink loop, or a folder reached twice
+        seen_dirs.add(real)
+        try: entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError: return
+        for e in entries:
+            if e.name.startswith("."): continue
+            # class folders are often symlinks: follow them, by real path, and each only once
+            r = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+            try: is_dir = e.is_dir()
+            except OSError: is_dir = False
+            if is_dir: walk(e.path, r, f"{rel}{e.name}/")
+            elif _is_image(e.name) and r not in seen_files: seen_files.add(r); out.append(f"{rel}{e.name}")
+    walk(str(root), os.path.realpath(root), "")
+    return sorted(out, key=lambda k: k.split("/"))
+
+def _settings_id(info: Mapping) -> str:
+    "A short digest of a store's generator and settings, recorded in each entry"
+    spec = json.dumps([info.get("generator"), info.get("settings")], sort_keys=True)
+    return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
 def shard_of(key: str, num_shards: int) -> int:
     "The shard an image belongs to: a fixed function of its relative path"
@@ -560,6 +628,61 @@ class MaskStore:
             out.update(json.loads(f.read_text()))
         return {k: v for k, v in out.items() if k not in self}
 
+    def unreadable(self, images: Mapping[str, str | os.PathLike],  # name -> image file
+                  ) -> dict:  # {name: error} of those recorded unreadable and unchanged since
+        "The images this store could not read when it was built, if they are still the same files"
+        errors, out = self.errors, {}
+        if not errors: return out
+        for name, path in images.items():
+            e = errors.get(name)
+            if e is None:
+                try: e = errors.get(self.key(Path(path).absolute()))
+                except KeyError: pass
+            if e is None: continue
+            try: st = os.stat(path)
+            except OSError: continue
+            if (e.get("bytes"), e.get("mtime_ns")) == (st.st_size, st.st_mtime_ns): out[name] = e["error"]
+        return out
+
+    def check_images(self, images: Mapping[str, str | os.PathLike],  # store key -> the image file it is used for
+                     sample: int = 8,  # entries whose images are hashed even when size and mtime match
+                     where: str | os.PathLike | None = None,  # the images' folder, named in the message
+                    ) -> dict:  # counts: checked, hashed
+        "Refuse entries that do not match their images: size + mtime, SHA-256 on mismatch and for a sample"
+        want, keys = _settings_id(self.info), list(images)
+        sampled = set(random.Random().sample(keys, min(sample, len(keys))))  # own RNG: crops' stream untouched
+        bad, foreign, hashed, real_dirs = [], 0, 0, {}
+        def real(p: Path) -> str:  # resolved once per folder, not once per file
+            d = real_dirs.get(p.parent)
+            if d is None: d = real_dirs[p.parent] = os.path.realpath(p.parent)
+            return os.path.join(d, p.name)
+        masks_dir = os.path.join(self.root, "masks")
+        for k in keys:  # plain strings and os.path: pathlib would cost more than the check (~20 us an entry)
+            path = os.path.abspath(images[k])
+            try:
+                key = self.key(k) if os.path.isabs(k) else k
+                meta, st = read_meta(os.path.join(masks_dir, key + ".png")), os.stat(path)
+                ok = meta.get("settings_id", want) == want  # entries of another generator: a racing writer's
+                if ok and (k in sampled or (meta.get("bytes"), meta.get("mtime_ns")) != (st.st_size, st.st_mtime_ns)):
+                    with open(path, "rb") as f: ok = meta.get("sha256") == hashlib.sha256(f.read()).hexdigest()
+                    hashed += 1
+            except (OSError, KeyError, CorruptMaskError): key, ok = None, False  # gone or damaged
+            if ok: continue
+            bad.append(k)
+            foreign += key is None or real(self.image_dir/key) != real(Path(path))  # masked from another file
+        if not bad: return dict(checked=len(keys), hashed=hashed)
+        names = ", ".join(Path(k).as_posix() for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        if foreign:
+            where = where or os.path.commonpath([Path(images[k]).absolute().parent for k in bad])
+            raise StaleMasksError(
+                f"mask store {self.root} was built from {self.image_dir}, not from the images under {where}: "
+                f"{len(bad)} of {len(keys)} entries do not match these images ({names}). Build a store for them: "
+                f"`mgab-masks {where} --out NEW_STORE`")
+        raise StaleMasksError(
+            f"{len(bad)} of {len(keys)} entries of mask store {self.root} do not match their images under "
+            f"{self.image_dir} (changed since they were masked, or damaged): {names}. Recompute them: "
+            f"`mgab-masks {self.image_dir} --out {self.root} --repair`")
+
     def __repr__(self):
         tag = " [STAND-IN, not SAM]" if self.stand_in else ""
         return f"MaskStore({str(self.root)!r}, generator={self.info.get('generator')!r}{tag})"
@@ -597,10 +720,28 @@ def _prefetch(fn: Callable, items: list, ahead: int = 4):
             if nxt is not None: q.append(ex.submit(fn, nxt))
             yield r
 
-def _entry_matches(entry: Path, src: Path, st: os.stat_result) -> bool:
-    try: meta = read_entry(entry)[1]  # decodes and checks the CRC too (~0.2 ms for 224 px)
+def _lock_settings(info_f: Path, info: dict) -> dict:
+    "Write a new store's `info.json` unless another writer did first (atomically: first writer wins); its content"
+    tmp = _tmp_name(info_f)
+    tmp.write_bytes((json.dumps(info, indent=1) + "\n").encode())
+    try:
+        try: os.link(tmp, info_f); return info  # fails if it exists; readers never see a partial file
+        except FileExistsError: pass
+        except OSError:  # no hard links on this filesystem: exclusive create
+            try:
+                with open(info_f, "x") as f: f.write(tmp.read_text()); return info
+            except FileExistsError: pass
+    finally: tmp.unlink(missing_ok=True)
+    return json.loads(info_f.read_text())
+
+def _entry_matches(entry: Path, src: Path, st: os.stat_result, c: int | None, settings_id: str,
+                   repair: bool = False) -> bool:
+    "Is `entry` good for image `src`: readable, labels <= c, this generator's, and the image unchanged"
+    try: lm, meta = read_entry(entry)  # decodes and checks the CRC too (~0.2 ms for 224 px)
     except (OSError, CorruptMaskError): return False  # missing or damaged: recompute
-    if meta.get("bytes") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns: return True
+    if c is not None and int(lm.max(initial=0)) > c: return False
+    if meta.get("settings_id", settings_id) != settings_id: return False
+    if not repair and meta.get("bytes") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns: return True
     return meta.get("sha256") == hashlib.sha256(src.read_bytes()).hexdigest()  # touched but unchanged?
 
 def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched recursively)
@@ -609,6 +750,7 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
                     shard: int = 0,  # this process's shard, 0 <= shard < num_shards
                     num_shards: int = 1,  # processes sharing the work
                     progress: bool = True,  # show a progress bar
+                    repair: bool = False,  # hash every image, as `verify_store` does, not only changed ones
                    ) -> MaskStore:  # the store; `.run_stats` has computed, skipped and error counts of this run
     "Build or resume a mask store of every image below `image_dir`; killed at any moment, a rerun resumes"
     if not 0 <= shard < num_shards: raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, "
@@ -618,14 +760,12 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
     keys = list_images(image_dir, exclude=[out])
     info = dict(format=STORE_FORMAT, **masker_info(masker), image_dir=str(image_dir))
     info_f = out/"info.json"
-    if info_f.is_file():
-        old = json.loads(info_f.read_text())
-        if not _same_generator(old, info):
-            raise ValueError(f"mask store {out} was built with {old.get('generator')} {old.get('settings')} from "
-                             f"{old.get('image_dir')}; this run asks for {info['generator']} {info['settings']} from "
-                             f"{image_dir}. Use another --out for other masks.")
-    else: _atomic_write(info_f, (json.dumps(info, indent=1) + "\n").encode())
     (out/"masks").mkdir(parents=True, exist_ok=True)
+    old = json.loads(info_f.read_text()) if info_f.is_file() else _lock_settings(info_f, info)
+    if not _same_generator(old, info):
+        raise ValueError(f"mask store {out} was built with {old.get('generator')} {old.get('settings')} from "
+                         f"{old.get('image_dir')}; this run asks for {info['generator']} {info['settings']} from "
+                         f"{image_dir}. Use another --out for other masks.")
     _clean_tmp(out)
     mine = [k for k in keys if shard_of(k, num_shards) == shard]
     err_f = out/"errors"/f"shard-{shard}-of-{num_shards}.json"
@@ -633,12 +773,14 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
     save_errors = lambda: _atomic_write(err_f, (json.dumps(errors, indent=1, sort_keys=True) + "\n").encode())
     store = MaskStore(out)
     generator = info["generator"] + (" (stand-in)" if info.get("stand_in") else "")
+    c, settings_id = info.get("settings", {}).get("c"), _settings_id(info)
+    skips = UnreadableImages(f"under {image_dir} (no masks)")
 
     def prepare(k):
         src, entry = image_dir/k, store.entry_path(k)
         try:
             st = src.stat()
-            if _entry_matches(entry, src, st): return k, "skip", None, None
+            if _entry_matches(entry, src, st, c, settings_id, repair): return k, "skip", None, None
             data = src.read_bytes()
             return k, "todo", _decode_image(io.BytesIO(data), src), _fingerprint_bytes(data, st)
         except (OSError, ValueError) as e:
@@ -654,19 +796,20 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
         if status == "skip": stats["skipped"] += 1
         elif status == "error":
             stats["errors"] += 1
-            errors[k] = dict(error=img, **fp); save_errors()
+            errors[k] = dict(error=img, **fp); save_errors(); skips.add(k, img)
         else:
             lm = masker(img)
             if not (isinstance(lm, np.ndarray) and lm.dtype == np.uint8 and lm.shape == img.shape[:2]):
                 desc = f"{lm.dtype} {lm.shape}" if isinstance(lm, np.ndarray) else type(lm).__name__
                 raise ValueError(f"masker {info['generator']} returned {desc} for {k}; expected uint8 "
                                  f"{img.shape[:2]}")
-            write_entry(store.entry_path(k), lm, dict(image=k, generator=generator, **fp))
+            write_entry(store.entry_path(k), lm, dict(image=k, generator=generator, settings_id=settings_id, **fp))
             stats["computed"] += 1
             if errors.pop(k, None) is not None: save_errors()
         bar.update(); bar.set_postfix(stats, refresh=False)
     bar.close()
     if errors and not err_f.is_file(): save_errors()
+    skips.warn()
     store.run_stats = stats
     return store
 
@@ -679,7 +822,7 @@ def verify_store(store: MaskStore | str | os.PathLike,  # a store or its folder
     store = store if isinstance(store, MaskStore) else MaskStore(store)
     image_dir = Path(image_dir or store.image_dir).absolute()
     keys = list_images(image_dir, exclude=[store.root])
-    errors, c = store.errors, store.info.get("settings", {}).get("c")
+    errors, c, sid = store.errors, store.info.get("settings", {}).get("c"), _settings_id(store.info)
     res = dict(missing=[], stale=[], corrupt=[], unreadable=[], extra=[], ok=0)
 
     def check(k):
@@ -694,6 +837,7 @@ def verify_store(store: MaskStore | str | os.PathLike,  # a store or its folder
             lm, meta = read_entry(entry)
             if c is not None and int(lm.max(initial=0)) > c: raise CorruptMaskError(f"label {lm.max()} > c={c}")
         except CorruptMaskError: return k, "corrupt"
+        if meta.get("settings_id", sid) != sid: return k, "stale"  # written by a writer with other settings
         return k, "ok" if meta.get("sha256") == hashlib.sha256(src.read_bytes()).hexdigest() else "stale"
 
     for k, status in tqdm(_prefetch(check, keys), total=len(keys), disable=not progress, desc="verify"):

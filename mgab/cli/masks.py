@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--shard", type=int, default=0, help="this process's shard, 0..num_shards-1")
     w.add_argument("--num-shards", type=int, default=1)
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.add_argument("--repair", action="store_true", help="hash every image, as --verify does, and recompute every "
+                   "entry it would flag (also images changed with their size and modification time kept)")
     return p
 
 # %% ../../nbs/50_cli_masks.ipynb #da8e32f3
@@ -83,8 +85,8 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
         for key in res[k][:20]: log(f"  {k}: {key}" + (f" ({store.errors[key]['error']})" if k == "unreadable" else ""))
         if len(res[k]) > 20: log(f"  ... and {len(res[k]) - 20} more {k}")
     ok = store_is_valid(res)
-    log("verify: OK" if ok else "verify: FAILED; rerun `mgab-masks IMAGE_DIR --out STORE` with the same options "
-        "to recompute the missing, stale and corrupt entries")
+    log("verify: OK" if ok else "verify: FAILED; rerun `mgab-masks IMAGE_DIR --out STORE --repair` with the same "
+        "options to recompute the missing, stale and corrupt entries")
     return 0 if ok else 1
 
 # %% ../../nbs/50_cli_masks.ipynb #bb76fa14
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
         if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
         masker = make_masker(a, log=lambda m: print(m, file=sys.stderr))
-        store = make_mask_store(a.image_dir, a.out, masker, a.shard, a.num_shards, progress=not a.no_progress)
+        store = make_mask_store(a.image_dir, a.out, masker, a.shard, a.num_shards, progress=not a.no_progress,
+                                repair=a.repair)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"mgab-masks: error: {e}", file=sys.stderr)
         return 1
