@@ -12,12 +12,13 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 
-from mgab.evaluate import (LARS, RESULT_COLUMNS, Cell, Classifier, append_result, bias_stats, evaluate_run,
-                           extract_features, fine_tune, hierarchical_bootstrap, items_digest, knn_accuracy, knn_scores,
-                           linear_head, linear_probe, load_predictions, load_runs, lrd_param_groups, paired_bootstrap,
-                           paired_outcomes, plot_attention, plot_bias_stats, predictions_name, read_results, report,
-                           save_predictions, table1, table2, to_markdown, top1, valid_predictions, warmup_cosine,
-                           within_noise)
+from mgab.evaluate import (LARS, MAE_FINETUNE, RESULT_COLUMNS, UNALIGNED, Cell, Classifier, LastBlocks, MixupErase,
+                           MixedTargetLoss, append_result, bias_stats, dino_pool, encoder_features, evaluate_run,
+                           extract_features, fine_tune, finetune_augs, hierarchical_bootstrap, items_digest,
+                           knn_accuracy, knn_scores, linear_head, linear_probe, load_predictions, load_runs,
+                           lrd_param_groups, mae_train_dls, paired_bootstrap, paired_outcomes, plot_attention,
+                           plot_bias_stats, predictions_name, read_results, recipe_notes, report, save_predictions,
+                           table1, table2, to_markdown, top1, valid_predictions, warmup_cosine, within_noise)
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
@@ -269,12 +270,13 @@ def test_finetune_learner_rates_masks_and_regularisation():
     for g, lr in zip(groups, lrs):  # the lr each group got at the last step is the head's times 0.75^(L+1-layer)
         assert lr == pytest.approx(head_lr * 0.75 ** (len(enc.blocks) + 1 - g["layer"]))
     assert [h["wd"] for h in learn.opt.hypers] == [g["weight_decay"] for g in groups]
-    assert learn.loss_func.func.label_smoothing == 0.1
+    assert learn.loss_func.hard.smoothing == 0.1 and learn.augs == UNALIGNED  # with masks: no pixel-moving augs
+    assert not any(isinstance(cb, MixupErase) for cb in learn.cbs)
     rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0. for blk in enc.blocks]
     np.testing.assert_allclose(rates, np.linspace(0, 0.2, DEPTH), atol=1e-6)
     assert not torch.equal(enc.bias_values()["u_pos"], u0["u_pos"])  # masks given: the bias keeps training
     enc2 = biased_encoder(u_pos=0.5, u_neg=-0.5)
-    fine_tune(enc2, dls, epochs=1, with_masks=False, progress=False)
+    fine_tune(enc2, dls, epochs=1, with_masks=False, aa="none", progress=False)  # in-memory items: no RandAugment
     assert torch.equal(enc2.bias_values()["u_pos"], u0["u_pos"])  # no masks: the bias is never used
 
 
@@ -385,8 +387,8 @@ def test_read_results_types(tmp_path):
     assert [(r["protocol"], r["fraction"], r["with_masks"], r["value"]) for r in rows] == [
         ("knn", 1.0, False, 12.5), ("finetune", 0.1, True, 50.0)]
     header = (tmp_path/"results.csv").read_text().splitlines()[0]
-    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp,encoder,predictions"
-    assert [(r["encoder"], r["predictions"]) for r in rows] == [("encoder", "")] * 2
+    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp,encoder,predictions,recipe"
+    assert [(r["encoder"], r["predictions"], r["recipe"]) for r in rows] == [("encoder", "", "")] * 2
 
 
 def test_arch_label_uses_the_runs_patch_size():
@@ -402,15 +404,16 @@ OLD_HEADER = "protocol,fraction,with_masks,metric,value,epochs,arch,method,times
 def test_old_results_file_reads_and_is_upgraded(tmp_path):
     (tmp_path/"results.csv").write_text(OLD_HEADER + "\r\nlinear,1.0,True,top1,61.5,100,vit_tiny_patch16_224,mae,t\r\n")
     old = read_results(tmp_path)
-    assert [(r["value"], r["encoder"], r["predictions"]) for r in old] == [(61.5, "encoder", "")]
+    assert [(r["value"], r["encoder"], r["predictions"], r["recipe"]) for r in old] == [(61.5, "encoder", "", "")]
     append_result(tmp_path, dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=40.,
-                                 encoder="student", predictions="predictions/knn-nomasks-1-student.npz"))
+                                 encoder="student", predictions="predictions/knn-nomasks-1-student.npz", recipe="dino"))
     lines = (tmp_path/"results.csv").read_text().splitlines()
     assert lines[0] == ",".join(RESULT_COLUMNS) and len(lines) == 3
     rows = read_results(tmp_path)
     assert [(r["protocol"], r["value"], r["encoder"]) for r in rows] == [("linear", 61.5, "encoder"),
                                                                         ("knn", 40., "student")]
     assert rows[1]["predictions"] == "predictions/knn-nomasks-1-student.npz"
+    assert [r["recipe"] for r in rows] == ["", "dino"]  # the old row: recipe not recorded
 
 
 # ---------------------------------------------------------------- per-image outcomes and pairing
