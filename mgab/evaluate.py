@@ -171,7 +171,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
 # %% ../nbs/30_evaluate.ipynb #00aa90eb
 def warmup_cosine(pct: float,  # training progress in [0, 1)
                   lr: float,  # peak learning rate
-                  warmup_pct: float = 0.05,  # share of training spent warming up
+                  warmup_pct: float = 0.05,  # share of training spent warming up (MAE: warmup epochs / epochs)
                   min_lr: float = 0.,  # final learning rate
                  ) -> float:
     "MAE's `adjust_learning_rate` with epochs replaced by the share of training done"
@@ -182,7 +182,8 @@ class WarmupCosine(Callback):
     "Set every group's lr to `warmup_cosine(pct_train)` times its `lr_scale` hyper-parameter, before each batch"
     order = ParamScheduler.order
     def __init__(self, warmup_pct: float = 0.05, min_lr: float = 0.):
-        if not 0 <= warmup_pct < 1: raise ValueError(f"`warmup_pct` must be in [0, 1), got {warmup_pct}")
+        if warmup_pct < 0: raise ValueError(f"`warmup_pct` must be >= 0, got {warmup_pct}")
+        # a warmup longer than training (>= 1) never reaches the peak lr, as in MAE's schedule with few epochs
         store_attr()
     def before_fit(self): self.peak_lr = self.opt.hypers[-1]["lr"]  # `Learner.fit` has just set it from `lr`
     def before_batch(self):
