@@ -398,7 +398,8 @@ def finetune_augs(with_masks: bool,  # the encoder reads token labels while it i
             name, why = _UNALIGNED_WHY[k]
             off_py = "'none'" if k == "aa" else repr(UNALIGNED[k])
             raise ValueError(f"{name} ({_flag(k, v)}) {why}: fine-tuning with masks keeps only the crops and flips "
-                             f"the loader aligns with the token labels. Pass {_flag(k, UNALIGNED[k])} (`{k}={off_py}`), "
+                             f"the loader aligns with the token labels. Pass {_flag(k, UNALIGNED[k])} "
+                             f"(`{k}={off_py}`), "
                              "or --no-masks (`with_masks=False`) for MAE's full recipe")
         return dict(UNALIGNED)
     return {k: MAE_FINETUNE[k] for k in UNALIGNED} | asked | {k: UNALIGNED[k] for k in off}
@@ -454,8 +455,8 @@ def mae_train_dls(dls: DataLoaders,  # from `mgab.data.labelled_dls`: the train 
     if not isinstance(ds, MaskedImages):
         raise ValueError(f"MAE's training transform (RandAugment, `aa`) reads image files, but the train set is a "
                          f"{type(ds).__name__}, not mgab.data's MaskedImages: pass aa='none' (--aa none)")
-    tfm = create_transform(ds.views[0].size, is_training=True, color_jitter=None, auto_augment=aa,
-                           interpolation="bicubic", re_prob=0., mean=IMAGENET_MEAN, std=IMAGENET_STD)  # erasing: below
+    tfm = create_transform(ds.views[0].size, is_training=True, color_jitter=None, auto_augment=aa,  # random erasing:
+                           interpolation="bicubic", re_prob=0., mean=IMAGENET_MEAN, std=IMAGENET_STD)  # on batches
     tds, dl = TimmImages(ds, tfm), dls.train
     train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=dl.num_workers,
                    device=dls.device, pin_memory=dls.device is not None and torch.device(dls.device).type == "cuda")

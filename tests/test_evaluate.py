@@ -295,7 +295,12 @@ def test_protocols_on_gpu(tmp_path):
     for proto, kw in (("knn", {}), ("linear", dict(precompute=True)), ("linear", {}), ("finetune", {})):
         row = evaluate_run(tmp_path, dls, proto, epochs=1, progress=False, **kw)
         assert 0 <= row["value"] <= 100 and row["with_masks"] is True
-    assert len(read_results(tmp_path)) == 4
+    # MAE's batch augmentations (RandomErasing, Mixup) and DINO's features on the GPU
+    row = evaluate_run(tmp_path, dls, "finetune", with_masks=False, epochs=1, aa="none", progress=False)
+    assert row["with_masks"] is False and row["recipe"] == "mae"
+    row = evaluate_run(tmp_path, dls, "linear", recipe="dino", epochs=1, progress=False)
+    assert row["recipe"] == "dino" and 0 <= row["value"] <= 100
+    assert len(read_results(tmp_path)) == 6
 
 
 # ---------------------------------------------------------------- report
@@ -722,7 +727,7 @@ def test_replicate_key_ignores_run_time_settings_and_finds_moved_teachers(tmp_pa
     assert k0 == k1 and isinstance(json.loads(k0)["teacher"], dict)
 
 
-# ---------------------------------------------------------------- the references' recipes (MAE fine-tuning, DINO linear)
+# ---------------------------------------------------------------- the references' recipes (MAE fine-tune, DINO linear)
 def _timm_twin(enc, **kw):
     "timm's own VisionTransformer with `enc`'s weights (vanilla attention: `m=None` is the same model)"
     import timm
@@ -749,7 +754,8 @@ def test_fc_norm_pool_then_norm_parity_with_timm():
     groups = lrd_param_groups(clf)  # fc_norm trains at the head's rate, without weight decay
     top = next(g for g in groups if any(p is clf.fc_norm.weight for p in g["params"]))
     assert (top["lr_scale"], top["weight_decay"]) == (1., 0.)
-    with pytest.raises(ValueError, match="pool='avg'"): Classifier(biased_encoder(), nn.Linear(192, 3), "cls", fc_norm=True)
+    with pytest.raises(ValueError, match="pool='avg'"):
+        Classifier(biased_encoder(), nn.Linear(192, 3), "cls", fc_norm=True)
 
 
 def test_dino_last_blocks_features_shape_and_parity_with_timm():
@@ -865,7 +871,8 @@ def test_randaugment_changes_pixels_and_finetune_uses_mae_transform(photo_dls):
         changed += not torch.equal(*outs)
     assert changed >= 3  # each of RandAugment's 2 ops applies with probability 0.5
     x, m, y = mae.one_batch()
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(m.abs().sum()) == 0 and mae.valid is photo_dls.valid
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(m.abs().sum()) == 0
+    assert mae.valid is photo_dls.valid
     learn = fine_tune(biased_encoder(bias=None), photo_dls, epochs=1, progress=False)  # MAE's recipe, all defaults
     assert isinstance(learn.dls.train.dataset.tfm.transforms[2], RandAugment) and learn.augs["reprob"] == 0.25
     assert any(isinstance(cb, MixupErase) for cb in learn.cbs) and isinstance(learn.loss_func, MixedTargetLoss)
@@ -883,7 +890,7 @@ def test_finetune_with_masks_refuses_unaligned_augmentations(flag, value):
 
 
 def test_recipe_columns_and_footnotes(tmp_path):
-    base, ours = make_run(tmp_path, "base", None, 100, [], "dino"), make_run(tmp_path, "ours", "learnable", 100, [], "dino")
+    base, ours = (make_run(tmp_path, n, bias, 100, [], "dino") for n, bias in (("base", None), ("ours", "learnable")))
     for d, bias, mae_v, dino_v in ((base, None, 60., 70.), (ours, "learnable", 62., 75.)):
         for rec, v in (("mae", mae_v), ("dino", dino_v)):
             append_result(d, dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
