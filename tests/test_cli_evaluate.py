@@ -308,3 +308,23 @@ def test_mgab_eval_refuses_pixel_moving_augmentations_with_masks(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("mgab-eval: error: random erasing (--reprob 0.25) replaces pixels") and \
         "Pass --reprob 0 (`reprob=0.0`), or --no-masks" in r.stderr
+
+
+def test_eval_main_subset_file_on_real_loaders(tmp_path):
+    "A SimCLR-style list (`<class>_<n>.png` per line) picks the training images: only class a listed, kNN says a"
+    from PIL import Image
+    import numpy as np
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in zip("ab", ((220, 40, 40), (40, 40, 220))):
+            (tmp_path/"data"/split/c).mkdir(parents=True)
+            for i in range(3):
+                img = np.clip(np.array(colour) + g.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path/"data"/split/c/f"{c}_{i}.png")
+    run = make_run(tmp_path/"run", bias=None)
+    common = ["--run", str(run), "--data", str(tmp_path/"data"), "--protocol", "knn", "--bs", "4", "--no-progress",
+              "--num-workers", "0"]
+    assert eval_cli(common)["value"] == 100.  # all training images: colour decides
+    (tmp_path/"list.txt").write_text("a_0.png\na_2.png\n")
+    row = eval_cli(common + ["--fraction", "0.01", "--subset-file", str(tmp_path/"list.txt")])
+    assert (row["value"], row["fraction"]) == (50., 0.01)  # only class a to vote: every image called a
