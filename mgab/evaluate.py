@@ -397,7 +397,7 @@ def finetune_augs(with_masks: bool,  # the encoder reads token labels while it i
             if k in off: continue
             name, why = _UNALIGNED_WHY[k]
             off_py = "'none'" if k == "aa" else repr(UNALIGNED[k])
-            raise ValueError(f"{name} ({_flag(k, v)}) {why}: fine-tuning with masks keeps only the crops and flips "
+            raise ValueError(f"{name} ({_flag(k, v)}) {why}: fine-tuning with masks keeps only the augmentations "
                              f"the loader aligns with the token labels. Pass {_flag(k, UNALIGNED[k])} "
                              f"(`{k}={off_py}`), "
                              "or --no-masks (`with_masks=False`) for MAE's full recipe")
@@ -521,7 +521,7 @@ RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footn
     ("linear", "dino"): "DINO's linear evaluation (facebookresearch/dino eval_linear.py: last blocks' CLS tokens, SGD)",
     ("knn", "dino"): "DINO's weighted k-NN (facebookresearch/dino eval_knn.py)",
     ("finetune", "mae"): "MAE's fine-tuning (facebookresearch/mae main_finetune.py: mixup, CutMix, RandAugment, "
-                         "random erasing; with masks only the aligned crops and flips)",
+                         "random erasing; with masks only the loader's aligned crops, flips, colour jitter)",
 }
 
 def read_run_config(run_dir: str | Path) -> dict:

@@ -882,7 +882,7 @@ def test_randaugment_changes_pixels_and_finetune_uses_mae_transform(photo_dls):
                                         ("reprob", 0.25), ("cutmix_minmax", (0.2, 0.8))])
 def test_finetune_with_masks_refuses_unaligned_augmentations(flag, value):
     off = "none" if flag == "aa" else "unset" if flag == "cutmix_minmax" else 0
-    with pytest.raises(ValueError, match=r"fine-tuning with masks keeps only the crops and flips") as e:
+    with pytest.raises(ValueError, match=r"fine-tuning with masks keeps only the augmentations the loader aligns") as e:
         fine_tune(biased_encoder(), tiny_dls(), epochs=1, progress=False, **{flag: value})
     assert (f"--no-masks" in str(e.value) and
             ("no --cutmix-minmax" if flag == "cutmix_minmax" else f"Pass --{flag} {off}") in str(e.value))

@@ -58,8 +58,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     d.add_argument("--avgpool-patchtokens", type=int, choices=(0, 1), help="1: append the mean patch token")
     M = MAE_FINETUNE
     f = p.add_argument_group("finetune", "MAE's main_finetune.py recipe, each flag with MAE's default; fine-tuning a "
-                             "biased run with masks keeps only the aligned crops and flips: mixup, CutMix, RandAugment "
-                             "and random erasing are off there and refused if asked for")
+                             "biased run with masks keeps only the aligned crops, flips and colour jitter: mixup, "
+                             "CutMix, RandAugment and random erasing are off there and refused if asked for")
     f.add_argument("--layer-decay", type=float, default=M["layer_decay"],
                    help="layer-wise lr decay (default: %(default)s; FINETUNE.md's ViT-B: 0.65)")
     f.add_argument("--drop-path", type=float, default=M["drop_path"], help="drop path rate (default: %(default)s)")
