@@ -6,12 +6,14 @@ Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
 # %% ../nbs/30_evaluate.ipynb #baa68664
 from __future__ import annotations
-import csv, hashlib, io, json, math, os, re, warnings
+import copy, csv, hashlib, io, json, math, os, re, warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,26 +22,33 @@ from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, Adam, SGD
+from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.layers import DropPath, trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .masks import load_image
 from .vit import MaskBiasViT, RUN_ENCODERS, split_params, load_run_encoder
-from .data import MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder, token_labels
+from .data import (IMAGENET_MEAN, IMAGENET_STD, MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder,
+                       token_labels)
 
 # %% auto #0
-__all__ = ['POOLS', 'RESULT_COLUMNS', 'PROTOCOLS', 'TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'CELL_CSV', 'DISTILL_COLUMNS',
-           'pool_tokens', 'uses_masks', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine',
-           'WarmupCosine', 'lars_step', 'LARS', 'linear_head', 'Classifier', 'feature_dls', 'linear_probe', 'top1',
-           'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'fine_tune', 'read_run_config', 'append_result',
-           'read_results', 'items_digest', 'predictions_name', 'save_predictions', 'load_predictions',
-           'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise', 'hierarchical_bootstrap',
-           'paired_bootstrap', 'arch_label', 'run_kind', 'replicate_key', 'load_runs', 'Cell', 'variants', 'table1',
-           'table2', 'format_cell', 'to_markdown', 'write_table_csv', 'bias_stats', 'plot_bias_stats',
-           'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
+__all__ = ['POOLS', 'LINEAR_RECIPES', 'MAE_FINETUNE', 'UNALIGNED', 'RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES',
+           'TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'CELL_CSV', 'DISTILL_COLUMNS', 'pool_tokens', 'LastBlocks',
+           'dino_pool', 'encoder_features', 'feature_dim', 'uses_masks', 'extract_features', 'knn_scores',
+           'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS', 'linear_head', 'dino_linear_head',
+           'Classifier', 'feature_dls', 'linear_probe', 'top1', 'vit_layer_id', 'lrd_param_groups', 'set_drop_path',
+           'finetune_augs', 'MixedTargetLoss', 'MixupErase', 'TimmImages', 'mae_train_dls', 'fine_tune',
+           'read_run_config', 'append_result', 'read_results', 'items_digest', 'predictions_name', 'save_predictions',
+           'load_predictions', 'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise',
+           'hierarchical_bootstrap', 'paired_bootstrap', 'arch_label', 'run_kind', 'replicate_key', 'load_runs', 'Cell',
+           'recipe_notes', 'variants', 'table1', 'table2', 'format_cell', 'to_markdown', 'write_table_csv',
+           'bias_stats', 'plot_bias_stats', 'attention_layers', 'query_token', 'plot_attention', 'distill_table',
+           'report']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -51,7 +60,49 @@ def pool_tokens(tokens: torch.Tensor,  # (B, T, C) encoder output, prefix tokens
     "One feature vector per image from the encoder's tokens"
     if pool == "cls": return tokens[:, 0]
     if pool == "avg": return tokens[:, num_prefix_tokens:].mean(1)
-    raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}")
+    raise ValueError(f"`pool` must be one of {POOLS} or a `LastBlocks`, got {pool!r}")
+
+@dataclass(frozen=True)
+class LastBlocks:
+    "DINO's linear-probe features (`eval_linear.py`): CLS tokens of the last `n` blocks, optionally + mean patch token"
+    n: int = 4  # DINO: 4 for ViT-S, 1 for ViT-B (`--n_last_blocks`)
+    avgpool: bool = False  # also the last block's mean patch token (DINO: ViT-B, `--avgpool_patchtokens`)
+
+    def dim(self, embed_dim: int) -> int: return embed_dim * (self.n + int(self.avgpool))  # DINO's `embed_dim`
+
+    def __call__(self, encoder: MaskBiasViT, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        "(B, dim) features of images `x`, token labels `m` used by a biased encoder"
+        if not 1 <= self.n <= len(encoder.blocks):
+            raise ValueError(f"`n` must be in [1, {len(encoder.blocks)}] (the encoder's blocks), got {self.n}")
+        outs = []  # hooks: the blocks run inside `forward_features`, with `m`
+        hooks = [blk.register_forward_hook(lambda mod, inp, out: outs.append(out)) for blk in encoder.blocks[-self.n:]]
+        try: encoder.forward_features(x, m)
+        finally:
+            for h in hooks: h.remove()
+        outs = [encoder.norm(o) for o in outs]  # DINO's `get_intermediate_layers`: each through the final norm
+        f = torch.cat([o[:, 0] for o in outs], -1)  # (B, n * C)
+        if not self.avgpool: return f
+        avg = outs[-1][:, encoder.num_prefix_tokens:].mean(1)  # (B, C)
+        if self.n == 1: return torch.stack((f, avg), -1).flatten(1)  # DINO's own order: interleaved
+        return torch.cat((f, avg), -1)  # DINO's code only runs n = 1 here; DINOv2's `create_linear_input` concatenates
+
+def dino_pool(encoder: MaskBiasViT) -> LastBlocks:
+    "DINO's choice per architecture: ViT-B (and wider) 1 block + mean patch token, smaller ViTs the last 4 CLS tokens"
+    return LastBlocks(1, True) if encoder.embed_dim >= 768 else LastBlocks(min(4, len(encoder.blocks)), False)
+
+def encoder_features(encoder: MaskBiasViT, x: torch.Tensor, m: torch.Tensor | None = None,
+                     pool: str | LastBlocks = "cls") -> torch.Tensor:  # (B, feature_dim(encoder, pool))
+    "Pooled features of images `x`: `pool_tokens` of the encoder's tokens, or `LastBlocks` features"
+    if isinstance(pool, LastBlocks): return pool(encoder, x, m)
+    return pool_tokens(encoder.forward_features(x, m), pool, encoder.num_prefix_tokens)  # (B, T, C) -> (B, C)
+
+def feature_dim(encoder: MaskBiasViT, pool: str | LastBlocks = "cls") -> int:
+    "Width of `encoder_features`"
+    return pool.dim(encoder.embed_dim) if isinstance(pool, LastBlocks) else encoder.embed_dim
+
+def _check_pool(pool):
+    if not (isinstance(pool, LastBlocks) or pool in POOLS):
+        raise ValueError(f"`pool` must be one of {POOLS} or a `LastBlocks`, got {pool!r}")
 
 def uses_masks(model: nn.Module) -> bool:
     "Whether `model` has mask-guided attention bias, i.e. whether token labels change its output"
@@ -60,16 +111,17 @@ def uses_masks(model: nn.Module) -> bool:
 
 def _plain(t: torch.Tensor) -> torch.Tensor: return t.as_subclass(torch.Tensor)  # drop fastai's tensor types
 
+
 # %% ../nbs/30_evaluate.ipynb #166cbd5f
 @torch.no_grad()
 def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
                      dl,  # a DataLoader of `(x, m, y)` batches (contract 3)
                      with_masks: bool = True,  # feed `m` to the model; False: `m=None` (vanilla attention)
-                     pool: str = "cls",  # "cls" or "avg", see `pool_tokens`
+                     pool: str | LastBlocks = "cls",  # "cls", "avg" (see `pool_tokens`) or DINO's `LastBlocks`
                      progress: bool = True,  # show a progress bar
                     ) -> tuple[torch.Tensor, torch.Tensor]:  # (N, C) float features and (N,) int64 labels, on the CPU
     "Pooled features and labels of every item of `dl`, in order (no shuffling, no dropped last batch)"
-    if pool not in POOLS: raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}")
+    _check_pool(pool)
     if hasattr(dl, "new"): dl = dl.new(shuffle=False, drop_last=False)  # fastai: every item once, in order
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
@@ -79,8 +131,8 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
             if len(b) != 3:
                 raise ValueError(f"expected batches (x, m, y) as from mgab.data.labelled_dls, got {len(b)} items")
             x, m, y = (_plain(t) for t in b)
-            tokens = model.forward_features(x.to(device), m.to(device) if with_masks else None)  # (B, T, C)
-            feats.append(pool_tokens(tokens, pool, model.num_prefix_tokens).float().cpu())
+            f = encoder_features(model, x.to(device), m.to(device) if with_masks else None, pool)  # (B, D)
+            feats.append(f.float().cpu())
             labels.append(y.long().cpu())
     finally: model.train(was_training)
     if not feats: raise ValueError("the DataLoader yielded no batch: is the dataset empty?")
@@ -119,7 +171,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
 # %% ../nbs/30_evaluate.ipynb #00aa90eb
 def warmup_cosine(pct: float,  # training progress in [0, 1)
                   lr: float,  # peak learning rate
-                  warmup_pct: float = 0.05,  # share of training spent warming up
+                  warmup_pct: float = 0.05,  # share of training spent warming up (MAE: warmup epochs / epochs)
                   min_lr: float = 0.,  # final learning rate
                  ) -> float:
     "MAE's `adjust_learning_rate` with epochs replaced by the share of training done"
@@ -130,7 +182,8 @@ class WarmupCosine(Callback):
     "Set every group's lr to `warmup_cosine(pct_train)` times its `lr_scale` hyper-parameter, before each batch"
     order = ParamScheduler.order
     def __init__(self, warmup_pct: float = 0.05, min_lr: float = 0.):
-        if not 0 <= warmup_pct < 1: raise ValueError(f"`warmup_pct` must be in [0, 1), got {warmup_pct}")
+        if warmup_pct < 0: raise ValueError(f"`warmup_pct` must be >= 0, got {warmup_pct}")
+        # a warmup longer than training (>= 1) never reaches the peak lr, as in MAE's schedule with few epochs
         store_attr()
     def before_fit(self): self.peak_lr = self.opt.hypers[-1]["lr"]  # `Learner.fit` has just set it from `lr`
     def before_batch(self):
@@ -165,19 +218,35 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     trunc_normal_(fc.weight, std=0.01); nn.init.zeros_(fc.bias)
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc)
 
+def dino_linear_head(dim: int, num_classes: int) -> nn.Linear:
+    "DINO's `LinearClassifier` (`eval_linear.py`): a `Linear`, weights normal(0, 0.01), bias 0, no BatchNorm"
+    fc = nn.Linear(dim, num_classes)
+    nn.init.normal_(fc.weight, std=0.01); nn.init.zeros_(fc.bias)
+    return fc
+
 class Classifier(nn.Module):
     "`head(pool(encoder.forward_features(x, m)))`, with `m` dropped unless `with_masks`"
     def __init__(self,
                  encoder: MaskBiasViT,
-                 head: nn.Module,  # (B, embed_dim) -> (B, num_classes)
-                 pool: str = "cls",  # "cls" or "avg", see `pool_tokens`
+                 head: nn.Module,  # (B, feature_dim) -> (B, num_classes)
+                 pool: str | LastBlocks = "cls",  # "cls", "avg" (see `pool_tokens`) or DINO's `LastBlocks`
                  with_masks: bool = True,  # feed token labels to a biased encoder
                  freeze_encoder: bool = False,  # linear probe: no gradient, eval mode
+                 fc_norm: bool = False,  # "avg": pool, then a fresh norm (MAE's `global_pool`); the encoder's goes
                 ):
         super().__init__()
-        if pool not in POOLS: raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}")
+        _check_pool(pool)
+        if fc_norm and pool != "avg":
+            raise ValueError(f"`fc_norm` normalises average-pooled tokens: pool='avg', got {pool!r}")
         self.encoder, self.head, self.pool = encoder, head, pool
         self.with_masks, self.freeze_encoder = with_masks, freeze_encoder
+        self.fc_norm = None
+        if fc_norm:  # MAE's models_vit.py: `self.fc_norm = norm_layer(embed_dim)`, `del self.norm`
+            if isinstance(encoder.norm, nn.Identity):
+                raise ValueError("the encoder has no final norm to move after pooling (in a `Classifier` already?)")
+            self.fc_norm = copy.deepcopy(encoder.norm)
+            self.fc_norm.reset_parameters()  # freshly initialised, as MAE's (the pretrained `norm` is not loaded)
+            encoder.norm = nn.Identity()
         if freeze_encoder: encoder.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
@@ -185,14 +254,15 @@ class Classifier(nn.Module):
         if self.freeze_encoder: self.encoder.eval()
         return self
 
-    def features(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:  # (B, embed_dim)
+    def features(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:  # (B, feature_dim)
         "Pooled encoder features"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            tokens = self.encoder.forward_features(x, m if self.with_masks else None)  # (B, T, C)
-        return pool_tokens(tokens, self.pool, self.encoder.num_prefix_tokens)
+            f = encoder_features(self.encoder, x, m if self.with_masks else None, self.pool)
+        return f if self.fc_norm is None else self.fc_norm(f)
 
     def forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:  # (B, num_classes) logits
         return self.head(self.features(x, m))
+
 
 # %% ../nbs/30_evaluate.ipynb #8841d253
 def _fit(learn: Learner, epochs: int, progress: bool):
@@ -203,7 +273,7 @@ def _fit(learn: Learner, epochs: int, progress: bool):
         with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
     return learn
 
-def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True, pool: str = "cls",
+def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True, pool: str | LastBlocks = "cls",
                 progress: bool = True) -> DataLoaders:
     "`DataLoaders` of precomputed `(features, label)` pairs for the train and valid sets of `dls`"
     (ftr, ytr), (fva, yva) = (extract_features(encoder, dl, with_masks, pool, progress)
@@ -213,31 +283,42 @@ def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True,
     fdls.vocab = dls.vocab
     return fdls
 
+LINEAR_RECIPES = {  # the defaults of each reference's linear evaluation
+    "mae": dict(epochs=90, blr=0.1, wd=0., warmup_pct=10 / 90, min_lr=0., opt="lars", pool="cls"),  # main_linprobe.py
+    "dino": dict(epochs=100, blr=1e-3, wd=0., warmup_pct=0., min_lr=0., opt="sgd", pool=None),  # eval_linear.py
+}
+
 def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameters stop requiring grad)
                  dls: DataLoaders,  # labelled loaders (contract 3), `augment="linear"` or `"none"`
-                 epochs: int = 90,  # MAE: 90
+                 epochs: int | None = None,  # MAE: 90, DINO: 100
                  lr: float | None = None,  # peak lr; default `blr * bs / 256`
-                 blr: float = 0.1,  # MAE's base lr for LARS
-                 wd: float = 0.,  # MAE: no weight decay
-                 warmup_pct: float = 10 / 90,  # MAE: 10 warmup epochs of 90
-                 min_lr: float = 0.,
-                 pool: str = "cls",  # MAE: the CLS token
+                 blr: float | None = None,  # base lr: MAE 0.1 (LARS), DINO 1e-3 (SGD)
+                 wd: float | None = None,  # both: no weight decay
+                 warmup_pct: float | None = None,  # MAE: 10 warmup epochs of 90; DINO: none
+                 min_lr: float | None = None,  # both: 0
+                 pool: str | LastBlocks | None = None,  # MAE: "cls"; DINO: `dino_pool(encoder)`
                  with_masks: bool = True,  # feed the masks to a biased encoder
                  precompute: bool = False,  # extract features once and train the head on them (no augmentation)
-                 opt: str = "lars",  # "lars" (MAE) or "sgd" (momentum 0.9)
+                 opt: str | None = None,  # "lars" (MAE) or "sgd" (momentum 0.9, DINO)
+                 recipe: str = "mae",  # "mae" (`main_linprobe.py`) or "dino" (`eval_linear.py`): the defaults above
                  progress: bool = True,
                 ) -> Learner:  # trained; `learn.classifier` is the whole `Classifier`
-    "MAE's linear probe: BatchNorm (no affine) + Linear on frozen features, LARS, warmup + cosine"
-    if opt not in ("lars", "sgd"): raise ValueError(f"`opt` must be 'lars' or 'sgd', got {opt!r}")
+    "A linear probe on frozen features: MAE's (BatchNorm + Linear, LARS, warmup) or DINO's (Linear, SGD), cosine lr"
+    if recipe not in LINEAR_RECIPES: raise ValueError(f"`recipe` must be one of {list(LINEAR_RECIPES)}, got {recipe!r}")
+    given = dict(epochs=epochs, blr=blr, wd=wd, warmup_pct=warmup_pct, min_lr=min_lr, opt=opt, pool=pool)
+    c = LINEAR_RECIPES[recipe] | {k: v for k, v in given.items() if v is not None}
+    if c["opt"] not in ("lars", "sgd"): raise ValueError(f"`opt` must be 'lars' or 'sgd', got {c['opt']!r}")
+    pool = dino_pool(encoder) if c["pool"] is None else c["pool"]
     if dls.device is not None: encoder.to(dls.device)  # features are extracted where the batches are
-    clf = Classifier(encoder, linear_head(encoder.embed_dim, len(dls.vocab)), pool, with_masks, freeze_encoder=True)
+    head = (linear_head if recipe == "mae" else dino_linear_head)(feature_dim(encoder, pool), len(dls.vocab))
+    clf = Classifier(encoder, head, pool, with_masks, freeze_encoder=True)
     data, model = (feature_dls(encoder, dls, with_masks, pool, progress), clf.head) if precompute else (dls, clf)
-    lr = blr * data.train.bs / 256 if lr is None else lr
-    opt_func = partial(LARS, wd=wd) if opt == "lars" else partial(SGD, mom=0.9, wd=wd)
+    lr = c["blr"] * data.train.bs / 256 if lr is None else lr  # both: the linear scaling rule
+    opt_func = partial(LARS, wd=c["wd"]) if c["opt"] == "lars" else partial(SGD, mom=0.9, wd=c["wd"])
     learn = Learner(data, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
-                    cbs=WarmupCosine(warmup_pct, min_lr))
-    learn.classifier = clf
-    return _fit(learn, epochs, progress)
+                    cbs=WarmupCosine(c["warmup_pct"], c["min_lr"]))  # DINO steps its cosine per epoch, we per batch
+    learn.classifier, learn.recipe = clf, recipe
+    return _fit(learn, c["epochs"], progress)
 
 def top1(learn: Learner) -> float:
     "Top-1 validation accuracy (%) of a `Learner` with the `accuracy` metric"
@@ -256,12 +337,13 @@ def lrd_param_groups(model: Classifier,  # encoder + head
                      weight_decay: float = 0.05,
                      layer_decay: float = 0.75,
                     ) -> list[dict]:  # dicts with params, lr_scale, weight_decay, layer
-    "Parameter groups with layer-wise lr decay (MAE's `param_groups_lrd`); the head is the top layer"
+    "Parameter groups with layer-wise lr decay (MAE's `param_groups_lrd`); head and `fc_norm` are the top layer"
     depth = len(model.encoder.blocks)
     decay, no_decay, bias = split_params(model.encoder)
     kind = {id(p): "decay" for p in decay} | {id(p): "no_decay" for p in no_decay + bias}
     named = [(vit_layer_id(n, depth), kind[id(p)], p) for n, p in model.encoder.named_parameters() if id(p) in kind]
-    named += [(depth + 1, "decay" if p.ndim > 1 else "no_decay", p) for p in model.head.parameters() if p.requires_grad]
+    top = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]  # head, fc_norm
+    named += [(depth + 1, "decay" if p.ndim > 1 else "no_decay", p) for p in top]
     groups = {}
     for layer, k, p in named:
         g = groups.setdefault((layer, k), dict(params=[], lr_scale=layer_decay ** (depth + 1 - layer),
@@ -284,41 +366,163 @@ def _grouped(opt_func, groups):
         return opt
     return _inner
 
+# %% ../nbs/30_evaluate.ipynb #f43fa954
+MAE_FINETUNE = dict(  # main_finetune.py's flags as FINETUNE.md sets them for ViT-B, layer decay 0.75 as for ViT-L/H
+    epochs=100, blr=5e-4, layer_decay=0.75, wd=0.05, warmup_epochs=5, min_lr=1e-6, drop_path=0.1, smoothing=0.1,
+    mixup=0.8, cutmix=1.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
+    aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
+# the augmentations that move, mix or replace pixels, as they are when off: token labels cannot follow them
+UNALIGNED = dict(mixup=0., cutmix=0., cutmix_minmax=None, aa=None, reprob=0.)
+_UNALIGNED_WHY = dict(mixup=("mixup", "mixes two images, whose token labels cannot be mixed"),
+                      cutmix=("CutMix", "pastes a box of one image into another, across its token labels"),
+                      cutmix_minmax=("CutMix", "pastes a box of one image into another, across its token labels"),
+                      aa=("RandAugment", "rotates, shears and translates pixels away from their token labels"),
+                      reprob=("random erasing", "replaces pixels by noise that their token labels still call a mask"))
+
+def _flag(k: str, v) -> str:
+    "The mgab-eval flag that sets `k` to `v`"
+    if v is None: return "no --cutmix-minmax" if k == "cutmix_minmax" else f"--{k} none"
+    val = f"{v:g}" if isinstance(v, (int, float)) else " ".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+    return f"--{k.replace('_', '-')} {val}"
+
+def finetune_augs(with_masks: bool,  # the encoder reads token labels while it is fine-tuned
+                  **asked,  # settings of `UNALIGNED`'s keys asked for; None: not asked ("none" turns `aa` off)
+                 ) -> dict:  # mixup, cutmix, cutmix_minmax, aa, reprob
+    "MAE's pixel-moving augmentations, `asked` overriding; with masks they default to off and are refused if asked"
+    if bad := set(asked) - set(UNALIGNED): raise TypeError(f"not an augmentation of `UNALIGNED`: {sorted(bad)}")
+    asked = {k: v for k, v in asked.items() if v is not None}
+    off = {k: v for k, v in asked.items() if v == UNALIGNED[k] or (k == "aa" and str(v).lower() in ("", "none"))}
+    if with_masks:
+        for k, v in asked.items():
+            if k in off: continue
+            name, why = _UNALIGNED_WHY[k]
+            off_py = "'none'" if k == "aa" else repr(UNALIGNED[k])
+            raise ValueError(f"{name} ({_flag(k, v)}) {why}: fine-tuning with masks keeps only the augmentations "
+                             f"the loader aligns with the token labels. Pass {_flag(k, UNALIGNED[k])} "
+                             f"(`{k}={off_py}`), "
+                             "or --no-masks (`with_masks=False`) for MAE's full recipe")
+        return dict(UNALIGNED)
+    return {k: MAE_FINETUNE[k] for k in UNALIGNED} | asked | {k: UNALIGNED[k] for k in off}
+
+class MixedTargetLoss(nn.Module):
+    "MAE's `criterion`: timm's `SoftTargetCrossEntropy` on mixed (B, C) targets, else `LabelSmoothingCrossEntropy`"
+    def __init__(self, smoothing: float = 0.1):  # with mixup, timm's `Mixup` smooths the targets instead
+        super().__init__()
+        self.smoothing, self.soft = smoothing, SoftTargetCrossEntropy()
+        self.hard = LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x, target = _plain(x), _plain(target)
+        return self.soft(x, target) if target.ndim == 2 else self.hard(x, target.long())
+
+class MixupErase(Callback):
+    "MAE's batch augmentations on training batches: timm's `RandomErasing` on each image, then timm's `Mixup`/CutMix"
+    def __init__(self, num_classes: int,
+                 mixup: float = 0.8, cutmix: float = 1.0, cutmix_minmax=None,  # alphas; `minmax`: CutMix box area
+                 mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5, mixup_mode: str = "batch",
+                 smoothing: float = 0.1,  # label smoothing of the mixed targets
+                 reprob: float = 0.25, remode: str = "pixel", recount: int = 1):  # random erasing, per image
+        store_attr()
+        mixing = mixup > 0 or cutmix > 0 or cutmix_minmax is not None  # main_finetune.py's `mixup_active`
+        self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=mixup_prob,
+                              switch_prob=mixup_switch_prob, mode=mixup_mode, label_smoothing=smoothing,
+                              num_classes=num_classes) if mixing else None
+
+    def before_batch(self):
+        if not self.training: return
+        (x, m), (y,) = [_plain(t) for t in self.xb], [_plain(t) for t in self.yb]
+        if self.reprob > 0:  # MAE erases in its per-image transform after `Normalize`; timm's op erases each image
+            x = RandomErasing(self.reprob, mode=self.remode, max_count=self.recount, device=x.device)(x.clone())
+        if self.mixup_fn is not None:
+            if len(x) % 2: x, m, y = x[:-1], m[:-1], y[:-1]  # `Mixup` pairs image i with B-1-i: an even batch
+            x, y = self.mixup_fn(x, y)  # y: (B, C) soft targets
+        self.learn.xb, self.learn.yb = (x, m), (y,)
+
+class TimmImages(torch.utils.data.Dataset):
+    "The files and labels of a `MaskedImages` through a timm transform: items `(x, m, y)`, `m` all 0 (mask-free)"
+    n_inp, has_masks = 2, False
+    def __init__(self, ds: MaskedImages, tfm):
+        self.ds, self.tfm, self.files, self.root, self.vocab = ds, tfm, ds.files, ds.root, ds.vocab
+        g = ds.views[0].size // ds.patch_size
+        self.m = torch.zeros(g * g, dtype=torch.int64)
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i): return self.tfm(Image.fromarray(load_image(self.ds.files[i]))), self.m, self.ds.labels[i]
+
+def mae_train_dls(dls: DataLoaders,  # from `mgab.data.labelled_dls`: the train set is a `MaskedImages`
+                  aa: str | None = MAE_FINETUNE["aa"],  # RandAugment policy, None: none
+                 ) -> DataLoaders:  # the same valid loader
+    "`dls` with MAE's training transform (`util/datasets.py`'s `build_transform`): timm's `create_transform`"
+    ds = dls.train.dataset
+    if not isinstance(ds, MaskedImages):
+        raise ValueError(f"MAE's training transform (RandAugment, `aa`) reads image files, but the train set is a "
+                         f"{type(ds).__name__}, not mgab.data's MaskedImages: pass aa='none' (--aa none)")
+    tfm = create_transform(ds.views[0].size, is_training=True, color_jitter=None, auto_augment=aa,  # random erasing:
+                           interpolation="bicubic", re_prob=0., mean=IMAGENET_MEAN, std=IMAGENET_STD)  # on batches
+    tds, dl = TimmImages(ds, tfm), dls.train
+    train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=dl.num_workers,
+                   device=dls.device, pin_memory=dls.device is not None and torch.device(dls.device).type == "cuda")
+    return DataLoaders(train, dls.valid, path=dls.path, device=dls.device)
+
+
 # %% ../nbs/30_evaluate.ipynb #5c13cba2
 def fine_tune(encoder: MaskBiasViT,  # trained in place
               dls: DataLoaders,  # labelled loaders (contract 3), `augment="finetune"`, any label fraction
-              epochs: int = 100,  # MAE (ViT-B): 100
+              epochs: int = MAE_FINETUNE["epochs"],  # 100 (ViT-B)
               lr: float | None = None,  # peak lr; default `blr * bs / 256`
-              blr: float = 5e-4,  # MAE's base lr
-              layer_decay: float = 0.75,
-              wd: float = 0.05,
-              warmup_pct: float = 0.05,  # MAE: 5 warmup epochs of 100
-              min_lr: float = 1e-6,
-              label_smoothing: float = 0.1,
-              drop_path: float = 0.1,
-              pool: str = "avg",  # MAE fine-tunes on average-pooled patch tokens
+              blr: float = MAE_FINETUNE["blr"],  # 5e-4 (ViT-B)
+              layer_decay: float = MAE_FINETUNE["layer_decay"],  # 0.75 (FINETUNE.md's ViT-B: 0.65)
+              wd: float = MAE_FINETUNE["wd"],
+              warmup_pct: float = MAE_FINETUNE["warmup_epochs"] / MAE_FINETUNE["epochs"],  # 5 warmup epochs of 100
+              min_lr: float = MAE_FINETUNE["min_lr"],
+              label_smoothing: float = MAE_FINETUNE["smoothing"],
+              drop_path: float = MAE_FINETUNE["drop_path"],
+              pool: str = "avg",  # "avg": pool, then `fc_norm` (MAE's `global_pool`); "cls": final norm, CLS token
               with_masks: bool = True,  # feed the masks to a biased encoder
+              mixup: float | None = None,  # mixup alpha; None: 0.8, off with masks (see `finetune_augs`)
+              cutmix: float | None = None,  # CutMix alpha; None: 1.0, off with masks
+              cutmix_minmax: tuple[float, float] | None = None,  # CutMix box area range, instead of `cutmix`'s alpha
+              mixup_prob: float = MAE_FINETUNE["mixup_prob"],  # share of batches mixed
+              mixup_switch_prob: float = MAE_FINETUNE["mixup_switch_prob"],  # share of mixed batches cut-mixed
+              mixup_mode: str = MAE_FINETUNE["mixup_mode"],  # "batch", "pair" or "elem"
+              aa: str | None = None,  # RandAugment policy; None: "rand-m9-mstd0.5-inc1", off with masks; "none": off
+              reprob: float | None = None,  # random erasing probability; None: 0.25, off with masks
+              remode: str = MAE_FINETUNE["remode"],
+              recount: int = MAE_FINETUNE["recount"],
               progress: bool = True,
-             ) -> Learner:  # trained; `learn.model` is the `Classifier`
-    "MAE's end-to-end fine-tuning: AdamW with layer-wise lr decay, warmup + cosine, label smoothing, drop path"
+             ) -> Learner:  # trained; `learn.model` is the `Classifier`, `learn.augs` the augmentations used
+    "MAE's `main_finetune.py`: AdamW, layer-wise lr decay, warmup + cosine, drop path, mixup/CutMix, RandAugment, RE"
+    masked = bool(with_masks) and uses_masks(encoder) and bool(getattr(dls, "has_masks", True))
+    augs = finetune_augs(masked, mixup=mixup, cutmix=cutmix, cutmix_minmax=cutmix_minmax, aa=aa, reprob=reprob)
+    if not masked and (augs["aa"] is not None or isinstance(dls.train.dataset, MaskedImages)):
+        dls = mae_train_dls(dls, augs["aa"])  # mask-free: timm's transform, as MAE's `build_transform`
     set_drop_path(encoder, drop_path).requires_grad_(True)
     fc = nn.Linear(encoder.embed_dim, len(dls.vocab))
     trunc_normal_(fc.weight, std=2e-5); nn.init.zeros_(fc.bias)  # MAE's head init
-    clf = Classifier(encoder, fc, pool, with_masks)
+    clf = Classifier(encoder, fc, pool, masked, fc_norm=pool == "avg")
     groups = lrd_param_groups(clf, wd, layer_decay)
     lr = blr * dls.train.bs / 256 if lr is None else lr
     opt_func = _grouped(partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8), groups)  # torch AdamW's defaults
-    learn = Learner(dls, clf, loss_func=CrossEntropyLossFlat(label_smoothing=label_smoothing), opt_func=opt_func,
-                    splitter=lambda m: [g["params"] for g in groups], lr=lr, metrics=accuracy,
-                    cbs=WarmupCosine(warmup_pct, min_lr))
-    learn.param_groups = groups
+    batch_augs = MixupErase(len(dls.vocab), augs["mixup"], augs["cutmix"], augs["cutmix_minmax"], mixup_prob,
+                            mixup_switch_prob, mixup_mode, label_smoothing, augs["reprob"], remode, recount)
+    cbs = [WarmupCosine(warmup_pct, min_lr)] + ([batch_augs] if batch_augs.mixup_fn or augs["reprob"] > 0 else [])
+    learn = Learner(dls, clf, loss_func=MixedTargetLoss(label_smoothing), opt_func=opt_func,
+                    splitter=lambda m: [g["params"] for g in groups], lr=lr, metrics=accuracy, cbs=cbs)
+    learn.param_groups, learn.augs, learn.recipe = groups, augs, "mae"
     return _fit(learn, epochs, progress)
+
 
 # %% ../nbs/30_evaluate.ipynb #961d8cd7
 RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
-                  "encoder", "predictions")
-_RESULT_DEFAULTS = dict(encoder="encoder", predictions="")  # columns added later: older files lack them
+                  "encoder", "predictions", "recipe")
+_RESULT_DEFAULTS = dict(encoder="encoder", predictions="", recipe="")  # columns added later: older files lack them
 PROTOCOLS = ("linear", "knn", "finetune")
+RECIPES = dict(linear=("mae", "dino"), knn=("dino",), finetune=("mae",))  # per protocol, the default first
+RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footnotes cite these
+    ("linear", "mae"): "MAE's linear probe (facebookresearch/mae main_linprobe.py: BatchNorm + Linear, LARS)",
+    ("linear", "dino"): "DINO's linear evaluation (facebookresearch/dino eval_linear.py: last blocks' CLS tokens, SGD)",
+    ("knn", "dino"): "DINO's weighted k-NN (facebookresearch/dino eval_knn.py)",
+    ("finetune", "mae"): "MAE's fine-tuning (facebookresearch/mae main_finetune.py: mixup, CutMix, RandAugment, "
+                         "random erasing; with masks only the loader's aligned crops, flips, colour jitter)",
+}
 
 def read_run_config(run_dir: str | Path) -> dict:
     "The `config.json` of a run folder, checked for the `model` entry evaluation needs"
@@ -439,9 +643,10 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  encoder: MaskBiasViT | None = None,  # default: `load_run_encoder(run_dir, which)`
                  img_size: int | None = None,  # image size of `dls`, when loading the encoder
                  epochs: int | None = None,  # training epochs (default: the protocol's)
-                 pool: str | None = None,  # default: "cls" for linear/knn, "avg" for finetune
+                 pool: str | LastBlocks | None = None,  # default: "cls"; finetune "avg"; DINO's linear `dino_pool`
                  k: int = 20, T: float = 0.07,  # kNN settings
                  which: str = "encoder",  # the run's weights: "encoder" (encoder.pth) or "student" (student.pth)
+                 recipe: str | None = None,  # the reference followed (`RECIPES`): default mae, for kNN dino
                  save: bool = True,  # append the row to `run_dir/results.csv` and keep the per-image outcomes
                  progress: bool = True,
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
@@ -449,11 +654,15 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     "Evaluate a run's encoder with one protocol; record the top-1 accuracy and each validation image's outcome"
     if protocol not in PROTOCOLS: raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {protocol!r}")
     if which not in RUN_ENCODERS: raise ValueError(f"`which` must be one of {RUN_ENCODERS}, got {which!r}")
+    recipe = recipe or RECIPES[protocol][0]
+    if recipe not in RECIPES[protocol]:
+        raise ValueError(f"the {protocol} protocol has the recipes {RECIPES[protocol]}, got {recipe!r}")
     cfg = read_run_config(run_dir)
     if encoder is None:
         encoder = load_run_encoder(run_dir, which=which, num_classes=0,
                                    **({} if img_size is None else dict(img_size=img_size)))
     with_masks = bool(with_masks) and uses_masks(encoder) and getattr(dls, "has_masks", True)
+    if pool is None and (protocol, recipe) == ("linear", "dino"): pool = dino_pool(encoder)
     pool = pool or ("avg" if protocol == "finetune" else "cls")
     fit_kw = {} if epochs is None else dict(epochs=epochs)
     if protocol == "knn":
@@ -462,7 +671,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                                     for dl in (dls.train, dls.valid))
         pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
     else:
-        fit = partial(linear_probe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
+        fit = partial(linear_probe, recipe=recipe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
         pred, label = valid_predictions(fit(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
                                             **kwargs))
     value = 100. * (pred == label).float().mean().item()  # top-1, from the very outcomes that are saved
@@ -470,7 +679,8 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     name = predictions_name(protocol, with_masks, frac, which) if save else ""
     row = dict(protocol=protocol, fraction=frac, with_masks=with_masks, metric="top1", value=round(value, 4),
                epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"], method=cfg.get("method", ""),
-               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name)
+               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name,
+               recipe=recipe)
     if save:
         save_predictions(Path(run_dir)/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
                          protocol=protocol, with_masks=with_masks, fraction=frac, which=which, value=value)
@@ -589,22 +799,42 @@ class Cell(NamedTuple):
     n: int = 1  # seeds
 
 def _latest(results: list[dict], protocol: str, fraction: float, with_masks: bool | None,
-            which: str = "encoder") -> dict | None:
-    "The last row for a protocol and fraction (and masks setting, unless None) of the `which` weights"
+            which: str = "encoder", recipe: str | None = None) -> dict | None:
+    "The last row for a protocol and fraction (and masks setting, recipe, unless None) of the `which` weights"
     rows = [r for r in results if r["protocol"] == protocol and math.isclose(r["fraction"], fraction)
-            and (with_masks is None or r["with_masks"] == with_masks) and r.get("encoder", "encoder") == which]
+            and (with_masks is None or r["with_masks"] == with_masks) and r.get("encoder", "encoder") == which
+            and (recipe is None or r.get("recipe", "") == recipe)]
     return rows[-1] if rows else None
 
-def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float]]:
-    "(title, protocol, fraction) columns: Linear, the paper's 1/10/100% fine-tuning, then kNN and other fractions"
-    cols = [("Linear", "linear", 1.)] if "linear" in protocols else []
+def _recipes(runs: list[dict], protocol: str) -> list[str]:
+    "The recipes of `protocol` among the results, in `RECIPES` order; '' for rows from before recipes were recorded"
+    order = list(RECIPES[protocol]) + [""]
+    seen = {r.get("recipe", "") for run in runs for r in run["results"] if r["protocol"] == protocol}
+    return sorted(seen, key=lambda x: order.index(x) if x in order else len(order)) or [order[0]]
+
+def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, str]]:
+    "(title, protocol, fraction, recipe) columns: Linear, the paper's 1/10/100% fine-tuning, kNN, other fractions"
+    def _per_recipe(title, proto, frac):  # one column per recipe: numbers of two recipes are never compared
+        recs = _recipes(runs, proto)
+        return [(title if len(recs) == 1 else f"{title} ({r or 'unrecorded'})", proto, frac, r) for r in recs]
+    cols = _per_recipe("Linear", "linear", 1.) if "linear" in protocols else []
     if "finetune" in protocols:
         seen = {r["fraction"] for run in runs for r in run["results"] if r["protocol"] == "finetune"}
         fracs = sorted({0.01, 0.1, 1.} | {f for f in seen if not any(math.isclose(f, p) for p in (0.01, 0.1, 1.))})
-        cols += [(f"{100 * f:g}%", "finetune", f) for f in fracs]
+        cols += [c for f in fracs for c in _per_recipe(f"{100 * f:g}%", "finetune", f)]
     if "knn" in protocols and any(r["protocol"] == "knn" for run in runs for r in run["results"]):
-        cols.append(("kNN", "knn", 1.))
+        cols += _per_recipe("kNN", "knn", 1.)
     return cols
+
+def recipe_notes(runs: list[dict],  # from `load_runs`
+                 protocols: tuple = PROTOCOLS,  # the table's protocols
+                ) -> str:  # Markdown lines, one per recipe
+    "The footnote of a table: which reference recipe each result column followed (`RECIPE_SOURCES`)"
+    groups = {}
+    for title, proto, _, rec in _columns(runs, protocols): groups.setdefault((proto, rec), []).append(title)
+    return "\n".join(f"- {', '.join(titles)}: `{rec or '?'}` recipe, " + RECIPE_SOURCES.get(
+        (proto, rec), "not recorded (results.csv written before mgab recorded recipes)")
+        for (proto, rec), titles in groups.items()) + "\n"
 
 def _key(run: dict) -> tuple: return run["method"], run["arch"], run["epochs"]
 
@@ -624,15 +854,17 @@ def _outcomes(found: list[tuple[dict, dict]]) -> list[dict] | None:
     files = [Path(run["run"])/row["predictions"] if row.get("predictions") else None for run, row in found]
     return [load_predictions(f) for f in files] if all(f is not None and f.is_file() for f in files) else None
 
-def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: bool | None, which: str) -> Cell | None:
+def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: bool | None, which: str,
+          recipe: str | None = None) -> Cell | None:
     "One variant's result in one column, with its difference to `base` and, given per-image outcomes, its interval"
     found = [(r, row) for r in var.get("members", [var])
-             if (row := _latest(r["results"], proto, frac, with_masks, which))]
+             if (row := _latest(r["results"], proto, frac, with_masks, which, recipe))]
     if not found: return None
     v = np.array([row["value"] for _, row in found])
     cell = Cell(float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
     if base is None or base is var: return cell
-    bfound = [(r, row) for r in base.get("members", [base]) if (row := _latest(r["results"], proto, frac, None))]
+    bfound = [(r, row) for r in base.get("members", [base])
+              if (row := _latest(r["results"], proto, frac, None, recipe=recipe))]
     if not bfound: return cell
     cell = cell._replace(delta=cell.value - float(np.mean([row["value"] for _, row in bfound])))
     a, b = _outcomes(found), _outcomes(bfound)
@@ -647,7 +879,7 @@ def _row(run: dict, base: dict | None, with_masks: bool | None, cols: list, whic
     "A table row: text cells, then a `Cell` (or None) per column"
     members = run.get("members", [run])
     row = dict(text, Arch=arch_label(run["arch"]), Epochs=run["epochs"], run="; ".join(str(m["run"]) for m in members))
-    for title, proto, frac in cols: row[title] = _cell(run, base, proto, frac, with_masks, which)
+    for title, proto, frac, recipe in cols: row[title] = _cell(run, base, proto, frac, with_masks, which, recipe)
     return row
 
 def _rows_of(run: dict) -> list[tuple[str, bool | None, str]]:
@@ -878,14 +1110,15 @@ def report(run_dirs: list,  # run folders
            data: str | Path | None = None,  # ImageFolder root of the runs: with `masks`, draws `attention.png`
            masks=None,  # the mask store of `data` (a `MaskStore` or its folder)
           ) -> dict[str, Path]:  # file name -> path of each file written
-    "Tables 1-2 (Markdown, CSV), Fig. 4, the attention figure of biased runs and the distillation attention gaps"
+    "Tables 1-2 (Markdown with the recipes as footnote, CSV), Fig. 4, attention of biased runs, distillation gaps"
     import matplotlib.pyplot as plt
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
     written = {}
-    for name, (cols, rows) in (("table1", table1(runs)), ("table2", table2(runs))):
+    for name, (cols, rows), protos in (("table1", table1(runs), PROTOCOLS),
+                                       ("table2", table2(runs), ("linear", "knn"))):
         if not rows: continue
-        (out/f"{name}.md").write_text(to_markdown(cols, rows))
+        (out/f"{name}.md").write_text(to_markdown(cols, rows) + "\nRecipes:\n\n" + recipe_notes(runs, protos))
         written[f"{name}.md"], written[f"{name}.csv"] = out/f"{name}.md", write_table_csv(cols, rows, out/f"{name}.csv")
     trained = [v for v in variants(runs) if v["kind"] == "biased" and v["bias"] == "learnable"]  # no random init
     stats = {f"{r['run'].name}: {r['name']}{r['variant']} {arch_label(r['arch'])} {r['epochs']} ep":

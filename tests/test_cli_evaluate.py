@@ -226,7 +226,7 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
                      "--epochs", "1", "--bs", "8", "--no-progress"])
     assert calls[-1]["masks"] is None and calls[-1]["augment"] == "none" and lin["with_masks"] is False
     ft = eval_cli(["--run", str(run), "--no-masks", "--protocol", "finetune", "--fraction", "0.1", "--seed", "3",
-                    "--epochs", "1", "--img-size", "48", "--bs", "8", "--no-progress"])
+                    "--epochs", "1", "--img-size", "48", "--bs", "8", "--no-progress", "--aa", "none"])  # tensors
     assert (calls[-1]["augment"], calls[-1]["fraction"], calls[-1]["seed"], calls[-1]["img_size"]) == (
         "finetune", 0.1, 3, 48)
     assert ft["fraction"] == 0.1
@@ -262,3 +262,69 @@ def test_eval_main_embedded_with_masks(tmp_path, embedded):
     row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
                      "--img-size", "32", "--bs", "16", "--no-progress"])
     assert row["with_masks"] is True and 0 <= row["value"] <= 100
+
+
+def test_eval_main_recipes_flags_and_subset_file(tmp_path, fake_data, capsys, monkeypatch):
+    "--recipe dino reaches the linear probe and the row; MAE's fine-tuning flags reach fine_tune; a subset file"
+    import mgab.evaluate as ev
+    calls, root = fake_data
+    run = make_run(tmp_path/"run")
+    (tmp_path/"store").mkdir()
+    common = ["--run", str(run), "--epochs", "1", "--bs", "8", "--no-progress"]
+    lin = eval_cli(common + ["--no-masks", "--protocol", "linear", "--recipe", "dino", "--augment", "none",
+                             "--n-last-blocks", "2"])
+    assert lin["recipe"] == "dino" and read_results(run)[-1]["recipe"] == "dino"
+    seen = {}
+    def fake_fine_tune(encoder, dls, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+    with monkeypatch.context() as mp, pytest.raises(SystemExit):
+        mp.setattr(ev, "fine_tune", fake_fine_tune)
+        eval_cli(common + ["--no-masks", "--protocol", "finetune", "--mixup", "0.5", "--reprob", "0.1",
+                           "--layer-decay", "0.65", "--warmup-epochs", "2", "--aa", "none"])
+    assert (seen["mixup"], seen["cutmix"], seen["reprob"], seen["aa"], seen["layer_decay"]) == (0.5, None, 0.1,
+                                                                                              "none", 0.65)
+    assert (seen["warmup_pct"], seen["label_smoothing"], seen["drop_path"], seen["mixup_mode"]) == (2., 0.1, 0.1,
+                                                                                                    "batch")
+    (tmp_path/"subset.txt").write_text("a_1.png\nb_2.png\n")
+    sub = eval_cli(common + ["--no-masks", "--protocol", "knn", "--fraction", "0.01", "--subset-file",
+                             str(tmp_path/"subset.txt")])
+    assert (calls[-1]["subset_file"], calls[-1]["fraction"], sub["fraction"]) == (str(tmp_path/"subset.txt"), None,
+                                                                                  0.01)
+    masked = common + ["--masks", str(tmp_path/"store"), "--protocol", "finetune"]
+    exits_with(lambda: eval_cli(masked + ["--mixup", "0.8"]), "mixup (--mixup 0.8) mixes two images", capsys)
+    exits_with(lambda: eval_cli(masked + ["--aa", "rand-m9-mstd0.5-inc1"]), "Pass --aa none", capsys)
+    exits_with(lambda: eval_cli(common + ["--no-masks", "--protocol", "knn", "--recipe", "mae"]),
+               "--protocol knn has the recipes dino", capsys)
+
+
+def test_mgab_eval_refuses_pixel_moving_augmentations_with_masks(tmp_path):
+    "The installed command exits 2 with one line naming the flag, before reading any data"
+    run = make_run(tmp_path/"run")
+    (tmp_path/"store").mkdir()
+    (tmp_path/"store"/"info.json").write_text(json.dumps(dict(image_dir=str(tmp_path))))  # a store header only
+    r = entry("mgab-eval", "--run", run, "--masks", tmp_path/"store", "--protocol", "finetune", "--reprob", "0.25",
+              "--data", tmp_path/"nowhere")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("mgab-eval: error: random erasing (--reprob 0.25) replaces pixels") and \
+        "Pass --reprob 0 (`reprob=0.0`), or --no-masks" in r.stderr
+
+
+def test_eval_main_subset_file_on_real_loaders(tmp_path):
+    "A SimCLR-style list (`<class>_<n>.png` per line) picks the training images: only class a listed, kNN says a"
+    from PIL import Image
+    import numpy as np
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in zip("ab", ((220, 40, 40), (40, 40, 220))):
+            (tmp_path/"data"/split/c).mkdir(parents=True)
+            for i in range(3):
+                img = np.clip(np.array(colour) + g.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path/"data"/split/c/f"{c}_{i}.png")
+    run = make_run(tmp_path/"run", bias=None)
+    common = ["--run", str(run), "--data", str(tmp_path/"data"), "--protocol", "knn", "--bs", "4", "--no-progress",
+              "--num-workers", "0"]
+    assert eval_cli(common)["value"] == 100.  # all training images: colour decides
+    (tmp_path/"list.txt").write_text("a_0.png\na_2.png\n")
+    row = eval_cli(common + ["--fraction", "0.01", "--subset-file", str(tmp_path/"list.txt")])
+    assert (row["value"], row["fraction"]) == (50., 0.01)  # only class a to vote: every image called a

@@ -12,12 +12,13 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 
-from mgab.evaluate import (LARS, RESULT_COLUMNS, Cell, Classifier, append_result, bias_stats, evaluate_run,
-                           extract_features, fine_tune, hierarchical_bootstrap, items_digest, knn_accuracy, knn_scores,
-                           linear_head, linear_probe, load_predictions, load_runs, lrd_param_groups, paired_bootstrap,
-                           paired_outcomes, plot_attention, plot_bias_stats, predictions_name, read_results, report,
-                           save_predictions, table1, table2, to_markdown, top1, valid_predictions, warmup_cosine,
-                           within_noise)
+from mgab.evaluate import (LARS, MAE_FINETUNE, RESULT_COLUMNS, UNALIGNED, Cell, Classifier, LastBlocks, MixupErase,
+                           MixedTargetLoss, append_result, bias_stats, dino_pool, encoder_features, evaluate_run,
+                           extract_features, fine_tune, finetune_augs, hierarchical_bootstrap, items_digest,
+                           knn_accuracy, knn_scores, linear_head, linear_probe, load_predictions, load_runs,
+                           lrd_param_groups, mae_train_dls, paired_bootstrap, paired_outcomes, plot_attention,
+                           plot_bias_stats, predictions_name, read_results, recipe_notes, report, save_predictions,
+                           table1, table2, to_markdown, top1, valid_predictions, warmup_cosine, within_noise)
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
@@ -269,12 +270,13 @@ def test_finetune_learner_rates_masks_and_regularisation():
     for g, lr in zip(groups, lrs):  # the lr each group got at the last step is the head's times 0.75^(L+1-layer)
         assert lr == pytest.approx(head_lr * 0.75 ** (len(enc.blocks) + 1 - g["layer"]))
     assert [h["wd"] for h in learn.opt.hypers] == [g["weight_decay"] for g in groups]
-    assert learn.loss_func.func.label_smoothing == 0.1
+    assert learn.loss_func.hard.smoothing == 0.1 and learn.augs == UNALIGNED  # with masks: no pixel-moving augs
+    assert not any(isinstance(cb, MixupErase) for cb in learn.cbs)
     rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0. for blk in enc.blocks]
     np.testing.assert_allclose(rates, np.linspace(0, 0.2, DEPTH), atol=1e-6)
     assert not torch.equal(enc.bias_values()["u_pos"], u0["u_pos"])  # masks given: the bias keeps training
     enc2 = biased_encoder(u_pos=0.5, u_neg=-0.5)
-    fine_tune(enc2, dls, epochs=1, with_masks=False, progress=False)
+    fine_tune(enc2, dls, epochs=1, with_masks=False, aa="none", progress=False)  # in-memory items: no RandAugment
     assert torch.equal(enc2.bias_values()["u_pos"], u0["u_pos"])  # no masks: the bias is never used
 
 
@@ -293,7 +295,12 @@ def test_protocols_on_gpu(tmp_path):
     for proto, kw in (("knn", {}), ("linear", dict(precompute=True)), ("linear", {}), ("finetune", {})):
         row = evaluate_run(tmp_path, dls, proto, epochs=1, progress=False, **kw)
         assert 0 <= row["value"] <= 100 and row["with_masks"] is True
-    assert len(read_results(tmp_path)) == 4
+    # MAE's batch augmentations (RandomErasing, Mixup) and DINO's features on the GPU
+    row = evaluate_run(tmp_path, dls, "finetune", with_masks=False, epochs=1, aa="none", progress=False)
+    assert row["with_masks"] is False and row["recipe"] == "mae"
+    row = evaluate_run(tmp_path, dls, "linear", recipe="dino", epochs=1, progress=False)
+    assert row["recipe"] == "dino" and 0 <= row["value"] <= 100
+    assert len(read_results(tmp_path)) == 6
 
 
 # ---------------------------------------------------------------- report
@@ -385,8 +392,8 @@ def test_read_results_types(tmp_path):
     assert [(r["protocol"], r["fraction"], r["with_masks"], r["value"]) for r in rows] == [
         ("knn", 1.0, False, 12.5), ("finetune", 0.1, True, 50.0)]
     header = (tmp_path/"results.csv").read_text().splitlines()[0]
-    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp,encoder,predictions"
-    assert [(r["encoder"], r["predictions"]) for r in rows] == [("encoder", "")] * 2
+    assert header == "protocol,fraction,with_masks,metric,value,epochs,arch,method,timestamp,encoder,predictions,recipe"
+    assert [(r["encoder"], r["predictions"], r["recipe"]) for r in rows] == [("encoder", "", "")] * 2
 
 
 def test_arch_label_uses_the_runs_patch_size():
@@ -402,15 +409,16 @@ OLD_HEADER = "protocol,fraction,with_masks,metric,value,epochs,arch,method,times
 def test_old_results_file_reads_and_is_upgraded(tmp_path):
     (tmp_path/"results.csv").write_text(OLD_HEADER + "\r\nlinear,1.0,True,top1,61.5,100,vit_tiny_patch16_224,mae,t\r\n")
     old = read_results(tmp_path)
-    assert [(r["value"], r["encoder"], r["predictions"]) for r in old] == [(61.5, "encoder", "")]
+    assert [(r["value"], r["encoder"], r["predictions"], r["recipe"]) for r in old] == [(61.5, "encoder", "", "")]
     append_result(tmp_path, dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=40.,
-                                 encoder="student", predictions="predictions/knn-nomasks-1-student.npz"))
+                                 encoder="student", predictions="predictions/knn-nomasks-1-student.npz", recipe="dino"))
     lines = (tmp_path/"results.csv").read_text().splitlines()
     assert lines[0] == ",".join(RESULT_COLUMNS) and len(lines) == 3
     rows = read_results(tmp_path)
     assert [(r["protocol"], r["value"], r["encoder"]) for r in rows] == [("linear", 61.5, "encoder"),
                                                                         ("knn", 40., "student")]
     assert rows[1]["predictions"] == "predictions/knn-nomasks-1-student.npz"
+    assert [r["recipe"] for r in rows] == ["", "dino"]  # the old row: recipe not recorded
 
 
 # ---------------------------------------------------------------- per-image outcomes and pairing
@@ -717,3 +725,186 @@ def test_replicate_key_ignores_run_time_settings_and_finds_moved_teachers(tmp_pa
     k0, k1 = (replicate_key(dict(method="mae", distill=True, seed=s, out=f"s{s}", teacher=f"elsewhere/t{s}"),
                             study / f"s{s}") for s in (0, 1))
     assert k0 == k1 and isinstance(json.loads(k0)["teacher"], dict)
+
+
+# ---------------------------------------------------------------- the references' recipes (MAE fine-tune, DINO linear)
+def _timm_twin(enc, **kw):
+    "timm's own VisionTransformer with `enc`'s weights (vanilla attention: `m=None` is the same model)"
+    import timm
+    t = timm.create_model(ARCH, img_size=32, depth=len(enc.blocks), **kw)
+    sd = {k: v for k, v in enc.state_dict().items() if not k.endswith(("u_pos", "u_neg"))}
+    if kw.get("fc_norm"): sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    t.load_state_dict(sd, strict=False)
+    return t.eval()
+
+
+def test_fc_norm_pool_then_norm_parity_with_timm():
+    "MAE's global_pool: mean of the patch tokens, then a fresh fc_norm, as timm's global_pool='avg', fc_norm=True"
+    enc = biased_encoder(bias=None)
+    twin = _timm_twin(enc, num_classes=3, global_pool="avg", fc_norm=True)
+    clf = Classifier(enc, nn.Linear(192, 3), "avg", with_masks=False, fc_norm=True).eval()
+    assert isinstance(enc.norm, nn.Identity) and torch.equal(clf.fc_norm.weight, torch.ones(192))  # fresh, as MAE's
+    with torch.no_grad():
+        clf.fc_norm.weight.normal_(); clf.fc_norm.bias.normal_()  # not the identity: the order of pool and norm shows
+        twin.fc_norm.load_state_dict(clf.fc_norm.state_dict()); twin.head.load_state_dict(clf.head.state_dict())
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(clf(x), twin(x), atol=1e-5, rtol=1e-5)
+        norm_then_pool = clf.head(clf.fc_norm(enc.forward_features(x)[:, 1:]).mean(1))  # the old order
+        assert (norm_then_pool - twin(x)).abs().max() > 1e-2
+    groups = lrd_param_groups(clf)  # fc_norm trains at the head's rate, without weight decay
+    top = next(g for g in groups if any(p is clf.fc_norm.weight for p in g["params"]))
+    assert (top["lr_scale"], top["weight_decay"]) == (1., 0.)
+    with pytest.raises(ValueError, match="pool='avg'"):
+        Classifier(biased_encoder(), nn.Linear(192, 3), "cls", fc_norm=True)
+
+
+def test_dino_last_blocks_features_shape_and_parity_with_timm():
+    enc = biased_encoder()
+    x, m = torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 4))
+    last4 = dino_pool(enc)
+    assert last4 == LastBlocks(4, False)  # ViT-S and smaller: 4 blocks, no pooled patch tokens
+    with torch.no_grad():
+        f = encoder_features(enc, x, None, last4)
+        assert f.shape == (2, 4 * 192)
+        inter = _timm_twin(enc, num_classes=0).forward_intermediates(x, indices=4, norm=True, output_fmt="NLC",
+                                                                     return_prefix_tokens=True, intermediates_only=True)
+        torch.testing.assert_close(f, torch.cat([prefix[:, 0] for _, prefix in inter], -1), atol=1e-5, rtol=1e-5)
+        assert (encoder_features(enc, x, m, last4) - f).abs().max() > 1e-2  # the masks reach every block
+    wide = create_vit("vit_base_patch16_224", img_size=32, num_classes=0, depth=1)  # ViT-B: 1 block + avgpool
+    assert dino_pool(wide) == LastBlocks(1, True)
+    with torch.no_grad():
+        fb, tok = dino_pool(wide)(wide, x), wide.forward_features(x)
+    assert fb.shape == (2, 2 * 768)
+    torch.testing.assert_close(fb[:, 0::2], tok[:, 0]); torch.testing.assert_close(fb[:, 1::2], tok[:, 1:].mean(1))
+
+
+def test_linear_probe_dino_recipe():
+    dls = tiny_dls()
+    learn = linear_probe(biased_encoder(), dls, epochs=1, recipe="dino", precompute=True, progress=False)
+    assert type(learn.model) is nn.Linear and learn.model.in_features == 4 * 192  # no BatchNorm
+    assert learn.dls.train.dataset.tensors[0].shape == (24, 4 * 192)
+    h = learn.opt.hypers[0]
+    assert h["mom"] == 0.9 and h["wd"] == 0 and "trust_coeff" not in h  # SGD, not LARS
+    assert learn.lr == pytest.approx(1e-3 * 8 / 256) and learn.recipe == "dino"
+    with pytest.raises(ValueError, match="`recipe` must be one of"): linear_probe(biased_encoder(), dls, recipe="x")
+
+
+class _Learn:
+    "The part of a `Learner` a batch callback reads and writes"
+    training = True
+
+    def __init__(self, xb, yb): self.xb, self.yb = xb, yb
+
+
+def _augment(cb, x, y, m=None):
+    cb.learn = _Learn((x, torch.zeros(len(x), 4, dtype=torch.long) if m is None else m), (y,))
+    cb.before_batch()
+    return cb.learn.xb[0], cb.learn.yb[0]
+
+
+def test_mixup_cutmix_change_targets_erasing_changes_pixels():
+    cb = MixupErase(3)  # MAE's defaults
+    fn = cb.mixup_fn
+    assert (fn.mixup_alpha, fn.cutmix_alpha, fn.label_smoothing, fn.switch_prob, cb.reprob, cb.remode) == (
+        MAE_FINETUNE["mixup"], MAE_FINETUNE["cutmix"], MAE_FINETUNE["smoothing"], 0.5, 0.25, "pixel")
+    torch.manual_seed(0); np.random.seed(0)
+    import random; random.seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    for kw in (dict(mixup=0.8, cutmix=0.), dict(mixup=0., cutmix=1.0)):
+        xm, ym = _augment(MixupErase(3, reprob=0., **kw), x.clone(), y)
+        assert ym.shape == (8, 3) and torch.allclose(ym.sum(1), torch.ones(8))
+        assert int((ym[0] > 0.04).sum()) == 2 and not torch.equal(xm, x)  # image 0's target: 2 classes; pixels mixed
+        lam = ym[0, y[0]] - ym[0, y[-1]] if y[0] != y[-1] else None
+        if kw["mixup"] and lam is not None:  # image 0 mixed with image 7: x0' = lam x0 + (1 - lam) x7
+            w = (xm[0] - x[-1]).flatten() @ (x[0] - x[-1]).flatten() / (x[0] - x[-1]).pow(2).sum()
+            assert 0 < w < 1
+    xo, yo = _augment(MixupErase(3, reprob=0., **dict(mixup=0., cutmix=0.)), x.clone(), y)
+    assert torch.equal(xo, x) and torch.equal(yo, y)  # all off: the batch as it came
+    xe, ye = _augment(MixupErase(3, mixup=0., cutmix=0.), torch.randn(64, 3, 32, 32).clamp(-1, 1), y.repeat(8))
+    erased = (xe.abs() > 1).flatten(1).any(1)  # the noise erasing paints exceeds the clamped range
+    assert torch.equal(ye, y.repeat(8)) and 5 <= int(erased.sum()) <= 30  # ~0.25 of 64 images
+    xs, ys = _augment(MixupErase(3, reprob=0.), torch.randn(7, 3, 32, 32), torch.arange(7) % 3)
+    assert len(xs) == len(ys) == 6  # timm's Mixup needs an even batch: the odd image is left out
+
+
+def test_mixed_target_loss_is_mae_criterion():
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    soft = F.one_hot(y, 3).float() * 0.7 + 0.1
+    loss = MixedTargetLoss(0.1)
+    torch.testing.assert_close(loss(x, soft), SoftTargetCrossEntropy()(x, soft))
+    torch.testing.assert_close(loss(x, y), LabelSmoothingCrossEntropy(0.1)(x, y))
+    torch.testing.assert_close(MixedTargetLoss(0.)(x, y), F.cross_entropy(x, y))
+
+
+@pytest.fixture(scope="module")
+def photo_dls(tmp_path_factory):
+    "labelled_dls of a small ImageFolder of textured 48 px images (RandAugment needs image files)"
+    from PIL import Image
+    from mgab.data import labelled_dls
+    root, g = tmp_path_factory.mktemp("photos"), np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in "ab":
+            (root/split/c).mkdir(parents=True)
+            for i in range(4):
+                ramp = np.linspace(0, 255, 48)[None, :, None] * np.ones((48, 1, 3))
+                img = np.clip(ramp + g.integers(-30, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root/split/c/f"{i}.png")
+    return labelled_dls(root, img_size=32, patch_size=16, bs=4, num_workers=0, device="cpu")
+
+
+def test_randaugment_changes_pixels_and_finetune_uses_mae_transform(photo_dls):
+    import random
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+    from mgab.masks import load_image
+    mae, plain = mae_train_dls(photo_dls), mae_train_dls(photo_dls, aa=None)
+    assert any(isinstance(t, RandAugment) for t in mae.train.dataset.tfm.transforms)
+    assert not any(isinstance(t, RandAugment) for t in plain.train.dataset.tfm.transforms)
+    img = Image.fromarray(load_image(photo_dls.train.dataset.files[0]))
+    changed = 0
+    for s in range(6):  # the same crop and flip (same seeds), RandAugment on top
+        outs = []
+        for ds in (mae.train.dataset, plain.train.dataset):
+            random.seed(s); np.random.seed(s); torch.manual_seed(s)
+            outs.append(ds.tfm(img))
+        changed += not torch.equal(*outs)
+    assert changed >= 3  # each of RandAugment's 2 ops applies with probability 0.5
+    x, m, y = mae.one_batch()
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(m.abs().sum()) == 0
+    assert mae.valid is photo_dls.valid
+    learn = fine_tune(biased_encoder(bias=None), photo_dls, epochs=1, progress=False)  # MAE's recipe, all defaults
+    assert isinstance(learn.dls.train.dataset.tfm.transforms[2], RandAugment) and learn.augs["reprob"] == 0.25
+    assert any(isinstance(cb, MixupErase) for cb in learn.cbs) and isinstance(learn.loss_func, MixedTargetLoss)
+
+
+@pytest.mark.parametrize("flag,value", [("mixup", 0.8), ("cutmix", 1.0), ("aa", "rand-m9-mstd0.5-inc1"),
+                                        ("reprob", 0.25), ("cutmix_minmax", (0.2, 0.8))])
+def test_finetune_with_masks_refuses_unaligned_augmentations(flag, value):
+    off = "none" if flag == "aa" else "unset" if flag == "cutmix_minmax" else 0
+    with pytest.raises(ValueError, match=r"fine-tuning with masks keeps only the augmentations the loader aligns") as e:
+        fine_tune(biased_encoder(), tiny_dls(), epochs=1, progress=False, **{flag: value})
+    assert (f"--no-masks" in str(e.value) and
+            ("no --cutmix-minmax" if flag == "cutmix_minmax" else f"Pass --{flag} {off}") in str(e.value))
+    assert finetune_augs(False, **{flag: value})[flag] == value  # without masks: as asked
+
+
+def test_recipe_columns_and_footnotes(tmp_path):
+    base, ours = (make_run(tmp_path, n, bias, 100, [], "dino") for n, bias in (("base", None), ("ours", "learnable")))
+    for d, bias, mae_v, dino_v in ((base, None, 60., 70.), (ours, "learnable", 62., 75.)):
+        for rec, v in (("mae", mae_v), ("dino", dino_v)):
+            append_result(d, dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
+                                  value=v, recipe=rec))
+    runs = load_runs([base, ours])
+    cols, rows = table1(runs)
+    assert cols[3:5] == ["Linear (mae)", "Linear (dino)"]
+    assert (rows[1]["Linear (mae)"].delta, rows[1]["Linear (dino)"].delta) == (2., 5.)  # each against its recipe
+    notes = recipe_notes(runs)
+    assert "- Linear (dino): `dino` recipe, DINO's linear evaluation (facebookresearch/dino eval_linear.py" in notes
+    assert "- 1%, 10%, 100%: `mae` recipe, MAE's fine-tuning (facebookresearch/mae main_finetune.py" in notes
+    written = report([base, ours], tmp_path/"rep")
+    assert "Recipes:\n\n- Linear (mae): `mae` recipe, MAE's linear probe" in written["table1.md"].read_text()
+    (base/"results.csv").write_text(OLD_HEADER + "\r\nlinear,1.0,False,top1,61.5,100,vit_tiny_patch16_224,dino,t\r\n")
+    (ours/"results.csv").unlink()
+    cols, _ = table1(load_runs([base, ours]))
+    assert cols[3] == "Linear" and "Linear: `?` recipe, not recorded" in recipe_notes(load_runs([base, ours]))

@@ -11,7 +11,8 @@ from pathlib import Path
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
     from mgab.vit import load_run_encoder
-    from mgab.evaluate import PROTOCOLS, RESULT_COLUMNS, evaluate_run, read_run_config, report, uses_masks
+    from mgab.evaluate import (LINEAR_RECIPES, MAE_FINETUNE, PROTOCOLS, RECIPES, RESULT_COLUMNS, LastBlocks, dino_pool,
+                               evaluate_run, finetune_augs, read_run_config, report, uses_masks)
 
 # %% auto #0
 __all__ = ['eval_cli', 'eval_main', 'find_runs', 'report_cli', 'report_main']
@@ -25,20 +26,25 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="mask store for the images of --data (needed by runs trained with bias)")
     p.add_argument("--no-masks", action="store_true", help="evaluate a biased run without masks (Table 2)")
     p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument("--recipe", choices=sorted({r for rs in RECIPES.values() for r in rs}),
+                   help="the reference recipe: linear mae (MAE main_linprobe.py, default) or dino (DINO "
+                        "eval_linear.py); knn dino; finetune mae (MAE main_finetune.py)")
     p.add_argument("--fraction", type=float, help="fraction of the training labels, e.g. 0.01 or 0.1")
-    p.add_argument("--subset-file", help="text file listing the training images to use (give --fraction too)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: linear 90, finetune 100)")
+    p.add_argument("--subset-file", help="text file listing the training images to use, one file name per line as "
+                   "SimCLR/MSN publish for ImageNet (give --fraction too: the fraction it stands for, recorded)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: linear mae 90, dino 100; finetune "
+                   f"{MAE_FINETUNE['epochs']})")
     p.add_argument("--bs", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--img-size", type=int, help="image size (default: the run's model img_size, else 224)")
-    p.add_argument("--pool", choices=("cls", "avg"), help="feature pooling (default: cls; finetune: avg)")
+    p.add_argument("--pool", choices=("cls", "avg"), help="feature pooling (default: cls; finetune: avg, then "
+                   "fc_norm as MAE's global_pool; linear dino: the last blocks' CLS tokens)")
     p.add_argument("--augment", choices=("linear", "none"), default="linear",
                    help="linear probe augmentation; 'none' precomputes the features once (default: linear)")
-    p.add_argument("--opt", choices=("lars", "sgd"), default="lars",
-                   help="linear-probe optimiser: lars (MAE, for large batches and long runs) or sgd (small data)")
+    p.add_argument("--opt", choices=("lars", "sgd"), help="linear-probe optimiser (default: the recipe's, mae lars "
+                   "(for large batches and long runs), dino sgd)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: blr * bs / 256)")
-    p.add_argument("--blr", type=float, help="base learning rate (default: linear 0.1, finetune 5e-4)")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="fine-tuning layer-wise lr decay (default: 0.75)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="fine-tuning drop path rate (default: 0.1)")
+    p.add_argument("--blr", type=float, help=f"base learning rate (default: linear mae {LINEAR_RECIPES['mae']['blr']}, "
+                   f"dino {LINEAR_RECIPES['dino']['blr']}; finetune {MAE_FINETUNE['blr']})")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours (default: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN temperature (default: 0.07)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label subset")
@@ -46,6 +52,37 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", action="store_true",
                    help="evaluate student.pth, a DINO run's student, instead of encoder.pth (its EMA teacher); the "
                         "row is recorded with encoder=student")
+    d = p.add_argument_group("linear --recipe dino",
+                             "DINO's features (eval_linear.py); default: ViT-B 1 block + avgpool, smaller 4 blocks")
+    d.add_argument("--n-last-blocks", type=int, help="concatenate the CLS tokens of the last N blocks")
+    d.add_argument("--avgpool-patchtokens", type=int, choices=(0, 1), help="1: append the mean patch token")
+    M = MAE_FINETUNE
+    f = p.add_argument_group("finetune", "MAE's main_finetune.py recipe, each flag with MAE's default; fine-tuning a "
+                             "biased run with masks keeps only the aligned crops, flips and colour jitter: mixup, "
+                             "CutMix, RandAugment and random erasing are off there and refused if asked for")
+    f.add_argument("--layer-decay", type=float, default=M["layer_decay"],
+                   help="layer-wise lr decay (default: %(default)s; FINETUNE.md's ViT-B: 0.65)")
+    f.add_argument("--drop-path", type=float, default=M["drop_path"], help="drop path rate (default: %(default)s)")
+    f.add_argument("--weight-decay", type=float, default=M["wd"], help="AdamW weight decay (default: %(default)s)")
+    f.add_argument("--warmup-epochs", type=float, default=M["warmup_epochs"],
+                   help="linear lr warmup epochs (default: %(default)s)")
+    f.add_argument("--min-lr", type=float, default=M["min_lr"], help="final lr of the cosine (default: %(default)s)")
+    f.add_argument("--smoothing", type=float, default=M["smoothing"], help="label smoothing (default: %(default)s)")
+    f.add_argument("--mixup", type=float, help=f"mixup alpha (default: {M['mixup']}; 0 with masks)")
+    f.add_argument("--cutmix", type=float, help=f"CutMix alpha (default: {M['cutmix']}; 0 with masks)")
+    f.add_argument("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="CutMix box area range, instead of its alpha")
+    f.add_argument("--mixup-prob", type=float, default=M["mixup_prob"],
+                   help="share of batches mixed (default: %(default)s)")
+    f.add_argument("--mixup-switch-prob", type=float, default=M["mixup_switch_prob"],
+                   help="share of mixed batches cut-mixed instead (default: %(default)s)")
+    f.add_argument("--mixup-mode", choices=("batch", "pair", "elem"), default=M["mixup_mode"],
+                   help="one mixing per batch, per pair or per image (default: %(default)s)")
+    f.add_argument("--aa", help=f"RandAugment policy, 'none' for none (default: {M['aa']}; none with masks)")
+    f.add_argument("--reprob", type=float, help=f"random erasing probability (default: {M['reprob']}; 0 with masks)")
+    f.add_argument("--remode", choices=("pixel", "rand", "const"), default=M["remode"],
+                   help="random erasing fill (default: %(default)s)")
+    f.add_argument("--recount", type=int, default=M["recount"], help="random erasing count (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -60,7 +97,13 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     args = _eval_parser().parse_args(argv)
     run = Path(args.run)
     if args.subset_file and args.fraction is None:
-        _fail("--subset-file needs --fraction too (it is recorded in results.csv)")
+        _fail("--subset-file needs --fraction too (the fraction the file stands for, recorded in results.csv)")
+    recipe = args.recipe or RECIPES[args.protocol][0]
+    if recipe not in RECIPES[args.protocol]:
+        _fail(f"--protocol {args.protocol} has the recipes {', '.join(RECIPES[args.protocol])}, got --recipe {recipe}")
+    dino_flags = args.n_last_blocks is not None or args.avgpool_patchtokens is not None
+    if dino_flags and (args.protocol, recipe) != ("linear", "dino"):
+        _fail("--n-last-blocks and --avgpool-patchtokens choose the features of --protocol linear --recipe dino")
     if args.fraction is not None and not 0 < args.fraction <= 1:
         _fail(f"--fraction must be in (0, 1], got {args.fraction}")
     try:
@@ -72,6 +115,13 @@ def eval_cli(argv: list[str] | None = None) -> dict:
                   f"(this run's method: {cfg.get('method', '?')})")
         encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
     except (FileNotFoundError, ValueError) as e: _fail(str(e))
+    pool = args.pool
+    if dino_flags:  # DINO's choice for this architecture, where not overridden
+        dflt = dino_pool(encoder)
+        pool = LastBlocks(dflt.n if args.n_last_blocks is None else args.n_last_blocks,
+                          dflt.avgpool if args.avgpool_patchtokens is None else bool(args.avgpool_patchtokens))
+        if not 1 <= pool.n <= len(encoder.blocks):
+            _fail(f"--n-last-blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), got {pool.n}")
     masks = None
     if uses_masks(encoder) and not args.no_masks:
         if args.masks is None:
@@ -82,21 +132,32 @@ def eval_cli(argv: list[str] | None = None) -> dict:
         masks = MaskStore(args.masks)
     elif args.masks and not args.no_masks:
         print(f"mgab-eval: run {str(run)!r} has no attention bias; --masks is not used", file=sys.stderr)
+    augs = dict(mixup=args.mixup, cutmix=args.cutmix, cutmix_minmax=tuple(args.cutmix_minmax or ()) or None,
+                aa=args.aa, reprob=args.reprob)
+    if args.protocol == "finetune":  # refused before any data is read
+        try: finetune_augs(masks is not None, **augs)
+        except ValueError as e: _fail(str(e))
     from mgab import data as mdata
     path = Path(args.data) if args.data else mdata.embedded_dataset()
     for split in ("train", "val"):
         if not (path/split).is_dir(): _fail(f"{str(path/split)!r} is missing: --data must hold train/ and val/ folders")
     augment = dict(knn="none", linear=args.augment, finetune="finetune")[args.protocol]
     dl_kw = dict(masks=masks, img_size=img_size, patch_size=encoder.patch_embed.patch_size[0], bs=args.bs,
-                 augment=augment, fraction=args.fraction, subset_file=args.subset_file, seed=args.seed)
+                 augment=augment, fraction=None if args.subset_file else args.fraction, subset_file=args.subset_file,
+                 seed=args.seed)  # with a subset file, --fraction only names the subset in results.csv
     if args.num_workers is not None: dl_kw["num_workers"] = args.num_workers
     dls = mdata.labelled_dls(path, **dl_kw)
     kw = {k: v for k, v in dict(lr=args.lr, blr=args.blr).items() if v is not None}
     if args.protocol == "linear": kw.update(precompute=args.augment == "none", opt=args.opt)
-    if args.protocol == "finetune": kw.update(layer_decay=args.layer_decay, drop_path=args.drop_path)
+    if args.protocol == "finetune":
+        epochs = args.epochs or MAE_FINETUNE["epochs"]
+        kw.update(augs, layer_decay=args.layer_decay, drop_path=args.drop_path, wd=args.weight_decay,
+                  warmup_pct=args.warmup_epochs / epochs, min_lr=args.min_lr, label_smoothing=args.smoothing,
+                  mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
+                  remode=args.remode, recount=args.recount)
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
-                       epochs=args.epochs, pool=args.pool, which=which, progress=not args.no_progress, **kw)
+                       epochs=args.epochs, pool=pool, which=which, recipe=recipe, progress=not args.no_progress, **kw)
     print(",".join(RESULT_COLUMNS))
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
