@@ -1,5 +1,6 @@
 "mgab-docs renders every notebook, and names the one that does not render."
 import json
+import re
 import shutil
 from pathlib import Path
 import pytest
@@ -33,3 +34,31 @@ def test_docs_build_and_failure(tmp_path):
     (proj / "nbs" / "00_core.ipynb").write_text(json.dumps(nb))
     with pytest.raises(RuntimeError, match="00_core|core"):
         build_docs(proj, "site", execute=False)
+
+
+def test_docs_cache_nav_search_and_entry_point(tmp_path):
+    "Pages carry executed outputs, cached between builds; the installed `mgab-docs` runs without the venv on PATH"
+    import os, subprocess, sys
+    proj = _project(tmp_path)
+    pages = build_docs(proj, "site")  # runs 00_core and index once
+    assert sorted(build_docs.status.values()) == ["run", "run"]
+    cached = sorted((proj / "site" / ".cache").glob("*.ipynb"))
+    assert [p.name.split("-")[0] for p in cached] == ["00_core", "index"]
+    core = (proj / "site" / "core.html").read_text()
+    assert "jp-OutputArea-output" in core  # outputs of the executed notebook
+    # navigation: home first, the current page marked, a search box over a client-side index
+    nav = re.search(r'<nav id="mgab-nav">.*?</nav>', core, re.S)[0]
+    assert nav.index('href="index.html"') < nav.index('href="core.html"')
+    assert '<li class=current><a href="core.html">' in nav and 'id="mgab-search"' in nav
+    assert '<script src="search.js"></script>' in core
+    index = json.loads((proj / "site" / "search.js").read_text().split("window.MGAB_INDEX = ", 1)[1].split(";\n")[0])
+    assert [p["url"] for p in index] == ["index.html", "core.html"] and "check_shape" in index[1]["text"]
+    # the installed entry point, with a PATH that lacks this Python's bin/: nbdev is found next to sys.executable
+    exe = Path(sys.executable).parent / "mgab-docs"
+    if not exe.is_file(): pytest.skip(f"no mgab-docs next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | dict(PATH="/usr/bin:/bin")
+    r = subprocess.run([str(exe), "--root", str(proj), "--out", "site"], env=env, capture_output=True, text=True,
+                       cwd=proj)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 run, 2 from the cache" in r.stdout  # nothing changed: nothing ran again
+    assert "jp-OutputArea-output" in (proj / "site" / "core.html").read_text()
