@@ -98,6 +98,7 @@ class Explorer:
     def _init_views(self, *names):
         self.controls, self.figs, self._keys = {}, {}, {}
         self.views = {n: widgets.Image(format="png", layout=widgets.Layout(max_width="100%")) for n in names}
+        for n, v in self.views.items(): v.add_class(f"mgab-view-{n}")  # for the browser test and user CSS
         self.message = widgets.HTML()
         self.error, self._held, self._pending, self.exported = None, 0, False, []
 
@@ -192,7 +193,9 @@ class Explorer:
         "Controls in a sidebar beside the figures, so that they stay in view while the figures change"
         side = widgets.VBox(sidebar, layout=widgets.Layout(width=width, min_width=width, flex="0 0 auto",
                                                            margin="0 12px 0 0"))
-        return widgets.HBox([side, widgets.VBox(main, layout=widgets.Layout(flex="1 1 auto", overflow="auto"))])
+        box = widgets.HBox([side, widgets.VBox(main, layout=widgets.Layout(flex="1 1 auto", overflow="auto"))])
+        box.add_class("mgab-explorer"); box.add_class(f"mgab-{type(self).__name__.lower()}")
+        return box
 
     def _repr_mimebundle_(self, **kwargs):
         "The widget for JupyterLab; a picture of the first view and a summary where widgets do not render (docs)"
@@ -426,6 +429,7 @@ class MaskExplorer(Explorer):
                                             tooltip="the image under each prompt grid (Fig. 3); stays live"), False)
         self._add("mask", widgets.BoundedIntText(value=0, min=0, max=255, description="mask (0: all)",
                                                  layout=widgets.Layout(width="150px")))
+        self.controls["mask"].add_class("mgab-mask")
         self.sam_note = widgets.HTML()
         self.picker = TokenPicker(self._pick, size=224)
         self._compare_on = False
@@ -636,7 +640,7 @@ class MaskExplorer(Explorer):
 
     def _draw_masks(self) -> Figure:
         lm, m, sel = self.label_map, self.token_labels, self.selected_mask
-        fig = Figure(figsize=(9, 4.6), dpi=80, layout="constrained")
+        fig = Figure(figsize=(8, 4.2), dpi=80, layout="constrained")
         ax1, ax2 = fig.subplots(1, 2)
         _show_labels(ax1, self.image, lm, f"{int(lm.max())} of {self.n_found} masks kept, "
                                           f"{self.coverage['pixels']:.1%} of pixels"
@@ -756,7 +760,7 @@ class BiasExplorer(Explorer):
                              f"img_size={self.img_size}; build it with dynamic_img_size=True to look at other sizes")
         self.grid = model.grid_size(torch.empty(1, 3, self.img_size, self.img_size))
         gh, gw = self.grid
-        self.n_forward, self._cache, self.cache_size = 0, OrderedDict(), cache_size
+        self.n_forward, self._cache, self.cache_size, self.query = 0, OrderedDict(), cache_size, None
         self.u_limits = self._u_limits()
         self._init_views("bias", "attention", "relations")
         names, L, H = list(self.sources), len(model.blocks), model.blocks[0].attn.num_heads
@@ -769,14 +773,16 @@ class BiasExplorer(Explorer):
                                              description="query (-1: CLS)", continuous_update=False))
         self._add("query_text", widgets.BoundedIntText(min=-1, max=gh * gw - 1, layout=widgets.Layout(width="70px")),
                   observe=False)
+        self.controls["query_text"].add_class("mgab-query-text")
         self._link = widgets.jslink((self.controls["query"], "value"), (self.controls["query_text"], "value"))
+        self.controls["query_text"].observe(self._on_query_text, "value")  # from code, where no browser links them
         self._add("cls", widgets.Button(description="CLS", tooltip="the CLS token as the query",
                                         layout=widgets.Layout(width="50px")), False)
         self.controls["cls"].on_click(lambda _: setattr(self.controls["query"], "value", -1))
         self._add("layer", widgets.Dropdown(options=[("every layer (mean of heads)", -1)]
                                             + [(f"layer {l}", l) for l in range(L)], value=0, description="layer"))
-        self._add("head", widgets.Dropdown(options=[("all heads", -1)] + [(f"head {h} (enlarged)", h) for h in range(H)],
-                                           value=-1, description="head"))
+        heads = [("all heads", -1)] + [(f"head {h} (enlarged)", h) for h in range(H)]
+        self._add("head", widgets.Dropdown(options=heads, value=-1, description="head"))
         self._add("generator", widgets.Dropdown(options=["felzenszwalb", "slic"], description="masks of uploads",
                                                 tooltip="the generator that makes the masks of an uploaded image"),
                   False)
@@ -882,6 +888,9 @@ class BiasExplorer(Explorer):
                      for a in (self.state["attn_on"], self.state["attn_off"]))
 
     def _pick(self, token: int): self.controls["query"].value = token
+
+    def _on_query_text(self, change):
+        if change["new"] != self.controls["query"].value: self.controls["query"].value = change["new"]
 
     def update(self):
         "Recompute what the controls changed and redraw"
@@ -1078,7 +1087,8 @@ class RunViewer(Explorer):
         sel = self.selected
         self._say("" if sel else "select one or more runs")
         self.summary = pd.DataFrame([self._summary(n) for n in sel])
-        self.summary_html.value = self.summary.to_html(index=False, border=0, na_rep="", float_format="{:.4g}".format)
+        shown = self.summary.apply(lambda c: c.fillna("") if c.dtype == object else c)  # None: an empty cell
+        self.summary_html.value = shown.to_html(index=False, border=0, na_rep="", float_format="{:.4g}".format)
         res = [self.runs[n]["results"].assign(run=n) for n in sel if len(self.runs[n]["results"])]
         self.results = pd.concat(res, ignore_index=True) if res else pd.DataFrame()
         if len(self.results): self.results = self.results[["run"] + [c for c in self.results.columns if c != "run"]]
