@@ -39,13 +39,18 @@ def test_docs_build_and_failure(tmp_path):
 def test_docs_cache_nav_search_and_entry_point(tmp_path):
     "Pages carry executed outputs, cached between builds; the installed `mgab-docs` runs without the venv on PATH"
     import os, subprocess, sys
+    import nbformat
     proj = _project(tmp_path)
-    pages = build_docs(proj, "site")  # runs 00_core and index once
+    for name, title, code in (("index", "mgab", "print('home')"), ("00_core", "Core", "6 * 7")):  # small, quick
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {title}\n\n> check_shape {title}"),
+                                             nbformat.v4.new_code_cell(code)])
+        nbformat.write(nb, proj / "nbs" / f"{name}.ipynb")
+    build_docs(proj, "site")  # runs both notebooks once
     assert sorted(build_docs.status.values()) == ["run", "run"]
     cached = sorted((proj / "site" / ".cache").glob("*.ipynb"))
     assert [p.name.split("-")[0] for p in cached] == ["00_core", "index"]
     core = (proj / "site" / "core.html").read_text()
-    assert "jp-OutputArea-output" in core  # outputs of the executed notebook
+    assert "jp-OutputArea-output" in core and ">42<" in core  # the output of the executed notebook
     # navigation: home first, the current page marked, a search box over a client-side index
     nav = re.search(r'<nav id="mgab-nav">.*?</nav>', core, re.S)[0]
     assert nav.index('href="index.html"') < nav.index('href="core.html"')
@@ -61,4 +66,4 @@ def test_docs_cache_nav_search_and_entry_point(tmp_path):
                        cwd=proj)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "0 run, 2 from the cache" in r.stdout  # nothing changed: nothing ran again
-    assert "jp-OutputArea-output" in (proj / "site" / "core.html").read_text()
+    assert ">42<" in (proj / "site" / "core.html").read_text()
