@@ -140,7 +140,7 @@ class Explorer:
         self.figs[name], self._keys[name] = fig, key
         v = self.views[name]
         v.value = fig_png(fig, dpi=self.scale * fig.dpi)
-        v.layout.width = f"{round(fig.get_figwidth() * fig.dpi)}px"  # natural size; max_width keeps it on the page
+        v.layout.width = f"{self._width(name)}px"  # natural size; max_width keeps it on the page
         return True
 
     def _clear(self, name: str):
@@ -197,12 +197,22 @@ class Explorer:
         box.add_class("mgab-explorer"); box.add_class(f"mgab-{type(self).__name__.lower()}")
         return box
 
+    def _width(self, name: str) -> int:
+        fig = self.figs[name]
+        return round(fig.get_figwidth() * fig.dpi)
+
+    def show(self, name: str):
+        "View `name` as an IPython image at its natural size (the PNG is 2x): for notebooks and static pages"
+        from IPython.display import Image as IPImage
+        return IPImage(self.views[name].value, width=self._width(name))
+
     def _repr_mimebundle_(self, **kwargs):
         "The widget for JupyterLab; a picture of the first view and a summary where widgets do not render (docs)"
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
-        first = next((v.value for v in self.views.values() if v.value), None)
-        png = {"image/png": base64.b64encode(first).decode()} if first else {}
-        return {**bundle, **png, "text/plain": repr(self)}
+        first = next((n for n, v in self.views.items() if v.value and n in self.figs), None)
+        if first is None: return {**bundle, "text/plain": repr(self)}
+        png = {"image/png": base64.b64encode(self.views[first].value).decode()}
+        return {**bundle, **png, "text/plain": repr(self)}, {"image/png": {"width": self._width(first)}}
 
 # %% ../nbs/40_widgets.ipynb #285778c1
 _tab20 = matplotlib.colormaps["tab20"].colors

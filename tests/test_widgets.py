@@ -1,4 +1,5 @@
 "mgab.widgets, headless: drive the explorers through their controls and buttons; check state and figures."
+import base64
 import datetime
 import io
 import json
@@ -99,9 +100,10 @@ def test_image_navigation_and_display(photos):
     assert mx.image_name != first and mx.image.shape == load_image(photos[1]).shape
     mx.controls["previous"].click(); mx.controls["previous"].click()
     assert mx.image_name == list(mx.sources)[-1]
-    bundle = mx._repr_mimebundle_()
+    bundle, meta = mx._repr_mimebundle_()  # the widget, and for static pages its picture at its natural size
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"] == f"MaskExplorer(3 images, generator 'felzenszwalb', image {mx.image_name!r})"
+    assert base64.b64decode(bundle["image/png"]) == mx.views["masks"].value and meta["image/png"]["width"] == 640
 
 
 def test_upload(folder):
