@@ -1,7 +1,7 @@
 """The three explorers in a real browser: JupyterLab on 127.0.0.1 driven by headless Chromium through playwright.
 
-Runs the tutorial notebook nbs/41_mask_explorer.ipynb top to bottom in JupyterLab, then a small notebook with a
-tiny `BiasExplorer` and a `RunViewer` on toy runs, in one JupyterLab session. Checks that the controls are in the
+Runs the tutorial notebook nbs/41_mask_explorer.ipynb top to bottom in JupyterLab, with cells appended that open a
+tiny `BiasExplorer` and a `RunViewer` on toy runs (one kernel, one Run All). Checks that the controls are in the
 page, that a click on the image picks the mask / the query token, that changing the image changes the figures and
 the compare panel, that "export figures" writes PNG, SVG and JSON files, and saves screenshots under
 tests/artifacts/. Skips (with the reason) without Chromium, playwright or JupyterLab. Playwright's own
@@ -26,8 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = ROOT / "nbs" / "41_mask_explorer.ipynb"
-TOY = "bias_and_runs.ipynb"  # written by the test: the other two explorers on a tiny random model and toy runs
-TOY_CELLS = ["""
+TOY_CELLS = [  # appended to the tutorial: the other two explorers on a tiny random model and toy runs
+    """
 import warnings
 warnings.filterwarnings("ignore", category=FutureWarning)
 import json, tempfile
@@ -54,11 +54,14 @@ rv = RunViewer(tmp)
 rv"""]
 
 
-def _toy_notebook() -> dict:
-    cells = [dict(cell_type="code", execution_count=None, id=f"c{i}", metadata={}, outputs=[], source=src.strip())
-             for i, src in enumerate(TOY_CELLS)]
-    return dict(cells=cells, metadata=dict(kernelspec=dict(display_name="Python 3", language="python",
-                                                           name="python3")), nbformat=4, nbformat_minor=5)
+def _notebook_with_toys() -> dict:
+    "The mask explorer tutorial with the toy cells appended: one kernel and one Run All for the three explorers"
+    nb = json.loads(NOTEBOOK.read_text())
+    nb["cells"] += [dict(cell_type="code", execution_count=None, id=f"toy{i}", metadata={}, outputs=[],
+                         source=src.strip()) for i, src in enumerate(TOY_CELLS)]
+    return nb
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
@@ -99,8 +102,7 @@ def lab(tmp_path, chromium):
     "JupyterLab serving a temp folder with a copy of the explorer notebook; yields (base url, token, root, log)"
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (dev extra)")
     root = tmp_path / "lab"; root.mkdir()
-    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
-    (root / TOY).write_text(json.dumps(_toy_notebook()))
+    (root / NOTEBOOK.name).write_text(json.dumps(_notebook_with_toys()))
     settings = tmp_path / "settings" / "@jupyterlab"
     for ext, name, value in [("apputils-extension", "notification", dict(fetchNews="false", checkForUpdates=False)),
                              ("notebook-extension", "tracker", dict(autoStartDefaultKernel=True))]:
@@ -149,10 +151,7 @@ ACTIVE = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on screen (Jupy
 def _run_all(page, base: str, token: str, name: str):
     "Open notebook `name` in JupyterLab, Run > Run All Cells as a user would, wait for it, fail on a traceback"
     from playwright import sync_api
-    if page.url.startswith(base):  # JupyterLab is open: open the notebook from the file browser, as a user would
-        page.locator(".jp-DirListing-itemText", has_text=name).dblclick()
-        page.locator(".lm-TabBar-tab.lm-mod-current", has_text=name).wait_for(timeout=60_000)
-    else: page.goto(f"{base}/lab/tree/{name}?token={token}", timeout=60_000)
+    page.goto(f"{base}/lab/tree/{name}?token={token}", timeout=60_000)
     page.wait_for_selector(f"{ACTIVE} .jp-Notebook", timeout=60_000)
     page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=60_000)  # kernel ready
     for attempt in range(3):
@@ -250,8 +249,7 @@ def test_explorers_in_jupyterlab(chromium, lab):
             page.screenshot(path=str(ARTIFACTS / "mask_explorer_2_after_changes.png"))
             panel.screenshot(path=str(ARTIFACTS / "mask_explorer_3_widget.png"))
 
-            # -- the bias explorer and the run viewer on a tiny model and toy runs
-            _run_all(page, base, token, TOY)
+            # -- the bias explorer and the run viewer on a tiny model and toy runs (the appended cells)
             bxp = page.locator(f"{ACTIVE} .mgab-biasexplorer").first
             bxp.evaluate("e => e.scrollIntoView({block: 'start'})")
             att = bxp.locator("img.mgab-view-attention")
