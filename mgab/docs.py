@@ -6,11 +6,11 @@ Docs: https://mgab-dev.github.io/mgab/docs.html.md"""
 
 # %% ../nbs/59_docs.ipynb #0a4b472e
 from __future__ import annotations
-import argparse, html, re, shutil, subprocess, sys, tempfile
+import argparse, hashlib, html, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['page_notebook', 'build_docs', 'main']
+__all__ = ['page_notebook', 'nbdev_command', 'execute_cached', 'build_docs', 'main']
 
 # %% ../nbs/59_docs.ipynb #13375e20
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+)\s*:?\s*(.*)$")
@@ -46,6 +46,8 @@ def _md_output(cell) -> str | None:
     return None
 
 # %% ../nbs/59_docs.ipynb #64f206b2
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+
 def page_notebook(nb, doc_url: str = ""):
     "Turn a processed notebook into one nbconvert can render as a page: directives applied, links made local"
     import nbformat
@@ -67,6 +69,11 @@ def page_notebook(nb, doc_url: str = ""):
             if d.get("echo") == "false": c.metadata.setdefault("transient", {})["remove_source"] = True
             if not c.source.strip() and not c.get("outputs"): continue
         cells.append(c)
+    has_state = "application/vnd.jupyter.widget-state+json" in nb.metadata.get("widgets", {})
+    for c in cells:
+        for o in c.get("outputs", []):  # without saved widget state a widget view renders empty: show its picture
+            data = o.get("data", {})
+            if not has_state and _WIDGET in data and len(data) > 1: del data[_WIDGET]
     for c in cells:  # Quarto link attributes such as [source](...){target="_blank"} mean nothing to nbconvert
         if c.cell_type == "markdown": c.source = re.sub(r"(\]\([^)]*\))\{[^}]*\}", r"\1", c.source)
     nb.cells = cells
@@ -77,15 +84,105 @@ def page_notebook(nb, doc_url: str = ""):
     return nb, meta
 
 # %% ../nbs/59_docs.ipynb #cda9e033
+def nbdev_command(name: str,  # an nbdev console script, e.g. "nbdev-test"
+                 ) -> list[str]:  # the command line that runs it
+    "Run an nbdev command without an activated venv: the script next to this Python, on PATH, or via its entry point"
+    exe = Path(sys.executable).parent/name
+    if exe.is_file(): return [str(exe)]
+    if found := shutil.which(name): return [found]
+    from importlib.metadata import entry_points
+    eps = list(entry_points(group="console_scripts", name=name))
+    if not eps: raise FileNotFoundError(f"mgab-docs: no {name} (is nbdev installed in {sys.executable}?)")
+    mod, fn = eps[0].value.split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {mod} import {fn}; {fn}()"]
+
 def _run(cmd, cwd, what):
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run(nbdev_command(cmd[0]) + cmd[1:], cwd=cwd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"mgab-docs: {what} failed:\n{(r.stdout + r.stderr)[-4000:]}")
     return r
 
+def _source_key(root: Path) -> str:
+    "A hash of the package sources and settings: executed notebooks are reused while it stays the same"
+    h = hashlib.sha256()
+    for f in sorted((root/"mgab").rglob("*.py")) + [root/"pyproject.toml"]:
+        h.update(f.relative_to(root).as_posix().encode()); h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+def execute_cached(work: Path,  # the project copy whose nbs/ are run in place
+                   cache: Path,  # folder of executed notebooks, `<stem>-<key>.ipynb`
+                   execute: bool = True,  # False: only reuse what the cache holds (any key), run nothing
+                  ) -> dict[str, str]:  # notebook name -> "cached", "run" or "not run"
+    "Give the notebooks of `work` their outputs: from the cache when notebook and sources are unchanged, else run"
+    cache.mkdir(parents=True, exist_ok=True)
+    src, status, todo = _source_key(work), {}, []
+    for nb in sorted((work/"nbs").glob("*.ipynb")):
+        key = hashlib.sha256(nb.read_bytes()).hexdigest()[:16] + src
+        hit = cache/f"{nb.stem}-{key}.ipynb"
+        if not execute and not hit.is_file():  # reuse the newest execution, even of other sources
+            old = sorted(cache.glob(f"{nb.stem}-*.ipynb"), key=lambda f: f.stat().st_mtime)
+            hit = old[-1] if old else hit
+        if hit.is_file(): shutil.copy(hit, nb); status[nb.name] = "cached"
+        elif execute: todo.append((nb, cache/f"{nb.stem}-{key}.ipynb"))
+        else: status[nb.name] = "not run"
+    if todo:
+        names = "|".join(re.escape(nb.name) for nb, _ in todo)
+        _run(["nbdev-test", "--save", "--n-workers", "1", "--file-re", f"^({names})$"], work,
+             "running the notebooks (nbdev-test --save)")
+        for nb, dest in todo:
+            for old in cache.glob(f"{nb.stem}-*.ipynb"): old.unlink()  # one execution kept per notebook
+            shutil.copy(nb, dest); status[nb.name] = "run"
+    return status
+
+# %% ../nbs/59_docs.ipynb #a1c0de09
+_NAV_STYLE = """<style>
+#mgab-nav{position:fixed;top:0;left:0;width:220px;height:100%;overflow:auto;padding:1em;box-sizing:border-box;
+ background:#f6f6f6;font-family:sans-serif;font-size:14px;border-right:1px solid #ddd}
+#mgab-nav ul{padding-left:0;list-style:none;margin:.5em 0}#mgab-nav li{margin:.2em 0}
+#mgab-nav li a{color:#333;text-decoration:none;display:block;padding:2px 6px;border-radius:3px}
+#mgab-nav li.current a{background:#2c6fbb;color:#fff;font-weight:bold}
+#mgab-search{width:100%;box-sizing:border-box;padding:4px}#mgab-results li a{font-size:13px}
+body>main,body>.jp-Notebook{margin-left:240px!important}
+</style>"""
+
+_SEARCH_JS = """(function(){
+  var box = document.getElementById('mgab-search'), out = document.getElementById('mgab-results');
+  if (!box) return;
+  box.addEventListener('input', function(){
+    var q = box.value.trim().toLowerCase(); out.innerHTML = '';
+    if (q.length < 2) return;
+    (window.MGAB_INDEX || []).forEach(function(p){
+      var i = p.text.toLowerCase().indexOf(q);
+      if (i < 0 && p.title.toLowerCase().indexOf(q) < 0) return;
+      var li = document.createElement('li'), a = document.createElement('a');
+      a.href = p.url; a.textContent = p.title; li.appendChild(a);
+      if (i >= 0) { var s = document.createElement('div'); s.style.cssText = 'font-size:11px;color:#666';
+        s.textContent = '...' + p.text.substr(Math.max(0, i - 30), 80) + '...'; li.appendChild(s); }
+      out.appendChild(li);
+    });
+    if (!out.children.length) out.innerHTML = '<li><i>no match</i></li>';
+  });
+})();"""
+
+def _page_order(p: Path) -> tuple:
+    "The home page first, then the notebooks in the data flow's (numbered) order"
+    return (p.stem != "index", p.stem)
+
+def _page_text(nb) -> str:
+    "The searchable text of a page: its markdown and code, whitespace collapsed"
+    return re.sub(r"\s+", " ", " ".join(c.source for c in nb.cells if c.cell_type in ("markdown", "code")))[:20000]
+
+def _sidebar(nav_items, current: str) -> str:
+    items = "".join(f'<li{" class=current" if n == current else ""}><a href="{n}">{html.escape(t)}</a></li>'
+                    for n, t in nav_items)
+    return (f'<nav id="mgab-nav"><b>mgab</b><input id="mgab-search" type="search" placeholder="search the docs">'
+            f'<ul id="mgab-results"></ul><ul>{items}</ul></nav>')
+
+# %% ../nbs/59_docs.ipynb #a1c0de10
 def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml and nbs/)
                out: str | Path = "_docs",  # output folder for the HTML pages
-               execute: bool = True,  # run the notebooks first, so that pages show outputs and plots
+               execute: bool = True,  # run the notebooks that changed, so that pages show outputs and plots
+               cache: str | Path | None = None,  # executed notebooks kept between builds; default: `out/.cache`
               ) -> list[Path]:  # the pages written
     "Build the HTML docs offline from the processed notebooks; raise naming the notebook that fails"
     import nbformat
@@ -95,6 +192,7 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
     if not out.is_absolute(): out = root/out
     if not (root/"pyproject.toml").exists():
         raise FileNotFoundError(f"no pyproject.toml in {root}; run from the repo root")
+    cache = Path(cache) if cache is not None else out/".cache"
     doc_url = get_config(root).doc_url
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)/"proj"
@@ -102,11 +200,10 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
         shutil.copy(root/"pyproject.toml", work)
         for d in ("nbs", "mgab"): shutil.copytree(root/d, work/d, ignore=shutil.ignore_patterns("__pycache__", "_proc"))
         if (root/".git").exists(): (work/".git").mkdir()  # nbdev looks for the project root
-        if execute:
-            _run(["nbdev-test", "--save", "--n-workers", "1"], work, "running the notebooks (nbdev-test --save)")
+        status = execute_cached(work, cache, execute)
         _run(["nbdev-proc-nbs"], work, "nbdev-proc-nbs")
         proc = work/"_proc"
-        nbs = sorted(p for p in proc.glob("*.ipynb"))
+        nbs = sorted(proc.glob("*.ipynb"), key=_page_order)
         pages = [(p, *page_notebook(nbformat.read(p, as_version=4), doc_url)) for p in nbs]
         out.mkdir(parents=True, exist_ok=True)
         exporter = HTMLExporter(template_name="lab")
@@ -114,21 +211,20 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
         for p, nb, meta in pages:
             name = meta.get("output-file") or p.with_suffix(".html").name
             nav_items.append((name, meta.get("title", p.stem)))
-        nav = "".join(f'<li><a href="{n}">{html.escape(t)}</a></li>' for n, t in nav_items)
-        style = ("<style>#mgab-nav{position:fixed;top:0;left:0;width:200px;height:100%;overflow:auto;padding:1em;"
-                 "background:#f6f6f6;font-family:sans-serif;font-size:14px}#mgab-nav ul{padding-left:1em}"
-                 "body>main,body>.jp-Notebook{margin-left:230px!important}</style>")
+        index = [dict(url=n, title=t, text=_page_text(nb)) for (n, t), (_, nb, _) in zip(nav_items, pages)]
+        (out/"search.js").write_text("window.MGAB_INDEX = " + json.dumps(index) + ";\n" + _SEARCH_JS, encoding="utf-8")
         written = []
         for (p, nb, meta), (name, _) in zip(pages, nav_items):
             try:
                 nbformat.validate(nb)
                 body, _ = exporter.from_notebook_node(nb)
             except Exception as e: raise RuntimeError(f"mgab-docs: {p.name} does not render: {e}") from e
-            sidebar = f'<nav id="mgab-nav"><b>mgab</b><ul>{nav}</ul></nav>'
-            body = re.sub(r"(<body[^>]*>)", r"\1" + sidebar, body, count=1)
-            body = body.replace("</head>", style + "</head>", 1)
+            body = re.sub(r"(<body[^>]*>)", lambda m: m[1] + _sidebar(nav_items, name), body, count=1)
+            body = body.replace("</head>", _NAV_STYLE + "</head>", 1)
+            body = body.replace("</body>", '<script src="search.js"></script></body>', 1)
             (out/name).write_text(body, encoding="utf-8")
             written.append(out/name)
+    build_docs.status = status  # which notebooks ran, came from the cache, or have no outputs
     return written
 
 # %% ../nbs/59_docs.ipynb #12f93dbd
@@ -137,9 +233,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mgab-docs", description=build_docs.__doc__)
     p.add_argument("--out", default="_docs")
     p.add_argument("--root", default=".")
-    p.add_argument("--no-execute", action="store_true", help="render saved outputs only (faster)")
+    p.add_argument("--cache", default=None, help="executed notebooks kept between builds (default: OUT/.cache)")
+    p.add_argument("--no-execute", action="store_true",
+                   help="run nothing: pages carry the outputs of the last build's executions (the cache)")
     a = p.parse_args(argv)
-    try: pages = build_docs(a.root, a.out, execute=not a.no_execute)
+    try: pages = build_docs(a.root, a.out, execute=not a.no_execute, cache=a.cache)
     except (RuntimeError, FileNotFoundError) as e: print(e, file=sys.stderr); return 1
-    print(f"mgab-docs: {len(pages)} pages in {Path(a.out)}/ (open {Path(a.out)/'index.html'})")
+    st = list(build_docs.status.values())
+    print(f"mgab-docs: {len(pages)} pages in {Path(a.out)}/ (open {Path(a.out)/'index.html'}); notebooks: "
+          f"{st.count('run')} run, {st.count('cached')} from the cache, {st.count('not run')} without outputs")
     return 0

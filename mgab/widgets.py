@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/widgets.html.md"""
 
 # %% ../nbs/40_widgets.ipynb #c066ecb3
 from __future__ import annotations
-import io, json, os, time
+import base64, datetime, io, json, os, time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,25 +18,27 @@ import matplotlib
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .core import data_dir
 from .mre import labels2tokens, relation_matrix
 from .vit import MaskBiasViT, load_run_encoder
 from .masks import (IMAGE_EXTS, MaskStore, SamMasker, SuperpixelMasker, label_map, list_images, load_image,
-                        mask_ratio, show_masks)
+                        mask_ratio)
 
 # %% auto #0
-__all__ = ['fig_png', 'image_sources', 'Explorer', 'MaskExplorer', 'bias_figure', 'BiasExplorer', 'find_runs', 'read_run',
-           'RunViewer']
+__all__ = ['PALETTE', 'fig_png', 'image_sources', 'Explorer', 'token_picture', 'TokenPicker', 'MaskExplorer', 'bias_figure',
+           'BiasExplorer', 'find_runs', 'read_run', 'arch_label', 'RunViewer']
 
 # %% ../nbs/40_widgets.ipynb #0d596db3
 def fig_png(fig: Figure,  # a matplotlib figure
             dpi: int | None = None,  # default: the figure's
+            fmt: str = "png",  # "png" or "svg"
            ) -> bytes:
-    "PNG bytes of `fig`, rendered with Agg (no pyplot state, no display backend)"
+    "PNG (or SVG) bytes of `fig`, rendered with Agg (no pyplot state, no display backend)"
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)  # the explorers' figures use the constrained layout
+    fig.savefig(buf, format=fmt, dpi=dpi)  # the explorers' figures use the constrained layout
     return buf.getvalue()
 
 # %% ../nbs/40_widgets.ipynb #9b9220db
@@ -82,13 +84,23 @@ def image_sources(images,  # folder, image file, list of paths or arrays, or {na
     return out
 
 # %% ../nbs/40_widgets.ipynb #af83f52b
+def _jsonable(v):
+    "A control value as JSON: tuples as lists, numpy scalars as numbers, the rest as text"
+    if isinstance(v, (bool, int, float, str)) or v is None: return v
+    if isinstance(v, (tuple, list)): return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic): return v.item()
+    return str(v)
+
 class Explorer:
     "Base of the explorers: `controls`, PNG `views` of `figs`, `set(**values)` with one redraw, display via `widget`"
+    scale = 2  # views are rendered at 2x their size, shown at their natural size: sharp, never stretched
+
     def _init_views(self, *names):
         self.controls, self.figs, self._keys = {}, {}, {}
         self.views = {n: widgets.Image(format="png", layout=widgets.Layout(max_width="100%")) for n in names}
+        for n, v in self.views.items(): v.add_class(f"mgab-view-{n}")  # for the browser test and user CSS
         self.message = widgets.HTML()
-        self.error, self._held, self._pending = None, 0, False
+        self.error, self._held, self._pending, self.exported = None, 0, False, []
 
     def _add(self, name: str, control: widgets.Widget, observe: bool = True) -> widgets.Widget:
         self.controls[name] = control
@@ -122,11 +134,13 @@ class Explorer:
         return self
 
     def _draw(self, name: str, key, draw) -> bool:
-        "Redraw view `name` with `draw() -> Figure` unless it already shows `key`"
+        "Redraw view `name` with `draw() -> Figure` unless it already shows `key`; shown at the figure's own size"
         if self._keys.get(name) == key and name in self.figs: return False
         fig = draw()
         self.figs[name], self._keys[name] = fig, key
-        self.views[name].value = fig_png(fig)
+        v = self.views[name]
+        v.value = fig_png(fig, dpi=self.scale * fig.dpi)
+        v.layout.width = f"{self._width(name)}px"  # natural size; max_width keeps it on the page
         return True
 
     def _clear(self, name: str):
@@ -140,17 +154,108 @@ class Explorer:
 
     def update(self): raise NotImplementedError
 
+    # -- export
+    @property
+    def state_dict(self) -> dict:
+        "What the figures show: the explorer, its controls' values and the views on screen (JSON-ready)"
+        vals = {k: _jsonable(c.value) for k, c in self.controls.items()
+                if hasattr(c, "value") and not isinstance(c, widgets.FileUpload)}
+        return dict(explorer=type(self).__name__, controls=vals, views=sorted(self.figs), repr=repr(self))
+
+    def export(self,
+               folder: str | Path | None = None,  # default: `data_dir("exports")`
+               stem: str | None = None,  # file name stem; default: explorer name and time
+              ) -> list[Path]:  # the files written: a PNG and an SVG per view on screen, and the settings JSON
+        "Write every figure on screen as PNG and SVG, with the settings that made them as JSON"
+        folder = Path(folder) if folder is not None else data_dir("exports")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = stem or f"{type(self).__name__.lower()}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+        out = []
+        for n, fig in self.figs.items():
+            for fmt in ("png", "svg"):
+                f = folder/f"{stem}-{n}.{fmt}"
+                f.write_bytes(fig_png(fig, dpi=self.scale * fig.dpi if fmt == "png" else None, fmt=fmt))
+                out.append(f)
+        f = folder/f"{stem}.json"
+        f.write_text(json.dumps(dict(self.state_dict, files=[p.name for p in out]), indent=1))
+        self.exported = out + [f]
+        self._say(f"exported {len(out) // 2} figure(s) as PNG + SVG and the settings to {folder}/{stem}*")
+        return self.exported
+
+    def _export_button(self) -> widgets.Button:
+        b = self._add("export", widgets.Button(description="export figures", icon="download",
+                                               tooltip="PNG + SVG of each figure and the settings as JSON, "
+                                                       "in data_dir('exports')"), False)
+        b.on_click(lambda _: self.export())
+        return b
+
+    def _layout(self, sidebar: list, main: list, width: str = "330px") -> widgets.HBox:
+        "Controls in a sidebar beside the figures, so that they stay in view while the figures change"
+        side = widgets.VBox(sidebar, layout=widgets.Layout(width=width, min_width=width, flex="0 0 auto",
+                                                           margin="0 12px 0 0"))
+        box = widgets.HBox([side, widgets.VBox(main, layout=widgets.Layout(flex="1 1 auto", overflow="auto"))])
+        box.add_class("mgab-explorer"); box.add_class(f"mgab-{type(self).__name__.lower()}")
+        return box
+
+    def _width(self, name: str) -> int:
+        fig = self.figs[name]
+        return round(fig.get_figwidth() * fig.dpi)
+
+    def show(self, name: str):
+        "View `name` as an IPython image at its natural size (the PNG is 2x): for notebooks and static pages"
+        from IPython.display import Image as IPImage
+        return IPImage(self.views[name].value, width=self._width(name))
+
     def _repr_mimebundle_(self, **kwargs):
-        "The widget for JupyterLab; a one-line summary where widgets do not render (static pages, consoles)"
+        "The widget for JupyterLab; a picture of the first view and a summary where widgets do not render (docs)"
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
-        return {**bundle, "text/plain": repr(self)}
+        first = next((n for n, v in self.views.items() if v.value and n in self.figs), None)
+        if first is None: return {**bundle, "text/plain": repr(self)}
+        png = {"image/png": base64.b64encode(self.views[first].value).decode()}
+        return {**bundle, **png, "text/plain": repr(self)}, {"image/png": {"width": self._width(first)}}
 
 # %% ../nbs/40_widgets.ipynb #285778c1
+_tab20 = matplotlib.colormaps["tab20"].colors
+PALETTE = np.array([_tab20[i] for i in range(0, 20, 2)] + [_tab20[i] for i in range(1, 20, 2)])  # (20, 3) dark first
+
 def _label_rgba(labels: np.ndarray, alpha: float = .55) -> np.ndarray:
-    "(h, w) labels -> (h, w, 4) colours as in `show_masks`, transparent where the label is 0"
-    cols = matplotlib.colormaps["tab10"]((np.maximum(labels, 1) - 1) % 10)
+    "(h, w) labels -> (h, w, 4) colours: label `l` gets `PALETTE[(l - 1) % 20]`, transparent where the label is 0"
+    cols = np.ones(labels.shape + (4,))
+    cols[..., :3] = PALETTE[(np.maximum(labels, 1) - 1) % len(PALETTE)]
     cols[..., 3] = np.where(labels > 0, alpha, 0.)
     return cols
+
+def _edges(lm: np.ndarray) -> np.ndarray:
+    "(H, W) bool: pixels whose right or lower neighbour has another label"
+    e = np.zeros(lm.shape, bool)
+    e[:, :-1] |= lm[:, 1:] != lm[:, :-1]; e[:-1] |= lm[1:] != lm[:-1]
+    return e
+
+def _label_points(lm: np.ndarray) -> dict[int, tuple[float, float]]:
+    "For each label, the (x, y) of its pixel farthest from its border: where its number is readable"
+    out = {}
+    for l in range(1, int(lm.max()) + 1):
+        sel = lm == l
+        if not sel.any(): continue
+        d = ndimage.distance_transform_edt(np.pad(sel, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(d.argmax()), d.shape)
+        out[l] = (float(x), float(y))
+    return out
+
+def _show_labels(ax, img: np.ndarray, lm: np.ndarray, title: str = "", alpha: float = .45, numbers: bool = True,
+                 highlight: int | None = None):
+    "`lm` over `img`: palette colours, white outlines, each mask's number (`highlight`: that mask only coloured)"
+    ax.imshow(img)
+    shown = np.where(lm == highlight, lm, 0) if highlight else lm
+    ax.imshow(_label_rgba(shown, alpha), interpolation="nearest")
+    edge = np.zeros(lm.shape + (4,)); edge[_edges(lm)] = (1, 1, 1, .9)
+    ax.imshow(edge, interpolation="nearest")
+    if numbers:
+        for l, (x, y) in _label_points(lm).items():
+            ax.text(x, y, str(l), ha="center", va="center", fontsize=8, fontweight="bold", color="k",
+                    bbox=dict(boxstyle="round,pad=.15", fc=(*PALETTE[(l - 1) % len(PALETTE)], .9), ec="w", lw=.5))
+    ax.set_xticks([]); ax.set_yticks([])
+    if title: ax.set_title(title, fontsize=9)
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     "`img` (H, W, 3) uint8 resized to (size, size): what the ViT sees"
@@ -171,8 +276,70 @@ def _labelled(text: str, control: widgets.Widget) -> widgets.HBox:
     return widgets.HBox([widgets.Label(text, layout=widgets.Layout(margin="0 4px 0 12px")), control])
 
 def _mark(ax, q: int, gw: int):
-    "Mark token `q` on a token-grid panel drawn with `extent=(0, gw, gh, 0)`"
-    ax.plot([q % gw + .5], [q // gw + .5], marker="x", color="red", ms=7, mew=2)
+    "Mark token `q` on a token-grid panel drawn with `extent=(0, gw, gh, 0)`; the CLS token (-1) has no place"
+    if q >= 0: ax.plot([q % gw + .5], [q // gw + .5], marker="x", color="red", ms=7, mew=2)
+
+def token_picture(img: np.ndarray,  # (H, W, 3) uint8
+                  tokens: np.ndarray,  # (gh, gw) token labels
+                  size: int = 256,  # side of the picture in pixels
+                  mark: int | None = None,  # a token to outline in red
+                  alpha: float = .45,
+                 ) -> bytes:  # PNG
+    "The image resized to `size` with token label colours, the token grid and token `mark` outlined"
+    gh, gw = tokens.shape
+    base = Image.fromarray(img).resize((size, size), Image.BICUBIC).convert("RGBA")
+    cols = (_label_rgba(tokens, alpha) * 255).astype(np.uint8)
+    over = Image.fromarray(cols, "RGBA").resize((size, size), Image.NEAREST)
+    pic = Image.alpha_composite(base, over)
+    d = ImageDraw.Draw(pic)
+    for i in range(1, gw): d.line([(i * size / gw, 0), (i * size / gw, size)], fill=(255, 255, 255, 110))
+    for i in range(1, gh): d.line([(0, i * size / gh), (size, i * size / gh)], fill=(255, 255, 255, 110))
+    if mark is not None and mark >= 0:
+        y, x = divmod(mark, gw)
+        d.rectangle([x * size / gw, y * size / gh, (x + 1) * size / gw - 1, (y + 1) * size / gh - 1],
+                    outline=(255, 0, 0, 255), width=3)
+    buf = io.BytesIO(); pic.convert("RGB").save(buf, format="png")
+    return buf.getvalue()
+
+class TokenPicker:
+    "An image with a grid of transparent buttons over it, one per token: a click calls `on_pick(token)`"
+    max_side = 32  # tokens per side beyond which no buttons are made (too many widgets)
+
+    def __init__(self, on_pick, size: int = 256):
+        self.on_pick, self.size, self.grid, self.buttons = on_pick, size, None, []
+        cell = "1 / 1 / 2 / 2"  # image and buttons share one grid cell: the buttons lie over the image
+        self.image = widgets.Image(format="png", layout=widgets.Layout(grid_area=cell, width=f"{size}px",
+                                                                       height=f"{size}px"))
+        self.overlay = widgets.GridBox([], layout=widgets.Layout(grid_area=cell, width=f"{size}px", height=f"{size}px",
+                                                                 grid_gap="0px"))
+        self.widget = widgets.GridBox([self.image, self.overlay], layout=widgets.Layout(
+            grid_template_columns=f"{size}px", grid_template_rows=f"{size}px", width=f"{size}px"))
+        self.widget.add_class("mgab-token-picker")
+
+    def show(self, picture: bytes, grid: tuple[int, int], tooltips: list[str] | None = None):
+        "Show `picture` (PNG) with a (gh, gw) token grid of buttons; `tooltips` per token show on hover"
+        gh, gw = grid
+        if grid != self.grid:
+            self.grid = grid
+            if max(gh, gw) > self.max_side: self.buttons = []
+            else:
+                w, h = f"{self.size / gw:.3f}px", f"{self.size / gh:.3f}px"
+                self.buttons = [widgets.Button(layout=widgets.Layout(width=w, height=h, margin="0", padding="0",
+                                                                     border="0"),
+                                               style=dict(button_color="transparent")) for _ in range(gh * gw)]
+                for i, b in enumerate(self.buttons):
+                    b.add_class("mgab-token"); b.on_click(lambda _, i=i: self.on_pick(i))
+            self.overlay.layout.grid_template_columns = f"repeat({gw}, {self.size / gw:.3f}px)"
+            self.overlay.layout.grid_template_rows = f"repeat({gh}, {self.size / gh:.3f}px)"
+            self.overlay.children = self.buttons
+        if tooltips is not None:
+            for b, t in zip(self.buttons, tooltips):
+                if b.tooltip != t: b.tooltip = t
+        self.image.value = picture
+
+    def pick(self, token: int):
+        "Click token `token`'s button, as a user would"
+        self.buttons[token].click()
 
 # %% ../nbs/40_widgets.ipynb #25f8bcae
 class _SegmentsMasker(SuperpixelMasker):
@@ -268,20 +435,32 @@ class MaskExplorer(Explorer):
                                                    layout=widgets.Layout(width="140px")))
         self._add("token_mode", widgets.ToggleButtons(options=["nearest", "majority"], value=token_mode,
                                                       style=dict(button_width="80px")))
-        self._add("compare", widgets.Button(description="compare grids", icon="th"), False)
+        self._add("compare", widgets.Button(description="compare grids", icon="th",
+                                            tooltip="the image under each prompt grid (Fig. 3); stays live"), False)
+        self._add("mask", widgets.BoundedIntText(value=0, min=0, max=255, description="mask (0: all)",
+                                                 layout=widgets.Layout(width="150px")))
+        self.controls["mask"].add_class("mgab-mask")
+        self.sam_note = widgets.HTML()
+        self.picker = TokenPicker(self._pick, size=224)
+        self._compare_on = False
+        self._export_button()
         self.controls["previous"].on_click(lambda _: self.step(-1))
         self.controls["next"].on_click(lambda _: self.step(1))
         self.controls["compare"].on_click(lambda _: self.compare_grids())
+        for k in ("pred_iou_thresh", "stability_score_thresh"):
+            self.controls[k].tooltip = "SAM's threshold: used by the sam generator only"
         self.controls["upload"].observe(self._on_upload, "value")
         self.table, self.info = widgets.HTML(), widgets.HTML(layout=widgets.Layout(margin="0 0 0 2em"))
         c_ = self.controls
-        self.widget = widgets.VBox([
-            widgets.HBox([c_["previous"], c_["image"], c_["next"], c_["upload"]]),
-            widgets.HBox([c_["generator"], _labelled("grid", c_["points_per_side"])]),
-            widgets.HBox([c_["c"], c_["pred_iou_thresh"], c_["stability_score_thresh"]]),
-            widgets.HBox([_labelled("patch", c_["patch_size"]), c_["img_size"], _labelled("tokens", c_["token_mode"])]),
-            self.message, self.views["masks"], widgets.HBox([self.table, self.info]),
-            c_["compare"], self.views["grids"]])
+        c_["image"].layout.width = "230px"
+        self.widget = self._layout([
+            widgets.HBox([c_["previous"], c_["image"], c_["next"]]), c_["upload"],
+            c_["generator"], _labelled("grid", c_["points_per_side"]),
+            c_["c"], c_["pred_iou_thresh"], c_["stability_score_thresh"], self.sam_note,
+            _labelled("patch", c_["patch_size"]), c_["img_size"], _labelled("tokens", c_["token_mode"]),
+            widgets.HTML("<b>click a token</b> to pick its mask"), self.picker.widget, c_["mask"],
+            widgets.HBox([c_["compare"], c_["export"]])],
+            [self.message, self.views["masks"], widgets.HBox([self.table, self.info]), self.views["grids"]])
         self.update()
 
     def __repr__(self):
@@ -407,50 +586,86 @@ class MaskExplorer(Explorer):
         for k in ("points_per_side", "c", "pred_iou_thresh", "stability_score_thresh"):
             self.controls[k].disabled = not (g == "sam" or (g in _SUPERPIXEL and k in ("points_per_side", "c")))
         self.controls["compare"].disabled = g not in _SUPERPIXEL + ("sam",)
+        self.sam_note.value = ("" if g == "sam" else '<span style="color:#777;font-size:90%">pred and stability: '
+                               "SAM's thresholds, used with the sam generator only"
+                               + ("" if "sam" in self.controls["generator"].options else
+                                  " (pass <code>sam=</code> a SAM model or checkpoint)") + "</span>")
         self.image_name = name = self.controls["image"].value
         try:
             self.image = self.load(name)
             self.label_map, self.mask_table, self.n_found = self.masks(name)
             self.token_labels = self.tokens(self.label_map)
         except (KeyError, ValueError, OSError) as e:
-            self._say(f"{name}: {e}", e); self._clear("masks")
+            self._say(f"{name}: {e}", e)
+            for v in ("masks", "grids"): self._clear(v)
             self.table.value = self.info.value = ""
+            self.picker.image.value = b""
             return
         self._say()
         lm, m = self.label_map, self.token_labels
         self.coverage = dict(pixels=mask_ratio(lm), tokens=float((m > 0).mean()))
         key = (name, g, tuple(sorted(self.settings.items())), self.controls["patch_size"].value,
                self.controls["img_size"].value, self.controls["token_mode"].value)
-        self._draw("masks", key, self._draw_masks)
+        k = int(lm.max())
+        self.selected_mask = sel = self.controls["mask"].value if self.controls["mask"].value <= k else 0
+        self._draw("masks", key + (sel,), self._draw_masks)
+        if self._compare_on and g in _SUPERPIXEL + ("sam",): self.compare_grids()  # live: follows image and settings
+        else: self._clear("grids")
+        gh, gw = m.shape
+        self.picker.show(token_picture(self.image, m, self.picker.size), (gh, gw),
+                         [f"token {i}: mask {v}" + (" (none)" if v == 0 else "") for i, v in enumerate(m.ravel())])
         fmt = {c: "{:.1%}".format for c in ("area", "sam_area", "score")}
         fmt.update({c: "{:.3f}".format for c in ("predicted_iou", "stability_score")})
-        self.table.value = self.mask_table.to_html(index=False, formatters=fmt, border=0)
+        html = self.mask_table.to_html(index=False, formatters=fmt, border=0)
+        if self.selected_mask:  # the picked mask's row in bold
+            rows = html.split("<tr>")
+            i = self.selected_mask + 1  # rows[0]: before the header, rows[1]: header
+            if i < len(rows): rows[i] = rows[i].replace("<td>", '<td style="font-weight:bold;background:#ffe9a8">')
+            html = "<tr>".join(rows)
+        self.table.value = html
         t = self.timings.get((name, g, tuple(sorted((k, v) for k, v in self.settings.items() if k != "c"))), 0.)
         self.info.value = (f"<b>{self.n_found}</b> masks found, <b>{int(lm.max())}</b> kept<br>"
                            f"pixels in a mask: <b>{self.coverage['pixels']:.1%}</b><br>"
                            f"tokens with a label: <b>{self.coverage['tokens']:.1%}</b> of {m.size}<br>"
                            f"generator runs: {self.n_masker_calls} (last {t:.2f} s)")
 
+    def _pick(self, token: int):
+        "A click on token `token`: pick the mask it belongs to (0: none, shows all)"
+        self.controls["mask"].value = int(self.token_labels.ravel()[token])
+
+    def describe(self) -> str:
+        "The generator and its settings in words, for titles"
+        g, s = self.controls["generator"].value, self.settings
+        if g in _SUPERPIXEL: return f"{g} (stand-in), grid {s['points_per_side']}, c={s['c']}"
+        if g == "sam": return (f"SAM, grid {s['points_per_side']}, c={s['c']}, pred {s['pred_iou_thresh']:.2f}, "
+                               f"stability {s['stability_score_thresh']:.2f}")
+        return g
+
+    def token_title(self) -> str:
+        "What the token grid is: its size, the patch and the input size, and the pixels a ViT would not see"
+        p, S, m = self.controls["patch_size"].value, self.controls["img_size"].value, self.token_labels
+        cut = S - (S // p) * p
+        return (f"m: {m.shape[0]}x{m.shape[1]} tokens, patch {p} px at ViT size {S}"
+                + (f" ({cut} px cut)" if cut else "") + f", {self.controls['token_mode'].value}")
+
     def _draw_masks(self) -> Figure:
-        lm, m, g = self.label_map, self.token_labels, self.controls["generator"].value
-        fig = Figure(figsize=(9, 4.4), dpi=90, layout="constrained")
+        lm, m, sel = self.label_map, self.token_labels, self.selected_mask
+        fig = Figure(figsize=(8, 4.2), dpi=80, layout="constrained")
         ax1, ax2 = fig.subplots(1, 2)
-        what = f"{g} ({self.settings.get('points_per_side')}x{self.settings.get('points_per_side')})" \
-               if "points_per_side" in self.settings else g
-        show_masks(self.image, lm, ax=ax1, title=f"{what}: {int(lm.max())} of {self.n_found} masks, "
-                                                 f"{self.coverage['pixels']:.1%} covered")
+        _show_labels(ax1, self.image, lm, f"{int(lm.max())} of {self.n_found} masks kept, "
+                                          f"{self.coverage['pixels']:.1%} of pixels"
+                                          + (f"; mask {sel} picked" if sel else ""), highlight=sel or None)
         S = self.controls["img_size"].value
-        _show_tokens(ax2, self.image, m, S)
-        mode = self.controls["token_mode"].value
-        ax2.set_title(f"m: {m.shape[0]}x{m.shape[1]} tokens of {S // m.shape[0]} px ({mode}), "
-                      f"{self.coverage['tokens']:.0%} labelled", fontsize=9)
-        fig.suptitle(self.image_name, fontsize=10)
+        _show_tokens(ax2, self.image, np.where(m == sel, m, 0) if sel else m, S)
+        ax2.set_title(f"{self.token_title()}; {self.coverage['tokens']:.0%} labelled", fontsize=9)
+        fig.suptitle(f"{self.image_name}: {self.describe()}", fontsize=10)
         return fig
 
     def compare_grids(self, grids=None) -> pd.DataFrame:
         "The current image under each prompt grid (Fig. 3) and the coverage of each (Table 3's mask ratio)"
         g = self.controls["generator"].value
         if g not in _SUPERPIXEL + ("sam",): raise ValueError(f"generator {g!r} has no prompt grid to compare")
+        self._compare_on = True  # from now on the panel follows the image and the settings
         grids = list(grids or self.controls["points_per_side"].options)
         name, rows = self.image_name, []
         maps = {}
@@ -460,14 +675,15 @@ class MaskExplorer(Explorer):
             rows.append(dict(points_per_side=n, found=found, kept=int(lm.max()), mask_ratio=mask_ratio(lm)))
         self.grid_stats = pd.DataFrame(rows)
         def draw():
-            fig = Figure(figsize=(3.2 * (len(grids) + 1), 3.6), dpi=80, layout="constrained")
+            fig = Figure(figsize=(2.6 * (len(grids) + 1), 3.2), dpi=80, layout="constrained")
             axs = fig.subplots(1, len(grids) + 1)
             axs[0].imshow(self.image); axs[0].set_title("input", fontsize=9)
             axs[0].set_xticks([]); axs[0].set_yticks([])
             for ax, r in zip(axs[1:], rows):
                 n = r["points_per_side"]
-                show_masks(self.image, maps[n], ax=ax, legend=False,
-                           title=f"{n}x{n}: {r['found']} found, {r['kept']} kept\n{r['mask_ratio']:.1%} covered")
+                _show_labels(ax, self.image, maps[n],
+                             f"{n}x{n}: {r['found']} found, {r['kept']} kept\n{r['mask_ratio']:.1%} covered")
+            fig.suptitle(f"{name}: prompt grids (Fig. 3), {g}, c={self.settings['c']}", fontsize=10)
             return fig
         self._draw("grids", (name, g, tuple(sorted(self.settings.items())), tuple(grids)), draw)
         return self.grid_stats
@@ -499,6 +715,8 @@ def _bias_heatmap(ax, a: np.ndarray, title: str, vmax: float, xlabels=None, cmap
 def bias_figure(u_pos: np.ndarray,  # (layers, heads)
                 u_neg: np.ndarray,  # (layers, heads)
                 title: str = "",
+                vmax: float | None = None,  # colour limit of |u|; fix it to compare epochs; default: these values'
+                std_max: float | None = None,  # colour limit of the std across heads; default: these values'
                ) -> Figure:
     "Fig. 4: `u_pos`, `u_neg` per layer and head, and their mean and standard deviation across heads per layer"
     u_pos, u_neg = np.asarray(u_pos, np.float64), np.asarray(u_neg, np.float64)
@@ -507,14 +725,16 @@ def bias_figure(u_pos: np.ndarray,  # (layers, heads)
     L, H = u_pos.shape
     mean = np.stack([u_pos.mean(1), u_neg.mean(1)], 1)  # (L, 2)
     std = np.stack([u_pos.std(1), u_neg.std(1)], 1)
-    vmax = max(float(np.abs(np.concatenate([u_pos, u_neg])).max()), 1e-6)
+    vmax = vmax or max(float(np.abs(np.concatenate([u_pos, u_neg])).max()), 1e-6)
     fig = Figure(figsize=(3 + .5 * H + 3, 1.2 + .3 * L), dpi=90, layout="constrained")
     axs = fig.subplots(1, 4, width_ratios=[H, H, 2, 2])
     _bias_heatmap(axs[0], u_pos, "u_pos", vmax)
     im = _bias_heatmap(axs[1], u_neg, "u_neg", vmax)
     _bias_heatmap(axs[2], mean, "mean over heads", vmax, ["pos", "neg"])
-    _bias_heatmap(axs[3], std, "std over heads", max(float(std.max()), 1e-6), ["pos", "neg"], cmap="Greens")
-    fig.colorbar(im, ax=axs[:3], shrink=.8, aspect=30)
+    im_s = _bias_heatmap(axs[3], std, "std over heads", std_max or max(float(std.max()), 1e-6), ["pos", "neg"],
+                         cmap="Greens")
+    fig.colorbar(im, ax=axs[:3], shrink=.8, aspect=30, label="u")
+    fig.colorbar(im_s, ax=axs[3], shrink=.8, aspect=30, label="std")
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
@@ -529,6 +749,7 @@ class BiasExplorer(Explorer):
                  token_mode: str = "nearest",  # `labels2tokens` mode
                  device: str | torch.device = "cpu",
                  cache_size: int = 4,  # images whose attention maps are kept
+                 upload_grid: int = 16,  # `points_per_side` of the masks made for uploaded images
                 ):
         self.run, self.history = None, []
         if isinstance(run_or_model, (str, os.PathLike)):
@@ -542,38 +763,66 @@ class BiasExplorer(Explorer):
                             f"got {type(model).__name__}")
         self.model = model.to(device).eval()
         self.device, self.token_mode, self.store = torch.device(device), token_mode, _as_store(store)
-        self.sources = image_sources(images)
+        self.sources, self.made, self.upload_grid = image_sources(images), {}, upload_grid
         self.img_size = img_size or int(model.patch_embed.img_size[0])
         if self.img_size != model.patch_embed.img_size[0] and not model.dynamic_img_size:
             raise ValueError(f"the model takes {tuple(model.patch_embed.img_size)} images, not "
                              f"img_size={self.img_size}; build it with dynamic_img_size=True to look at other sizes")
         self.grid = model.grid_size(torch.empty(1, 3, self.img_size, self.img_size))
         gh, gw = self.grid
-        self.n_forward, self._cache, self.cache_size = 0, OrderedDict(), cache_size
+        self.n_forward, self._cache, self.cache_size, self.query = 0, OrderedDict(), cache_size, None
+        self.u_limits = self._u_limits()
         self._init_views("bias", "attention", "relations")
-        names, L = list(self.sources), len(model.blocks)
-        self._add("image", widgets.Dropdown(options=names, value=names[0], description="image"))
+        names, L, H = list(self.sources), len(model.blocks), model.blocks[0].attn.num_heads
+        self._add("image", widgets.Dropdown(options=names, value=names[0], description="image",
+                                            layout=widgets.Layout(width="310px")))
         epochs = [h["epoch"] for h in self.history] or ["final"]
         self._add("epoch", widgets.SelectionSlider(options=epochs, value=epochs[-1], description="epoch (u)",
                                                    disabled=len(epochs) < 2))
-        self._add("query", widgets.IntSlider(value=(gh // 2) * gw + gw // 2, min=0, max=gh * gw - 1,
-                                             description="query token"))
-        self._add("query_text", widgets.BoundedIntText(min=0, max=gh * gw - 1, layout=widgets.Layout(width="80px")),
+        self._add("query", widgets.IntSlider(value=(gh // 2) * gw + gw // 2, min=-1, max=gh * gw - 1,
+                                             description="query (-1: CLS)", continuous_update=False))
+        self._add("query_text", widgets.BoundedIntText(min=-1, max=gh * gw - 1, layout=widgets.Layout(width="70px")),
                   observe=False)
-        self._link = widgets.link((self.controls["query"], "value"), (self.controls["query_text"], "value"))
+        self.controls["query_text"].add_class("mgab-query-text")
+        self._link = widgets.jslink((self.controls["query"], "value"), (self.controls["query_text"], "value"))
+        self.controls["query_text"].observe(self._on_query_text, "value")  # from code, where no browser links them
+        self._add("cls", widgets.Button(description="CLS", tooltip="the CLS token as the query",
+                                        layout=widgets.Layout(width="50px")), False)
+        self.controls["cls"].on_click(lambda _: setattr(self.controls["query"], "value", -1))
         self._add("layer", widgets.Dropdown(options=[("every layer (mean of heads)", -1)]
                                             + [(f"layer {l}", l) for l in range(L)], value=0, description="layer"))
+        heads = [("all heads", -1)] + [(f"head {h} (enlarged)", h) for h in range(H)]
+        self._add("head", widgets.Dropdown(options=heads, value=-1, description="head"))
+        self._add("generator", widgets.Dropdown(options=["felzenszwalb", "slic"], description="masks of uploads",
+                                                tooltip="the generator that makes the masks of an uploaded image"),
+                  False)
+        self._add("upload", widgets.FileUpload(accept="image/*", multiple=True, description="upload"), False)
+        self.controls["upload"].observe(self._on_upload, "value")
+        self.picker = TokenPicker(self._pick, size=256)
+        self._export_button()
         c = self.controls
-        self.widget = widgets.VBox([
-            c["epoch"], self.views["bias"],
-            widgets.HBox([c["image"], c["query"], c["query_text"], c["layer"]]), self.message,
-            self.views["relations"], self.views["attention"]])
+        self.tabs = widgets.Tab([self.views["attention"], self.views["relations"], self.views["bias"]],
+                                titles=["attention", "relations", "Fig. 4: u"])
+        self.widget = self._layout([
+            c["image"], widgets.HBox([c["upload"], c["generator"]]),
+            widgets.HTML("<b>click a token</b> to make it the query"), self.picker.widget,
+            widgets.HBox([c["query"], c["query_text"]], layout=widgets.Layout(width="330px")), c["cls"],
+            c["layer"], c["head"], c["epoch"], c["export"]],
+            [self.message, self.tabs], width="340px")
         self.update()
 
     def __repr__(self):
         what = str(self.run) if self.run is not None else type(self.model).__name__
         L, H = len(self.model.blocks), self.model.blocks[0].attn.num_heads
         return f"BiasExplorer({what}: {L} layers x {H} heads, {len(self.sources)} images)"
+
+    def _u_limits(self) -> tuple[float, float]:
+        "Colour limits of Fig. 4 over every logged epoch and the model: |u| and the std across heads"
+        us = [{k: np.asarray(h[k], np.float64) for k in ("u_pos", "u_neg")} for h in self.history]
+        us.append({k: v.numpy().astype(np.float64) for k, v in self.model.bias_values().items()})
+        vmax = max(max(float(np.abs(u["u_pos"]).max()), float(np.abs(u["u_neg"]).max())) for u in us)
+        smax = max(max(float(u["u_pos"].std(1).max()), float(u["u_neg"].std(1).max())) for u in us)
+        return max(vmax, 1e-6), max(smax, 1e-6)
 
     @property
     def u(self) -> dict[str, np.ndarray]:
@@ -588,14 +837,44 @@ class BiasExplorer(Explorer):
         src = self.sources[name]
         return load_image(src) if isinstance(src, Path) else src
 
+    # -- bring your own image
+    def add_image(self, name: str, data: bytes | np.ndarray) -> str:
+        "Add an image (file bytes or an RGB array), make its masks with the chosen generator, and show it"
+        if isinstance(data, np.ndarray): img = _check_rgb(name, data)
+        else:  # file bytes: saved under data_dir("uploads") as the mask explorer does
+            dest = data_dir("uploads")/Path(name).name
+            dest.write_bytes(bytes(data))
+            img = load_image(dest)
+        g = self.controls["generator"].value
+        c = getattr(self.model.blocks[0].attn, "num_labels", 5)  # c, the largest label the model knows
+        key = f"upload/{Path(name).name}"
+        self.made[key] = SuperpixelMasker(g, c=c, points_per_side=self.upload_grid)(img)
+        self.sources[key] = img
+        self._cache.pop(key, None)
+        with self.hold():
+            self.controls["image"].options = list(self.sources)
+            self.controls["image"].value = key
+            self._pending = True
+        return key
+
+    def _on_upload(self, change):
+        for f in change["new"]:
+            try: self.add_image(f["name"], f["content"])
+            except (ValueError, OSError) as e: self._say(f"upload {f['name']!r}: {e}", e)
+
+    def label_map(self, name: str) -> np.ndarray:
+        "Image `name`'s label map: made on upload, else from the store"
+        if name in self.made: return self.made[name]
+        return np.asarray(self.store[_store_key(self.sources[name], name)])
+
     @torch.no_grad()
     def compute(self, name: str) -> dict:
         "Cached per image: the image, its label map, token labels `m`, relations, attention with bias on and off"
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        img, src = self.load(name), self.sources[name]
-        lm = np.asarray(self.store[_store_key(src, name)])
+        img = self.load(name)
+        lm = self.label_map(name)
         if lm.shape != img.shape[:2]:
             raise ValueError(f"label map of {name!r} has shape {lm.shape} but the image is {img.shape[:2]}")
         x = _image_tensor(img, self.img_size).to(self.device)
@@ -614,8 +893,14 @@ class BiasExplorer(Explorer):
         "The query token's attention to the patch tokens, bias on and off: two (layers, heads, gh, gw) arrays"
         q = self.controls["query"].value if query is None else query
         P, (gh, gw) = self.state["prefix"], self.grid
-        return tuple(a[:, :, P + q, P:].reshape(*a.shape[:2], gh, gw)  # the query's row, patch keys only
+        row = P + q if q >= 0 else 0  # the CLS token is the first prefix token
+        return tuple(a[:, :, row, P:].reshape(*a.shape[:2], gh, gw)  # the query's row, patch keys only
                      for a in (self.state["attn_on"], self.state["attn_off"]))
+
+    def _pick(self, token: int): self.controls["query"].value = token
+
+    def _on_query_text(self, change):
+        if change["new"] != self.controls["query"].value: self.controls["query"].value = change["new"]
 
     def update(self):
         "Recompute what the controls changed and redraw"
@@ -625,36 +910,55 @@ class BiasExplorer(Explorer):
         except (KeyError, ValueError, OSError) as e:
             self._say(f"{name}: {e}", e)
             for v in ("attention", "relations"): self._clear(v)
+            self.picker.image.value = b""
             return
         self._say()
-        self.query, self.layer = self.controls["query"].value, self.controls["layer"].value
+        c = self.controls
+        self.query, self.layer, self.head = c["query"].value, c["layer"].value, c["head"].value
+        if c["query_text"].value != self.query: c["query_text"].value = self.query  # the browser links them too
         self.m, self.relations = self.state["m"], self.state["relations"]
         self.attn_on, self.attn_off = self.state["attn_on"], self.state["attn_off"]
         self._draw("relations", (name, self.query), self._draw_relations)
-        self._draw("attention", (name, self.query, self.layer), self._draw_attention)
+        self._draw("attention", (name, self.query, self.layer, self.head), self._draw_attention)
+        gh, gw = self.grid
+        on, off = (a.mean(1).mean(0) if self.layer < 0 else a[self.layer].mean(0) for a in self.query_maps())
+        tips = [f"token {i}: label {l}; attention of query {self.query}: on {a:.3f}, off {b:.3f}"
+                for i, (l, a, b) in enumerate(zip(self.m, on.ravel(), off.ravel()))]
+        self.picker.show(token_picture(self.state["image"], self.m.reshape(gh, gw), self.picker.size, self.query),
+                         self.grid, tips)
 
     def _draw_bias(self) -> Figure:
         u, e = self.u, self.controls["epoch"].value
         what = f"{self.run.name}, epoch {e}" if self.run is not None and e != "final" else "this encoder"
-        return bias_figure(u["u_pos"], u["u_neg"], f"mask-guided attention bias ({what})")
+        vmax, smax = self.u_limits
+        return bias_figure(u["u_pos"], u["u_neg"], f"mask-guided attention bias ({what}); colour limits fixed "
+                                                   f"across epochs", vmax=vmax, std_max=smax)
+
+    def _qname(self) -> str:
+        q = self.query
+        return "the CLS token" if q < 0 else f"token {q} (label {self.m[q]})"
 
     def _draw_relations(self) -> Figure:
         (gh, gw), q, rel = self.grid, self.query, self.relations
-        fig = Figure(figsize=(11, 3.8), dpi=80, layout="constrained")
+        fig = Figure(figsize=(10, 3.6), dpi=80, layout="constrained")
         axs = fig.subplots(1, 3)
         _show_tokens(axs[0], self.state["image"], self.m.reshape(gh, gw), self.img_size)
         _mark(axs[0], q, gw)
-        axs[0].set_title(f"{self.image_name}: m, query {q} (label {self.m[q]})", fontsize=9)
-        axs[1].imshow(rel[q].reshape(gh, gw), cmap=_REL_CMAP, vmin=-1, vmax=1, interpolation="nearest",
+        axs[0].set_title(f"m, query {q}" + (" (CLS)" if q < 0 else f" (label {self.m[q]})"), fontsize=9)
+        row = rel[q] if q >= 0 else np.zeros(len(rel), rel.dtype)  # the CLS token has no label: no bias
+        axs[1].imshow(row.reshape(gh, gw), cmap=_REL_CMAP, vmin=-1, vmax=1, interpolation="nearest",
                       extent=(0, gw, gh, 0))
         _mark(axs[1], q, gw); axs[1].set_xticks([]); axs[1].set_yticks([])
-        n = {v: int((rel[q] == v).sum()) for v in (1, -1, 0)}
+        n = {v: int((row == v).sum()) for v in (1, -1, 0)}
         axs[1].set_title(f"relations of the query: {n[1]} pos, {n[-1]} neg, {n[0]} unknown", fontsize=9)
-        axs[2].imshow(rel, cmap=_REL_CMAP, vmin=-1, vmax=1, interpolation="nearest")
-        axs[2].axhline(q, color="k", lw=.6)
-        axs[2].set_title("relation matrix (green +, red -, grey unknown)", fontsize=9)
+        im = axs[2].imshow(rel, cmap=_REL_CMAP, vmin=-1, vmax=1, interpolation="nearest")
+        if q >= 0: axs[2].axhline(q, color="k", lw=.6)
+        axs[2].set_title("relation matrix (Eq. 4)", fontsize=9)
         axs[2].set_xlabel("key token", fontsize=8); axs[2].set_ylabel("query token", fontsize=8)
         axs[2].tick_params(labelsize=7)
+        cb = fig.colorbar(im, ax=axs[2], ticks=[-2 / 3, 0, 2 / 3], shrink=.8)
+        cb.ax.set_yticklabels(["neg", "unknown", "pos"], fontsize=7)
+        fig.suptitle(f"{self.image_name}: relations of {self._qname()}", fontsize=10)
         return fig
 
     def _draw_attention(self) -> Figure:
@@ -662,27 +966,36 @@ class BiasExplorer(Explorer):
         gh, gw = self.grid
         if self.layer < 0:
             on, off, cols, what = on.mean(1), off.mean(1), [f"layer {l}" for l in range(len(on))], "every layer"
+        elif self.head >= 0:
+            on, off = on[self.layer, self.head][None], off[self.layer, self.head][None]
+            cols, what = [f"head {self.head}"], f"layer {self.layer}, head {self.head}"
         else:
             on = np.concatenate([on[self.layer], on[self.layer].mean(0, keepdims=True)])
             off = np.concatenate([off[self.layer], off[self.layer].mean(0, keepdims=True)])
             cols, what = [f"head {h}" for h in range(len(on) - 1)] + ["mean"], f"layer {self.layer}"
-        n = len(cols)
-        fig = Figure(figsize=(1.6 * n + .6, 5.2), dpi=80, layout="constrained")
+        n, diff = len(cols), on - off
+        side = 3.2 if n == 1 else 1.7
+        fig = Figure(figsize=(side * n + 1.4, side * 3 + .6), dpi=80, layout="constrained")
         axs = fig.subplots(3, n, squeeze=False)
-        diff = on - off
+        vmax = max(float(max(on.max(), off.max())), 1e-9)  # one scale for bias on and off: comparable
         dmax = max(float(np.abs(diff).max()), 1e-9)
+        gray = np.asarray(Image.fromarray(_resize(self.state["image"], self.img_size)).convert("L"))
+        ims = []
         for j in range(n):
-            vmax = float(max(on[j].max(), off[j].max()))
             for i, (a, kw) in enumerate([(on[j], dict(cmap="magma", vmin=0, vmax=vmax)),
                                          (off[j], dict(cmap="magma", vmin=0, vmax=vmax)),
                                          (diff[j], dict(cmap="RdBu_r", vmin=-dmax, vmax=dmax))]):
                 ax = axs[i, j]
-                ax.imshow(a, interpolation="nearest", extent=(0, gw, gh, 0), **kw); _mark(ax, self.query, gw)
-                ax.set_xticks([]); ax.set_yticks([])
-            axs[0, j].set_title(cols[j], fontsize=8)
+                ax.imshow(gray, cmap="gray", extent=(0, gw, gh, 0))  # the image under the attention
+                im = ax.imshow(a, interpolation="nearest", extent=(0, gw, gh, 0), alpha=.75, **kw)
+                _mark(ax, self.query, gw); ax.set_xticks([]); ax.set_yticks([])
+                if j == n - 1: ims.append(im)
+            axs[0, j].set_title(cols[j], fontsize=9)
         for i, r in enumerate(["bias on", "bias off", "on - off"]): axs[i, 0].set_ylabel(r, fontsize=9)
-        fig.suptitle(f"attention of query token {self.query} to the patch tokens, {what} "
-                     f"(max |on - off| = {dmax:.2g})", fontsize=10)
+        fig.colorbar(ims[0], ax=axs[:2, :].ravel().tolist(), shrink=.8, label="attention weight")
+        fig.colorbar(ims[2], ax=axs[2, :].ravel().tolist(), shrink=.8, label="on - off")
+        fig.suptitle(f"{self.image_name}: attention of {self._qname()} to the patch tokens, {what} "
+                     f"(final weights)", fontsize=10)
         return fig
 
 # %% ../nbs/40_widgets.ipynb #5ad94ce7
@@ -721,6 +1034,14 @@ def _run_names(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 _NOT_CURVES = ("epoch", "u_pos_mean", "u_neg_mean")
+_STYLES = [dict(ls=ls, marker=mk) for mk, ls in zip("osD^vP*X", ["-", "--", ":", "-.", "-", "--", ":", "-."])]
+
+def arch_label(model: dict) -> str:
+    "The architecture a run's `model` settings build: the timm name, and what the settings changed in it"
+    name = model.get("name") or "?"
+    changed = [f"{k.replace('_size', '').replace('embed_dim', 'width')} {model[k]}"
+               for k in ("patch_size", "depth", "embed_dim", "num_heads", "img_size") if model.get(k) is not None]
+    return f"{name} ({', '.join(changed)})" if changed else name
 
 class RunViewer(Explorer):
     "Loss and `u` curves of one or more runs, and their settings and evaluation results"
@@ -735,14 +1056,22 @@ class RunViewer(Explorer):
         self._add("metric", widgets.Dropdown(options=["train_loss"], description="metric"))
         self._add("log_y", widgets.Checkbox(value=False, description="log scale"))
         self._add("u_view", widgets.ToggleButtons(options=["mean and range", "per layer"]))
+        self._add("baseline", widgets.Dropdown(options=[("none", "")] + [(n, n) for n in names], value="",
+                                               description="minus run", tooltip="plot each run's metric minus this "
+                                                                                "run's (difference from a baseline)"))
         self._add("reload", widgets.Button(description="reload", icon="refresh"), False)
         self.controls["reload"].on_click(lambda _: self.reload())
         self.summary_html, self.results_html = widgets.HTML(), widgets.HTML()
+        self._export_button()
         c = self.controls
-        self.widget = widgets.VBox([
-            widgets.HBox([c["runs"], widgets.VBox([c["metric"], c["log_y"], c["reload"]])]), self.message,
-            self.summary_html, self.views["loss"], _labelled("u", c["u_view"]), self.views["u"],
-            widgets.HTML("<b>evaluation results</b> (results.csv)"), self.results_html])
+        scroll = dict(overflow="auto", max_width="100%")  # wide tables scroll instead of being cut
+        self.summary_html.layout, self.results_html.layout = widgets.Layout(**scroll), widgets.Layout(**scroll)
+        c["runs"].layout.width = "300px"
+        self.widget = self._layout(
+            [c["runs"], c["metric"], c["baseline"], c["log_y"], widgets.Label("u curves"), c["u_view"],
+             widgets.HBox([c["reload"], c["export"]])],
+            [self.message, self.summary_html, self.views["loss"], self.views["u"],
+             widgets.HTML("<b>evaluation results</b> (results.csv)"), self.results_html])
         self.reload()
 
     def reload(self):
@@ -768,7 +1097,8 @@ class RunViewer(Explorer):
         sel = self.selected
         self._say("" if sel else "select one or more runs")
         self.summary = pd.DataFrame([self._summary(n) for n in sel])
-        self.summary_html.value = self.summary.to_html(index=False, border=0, na_rep="", float_format="{:.4g}".format)
+        shown = self.summary.apply(lambda c: c.fillna("") if c.dtype == object else c)  # None: an empty cell
+        self.summary_html.value = shown.to_html(index=False, border=0, na_rep="", float_format="{:.4g}".format)
         res = [self.runs[n]["results"].assign(run=n) for n in sel if len(self.runs[n]["results"])]
         self.results = pd.concat(res, ignore_index=True) if res else pd.DataFrame()
         if len(self.results): self.results = self.results[["run"] + [c for c in self.results.columns if c != "run"]]
@@ -776,16 +1106,16 @@ class RunViewer(Explorer):
                                    if len(self.results) else "<i>no results.csv in the selected runs (mgab-eval)</i>")
         c = self.controls
         key = (self._reads, tuple(sel))
-        self._draw("loss", key + (c["metric"].value, c["log_y"].value), self._draw_loss)
+        self._draw("loss", key + (c["metric"].value, c["log_y"].value, c["baseline"].value), self._draw_loss)
         self._draw("u", key + (c["u_view"].value,), self._draw_u)
 
     def _summary(self, n: str) -> dict:
         r = self.runs[n]
         cfg, met, model = r["config"], r["metrics"], r["config"].get("model", {})
         last = met.iloc[-1] if len(met) else {}
-        return dict(run=n, method=cfg.get("method"), arch=model.get("name"),
-                    bias=(model.get("bias", "learnable") or "none") if model else None,
-                    relations=model.get("relations"),
+        bias = (model.get("bias", "learnable") or "none") if model else None
+        return dict(run=n, method=cfg.get("method"), arch=arch_label(model) if model else None, bias=bias,
+                    relations=None if bias in (None, "none") else model.get("relations") or "both",  # create_vit's
                     epochs=f"{len(met)}/{cfg.get('epochs', '?')}", train_loss=last.get("train_loss"),
                     u_pos_mean=last.get("u_pos_mean"), u_neg_mean=last.get("u_neg_mean"))
 
@@ -797,14 +1127,31 @@ class RunViewer(Explorer):
         return {k: pd.DataFrame([np.asarray(e[k], np.float64).mean(1) for e in h], index=ep)
                 for k in ("u_pos", "u_neg")}
 
+    def curve(self, n: str, metric: str | None = None) -> pd.Series | None:
+        "Run `n`'s `metric` per epoch, minus the baseline run's at the same epochs when one is chosen"
+        metric, base = metric or self.controls["metric"].value, self.controls["baseline"].value
+        m = self.runs[n]["metrics"]
+        if metric not in m.columns: return None
+        s = m.set_index("epoch")[metric].astype(float)
+        if base:
+            b = self.runs[base]["metrics"]
+            if metric not in b.columns: return None
+            s = (s - b.set_index("epoch")[metric].astype(float)).dropna()
+        return s
+
     def _draw_loss(self) -> Figure:
-        metric, fig = self.controls["metric"].value, Figure(figsize=(7, 3.2), dpi=90, layout="constrained")
+        metric, base = self.controls["metric"].value, self.controls["baseline"].value
+        fig = Figure(figsize=(7, 3.2), dpi=80, layout="constrained")
         ax = fig.subplots()
-        for n in self.selected:
-            m = self.runs[n]["metrics"]
-            if metric in m.columns: ax.plot(m["epoch"], m[metric], marker="o", ms=3, label=n)
-        if self.controls["log_y"].value: ax.set_yscale("log")
-        ax.set_xlabel("epoch"); ax.set_ylabel(metric); ax.grid(alpha=.3)
+        cols = matplotlib.colormaps["tab10"]
+        for i, n in enumerate(self.selected):  # colour, marker and line style per run: equal curves stay visible
+            s = self.curve(n)
+            if s is not None: ax.plot(s.index, s.values, color=cols(i % 10), ms=4, mfc="none", label=n,
+                                      **_STYLES[i % len(_STYLES)])
+        if self.controls["log_y"].value and not base: ax.set_yscale("log")
+        if base: ax.axhline(0, color="k", lw=.6)
+        ax.set_xlabel("epoch"); ax.set_ylabel(f"{metric} - {base}'s" if base else metric); ax.grid(alpha=.3)
+        ax.set_title(f"{metric}" + (f" minus run {base}'s (difference from the baseline)" if base else ""), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines: ax.legend(fontsize=8)
         else: ax.text(.5, .5, f"no {metric} logged yet", ha="center", transform=ax.transAxes)
@@ -812,11 +1159,14 @@ class RunViewer(Explorer):
 
     def _draw_u(self) -> Figure:
         per_layer = self.controls["u_view"].value == "per layer"
-        fig = Figure(figsize=(10, 3.2), dpi=90, layout="constrained")
+        fig = Figure(figsize=(10, 3.4), dpi=80, layout="constrained")
         axs = fig.subplots(1, 2, sharex=True)
         cols = matplotlib.colormaps["tab10"]
+        from matplotlib.lines import Line2D
+        extra = []  # legend entries of runs without curves, so that the legend names every selected run
         for i, n in enumerate(self.selected):
-            if self.runs[n]["config"].get("model", {}).get("bias", "learnable") is None: continue  # vanilla: no u
+            if self.runs[n]["config"].get("model", {}).get("bias", "learnable") is None:  # vanilla: no u
+                extra.append(Line2D([], [], color="none", label=f"{n}: no bias (vanilla)")); continue
             u, m = self.u_curves(n), self.runs[n]["metrics"]
             for ax, k in zip(axs, ("u_pos", "u_neg")):
                 if u is None:  # no history: the means metrics.csv logged, if any
@@ -825,10 +1175,14 @@ class RunViewer(Explorer):
                 d = u[k]
                 if per_layer:  # colour: layer (dark: first); line style: run
                     shades = matplotlib.colormaps["viridis"](np.linspace(0, .9, d.shape[1]))
-                    style, one = ("-", "--", ":", "-.")[i % 4], len(self.selected) == 1
+                    style = _STYLES[i % len(_STYLES)]["ls"]
                     for l in d.columns:
-                        label = (f"layer {l}" if d.shape[1] <= 12 else None) if one else (n if l == 0 else None)
-                        ax.plot(d.index, d[l], color=shades[l], lw=1, ls=style, label=label)
+                        ax.plot(d.index, d[l], color=shades[l], lw=1, ls=style)
+                    if ax is axs[0]:
+                        extra.append(Line2D([], [], color="k", ls=style, label=f"{n} (line style)"))
+                        if i == next(j for j, r in enumerate(self.selected)
+                                     if self.runs[r]["config"].get("model", {}).get("bias", "learnable") is not None):
+                            extra += [Line2D([], [], color=shades[l], label=f"layer {l}") for l in d.columns[:12]]
                 else:
                     full = [np.asarray(e[k], np.float64) for e in self.runs[n]["history"]]
                     ax.plot(d.index, [f.mean() for f in full], color=cols(i % 10), label=n)
@@ -840,5 +1194,6 @@ class RunViewer(Explorer):
             ax.set_title(k + what, fontsize=9)
             ax.set_xlabel("epoch"); ax.axhline(0, color="k", lw=.5); ax.grid(alpha=.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if any(not l.get_label().startswith("_") for l in ax.lines): ax.legend(fontsize=7)
+        handles = [l for l in axs[0].lines if not l.get_label().startswith("_")] + extra
+        if handles: axs[1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, .5))
         return fig

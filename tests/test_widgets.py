@@ -1,4 +1,5 @@
 "mgab.widgets, headless: drive the explorers through their controls and buttons; check state and figures."
+import base64
 import datetime
 import io
 import json
@@ -99,9 +100,10 @@ def test_image_navigation_and_display(photos):
     assert mx.image_name != first and mx.image.shape == load_image(photos[1]).shape
     mx.controls["previous"].click(); mx.controls["previous"].click()
     assert mx.image_name == list(mx.sources)[-1]
-    bundle = mx._repr_mimebundle_()
+    bundle, meta = mx._repr_mimebundle_()  # the widget, and for static pages its picture at its natural size
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"] == f"MaskExplorer(3 images, generator 'felzenszwalb', image {mx.image_name!r})"
+    assert base64.b64decode(bundle["image/png"]) == mx.views["masks"].value and meta["image/png"]["width"] == 640
 
 
 def test_upload(folder):
@@ -203,9 +205,9 @@ def test_bias_explorer_controls(bias_data):
     on, off = bx.query_maps()
     np.testing.assert_array_equal(on, bx.attn_on[:, :, 1 + 3, 1:].reshape(2, 3, 4, 4))
     bx.controls["layer"].value = -1
-    assert len(bx.figs["attention"].axes) == 3 * 2  # on/off/difference x layers
+    assert len(bx.figs["attention"].axes) == 3 * 2 + 2  # on/off/difference x layers, two colour bars
     bx.controls["layer"].value = 1
-    assert len(bx.figs["attention"].axes) == 3 * 4  # on/off/difference x (3 heads + mean)
+    assert len(bx.figs["attention"].axes) == 3 * 4 + 2  # on/off/difference x (3 heads + mean), two colour bars
     bx.controls["image"].value = "b"
     assert bx.n_forward == 4 and bx.m.reshape(4, 4)[:, :2].min() == 1 and bx.m.reshape(4, 4)[:, 2:].max() == 0
     bx.controls["image"].value = "a"
@@ -241,6 +243,11 @@ def test_bias_explorer_run_folder(tmp_path, folder):
     assert bx.views["bias"].value != png and bx.n_forward == 2
     np.testing.assert_allclose(bx.figs["bias"].axes[0].images[0].get_array(), .1)
     np.testing.assert_array_equal(bx.m, labels2tokens(store[folder / "a" / "0.png"], 4)[0].numpy())
+    # Fig. 4's colour limits are the same at every epoch (the largest |u| of the run: 2), so colours compare
+    assert bx.figs["bias"].axes[0].images[0].get_clim() == (-2., 2.)
+    bx.controls["epoch"].value = 1
+    assert bx.figs["bias"].axes[0].images[0].get_clim() == (-2., 2.)
+    assert "epoch 1" in bx.figs["bias"]._suptitle.get_text()
 
 
 def test_bias_explorer_errors(bias_data):
@@ -285,12 +292,14 @@ def test_run_viewer(tmp_path):
     assert "0.42" in rv.results_html.value and list(rv.summary["epochs"]) == ["3/4", "2/3"]
     u = rv.u_curves("mae")["u_pos"]
     np.testing.assert_allclose(u.loc[2].values, [0., .2])  # per layer, mean over heads
-    rv.set(u_view="per layer")  # two runs: one line per layer, labelled by run
+    rv.set(u_view="per layer")  # two runs: one line per layer; the legend keeps every run and every layer
     lines = rv.figs["u"].axes[0].lines[:-1]  # the last one is the zero line
-    assert len(lines) == 2 * 2 and [l.get_label() for l in lines if not l.get_label().startswith("_")] == \
-        ["mae", "mae-nobias"]
+    legend = [h.get_label() for h in rv.figs["u"].axes[1].get_legend().legend_handles]
+    assert len(lines) == 2 * 2 and legend == ["mae (line style)", "layer 0", "layer 1", "mae-nobias (line style)"]
+    assert lines[0].get_linestyle() != lines[2].get_linestyle()  # runs differ by line style
     rv.set(runs=("mae",))
-    assert [l.get_label() for l in rv.figs["u"].axes[0].lines][:2] == ["layer 0", "layer 1"]
+    legend = [h.get_label() for h in rv.figs["u"].axes[1].get_legend().legend_handles]
+    assert legend == ["mae (line style)", "layer 0", "layer 1"]
     rv.set(runs=("mae", "mae-nobias"))
     png = rv.views["loss"].value
     rv.controls["runs"].value = ("mae-nobias",)
