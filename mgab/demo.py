@@ -22,8 +22,9 @@ __all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'demo_masker', 'demo_masks', 'bias_reach
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
                      method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=6, img_size=64, epochs=14,
-                     distill_epochs=3, bs=32, lr=1.5e-3, distill_lr=5e-4, warmup_epochs=2, bias_lr_mult=100.,
-                     pool="cls", protocols=("linear", "knn"), seed=0, seeds=1, num_workers=None, progress=True)
+                     distill_epochs=5, distill_init="scratch", bs=32, lr=1.5e-3, distill_lr=1.5e-3, warmup_epochs=2,
+                     distill_warmup=1., bias_lr_mult=100., pool="cls", protocols=("linear", "knn"), seed=0, seeds=1,
+                     num_workers=None, progress=True)
 
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
@@ -141,6 +142,7 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
         runs["biased"] = _train(name("biased"), c["epochs"], pretrain, biased)
         runs["distilled"] = _train(name("distilled"), c["distill_epochs"], distill_run,
                                    dict(teacher=str(runs["biased"]), bs=c["bs"], lr=c["distill_lr"], seed=seed,
+                                        student_init=c["distill_init"], warmup_epochs=c["distill_warmup"],
                                         num_workers=c["num_workers"], progress=c["progress"]))
         studies.append(runs)
     if rank_distrib() != 0: return dict(runs=studies)
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--img-size", type=int, default=d["img_size"])
     p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
     p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"])
+    p.add_argument("--distill-init", choices=("scratch", "teacher"), default=d["distill_init"],
+                   help="the distilled student's initial weights (mgab-distill --student-init)")
     p.add_argument("--bs", type=int, default=d["bs"])
     p.add_argument("--lr", type=float, default=d["lr"], help="absolute peak learning rate of pretraining")
     p.add_argument("--distill-lr", type=float, default=d["distill_lr"], help="absolute peak lr of distillation")
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None):
     try:
         run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
                  points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
-                 depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs, bs=a.bs,
+                 depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs,
+                 distill_init=a.distill_init, bs=a.bs,
                  lr=a.lr, distill_lr=a.distill_lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
                  pool=a.pool,
                  protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
