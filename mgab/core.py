@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #56bd002c
 from __future__ import annotations
-import functools, os, sys, warnings
+import functools, os, re, sys, warnings
 from pathlib import Path
 from typing import Callable
 # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on, kept off every command's stderr
@@ -59,6 +59,7 @@ def error_line(e: BaseException) -> str:
         msg = f"{e.strerror}: {str(e.filename)!r}"
         if isinstance(e, PermissionError): msg += ": choose a folder you can write to"
     else: msg = str(e) or type(e).__name__
+    msg = re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", msg)  # fastai's callback wrapper
     return " ".join(msg.split())  # a traceback-free single line, whatever the message held
 
 def cli_main(prog: str,  # the command's name, starting every message
@@ -72,8 +73,10 @@ def cli_main(prog: str,  # the command's name, starting every message
             try: rc = fn([a for a in argv if a != "--debug"])
             except Exception as e:
                 if debug: raise
-                if isinstance(e, KNOWN_FAILURES): msg, code = error_line(e), 2 if isinstance(e, UsageError) else 1
-                else: msg, code = f"internal error: {type(e).__name__}: {error_line(e)} (run with --debug for the traceback)", 1
+                known = isinstance(e, KNOWN_FAILURES)
+                msg = error_line(e) if known else (f"internal error: {type(e).__name__}: {error_line(e)} "
+                                                   "(run with --debug for the traceback)")
+                code = 2 if isinstance(e, UsageError) else 1
                 print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
                 return code
             return rc if isinstance(rc, int) else 0  # never a returned object: `sys.exit(obj)` would print it, exit 1

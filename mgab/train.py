@@ -262,9 +262,13 @@ def fit_run(learn: Learner,
             raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
         old = json.loads(cfg_file.read_text())
         diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
+        saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
-                                  f"with the saved {', '.join(f'{k}={old.get(k)!r}' for k in diff)} or use another --out")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+                                  f"with the saved {saved} or use another --out")
+        try: state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or damaged
+            raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}): the checkpoint is damaged; restore it "
+                             "or start a new --out") from e
         start = state["epoch"] + 1
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
             print(f"{run}: all {epochs} epochs already done")
