@@ -8,7 +8,7 @@ Docs: https://mgab-dev.github.io/mgab/bench.html.md"""
 from __future__ import annotations
 import argparse, importlib, sys, time, statistics
 from typing import Callable
-from .core import cli_main
+from .core import UsageError, cli_main
 
 # %% auto #0
 __all__ = ['BENCHES', 'main', 'time_alternating']
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None):
         print("\noptions:\n  --debug     on an error, show the full Python traceback")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in BENCHES: raise SystemExit(f"mgab-bench: unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
+    if name not in BENCHES: raise UsageError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
     try: mod = importlib.import_module(f"mgab.benches.{name}")
     except ModuleNotFoundError as e:
         raise SystemExit(f"mgab-bench: benchmark {name!r} is not available in this version ({e})") from e

@@ -240,8 +240,8 @@ def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dic
         raise ValueError(f"teacher {why}: finish it with mgab-pretrain --resume, or pass --allow-unfinished")
     try: return cfg, torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or damaged: torch says "PytorchStreamReader failed ..." or an unpickling error
-        raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                         "the file is damaged; restore it or train the teacher again") from e
+        raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}: {str(e).split('. ')[0]}): the file is "
+                         "damaged; restore it or train the teacher again") from e
 
 def distill_models(teacher_run: str | Path,
                    student_init: str = "teacher",  # "teacher": the teacher's weights but the bias; "scratch": random
