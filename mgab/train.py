@@ -272,7 +272,8 @@ def fit_run(learn: Learner,
         start = state["epoch"] + 1
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
             print(f"{run}: all {epochs} epochs already done")
-            if _is_main(): atomic_text(json.dumps(dict(finished=True, epochs=epochs)), run/FINISHED)
+            if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
+                atomic_text(json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))), run/FINISHED)
             return learn
     elif ckpt.exists():
         raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
