@@ -2,7 +2,9 @@
 
 Each case must exit 2 (usage) or 1 (failure) with ONE line on stderr that matches the failure table of
 nbs/00_core.ipynb, no traceback, and leave what was already stored as it was. The commands import torch (seconds
-each), so the cases run two at a time in a module fixture on one tiny pretrained run folder (copied per case)."""
+each): one module fixture runs at least one case of every command through its installed console script, in a second
+thread, while the other cases call the same entry functions in this process; all share one tiny pretrained run
+folder (copied where a case changes it)."""
 import contextlib
 import hashlib
 import io
@@ -11,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
