@@ -33,10 +33,10 @@ def asset_path(name: str) -> Path:
 
 # %% ../nbs/00_core.ipynb #db3988ad
 def check_shape(name: str,  # argument name, used in the message
-                t: torch.Tensor,  # tensor to check
+                t,  # the tensor to check (core never imports torch: the command lines parse without it)
                 expected: tuple,  # expected shape; `None` entries match any size
                 hint: str = "",  # what to do about it, appended to the message
-               ) -> torch.Tensor:
+               ):  # `t`
     "Raise a `ValueError` naming `name` unless `t.shape` matches `expected`"
     shape = tuple(t.shape)
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
