@@ -8,6 +8,7 @@ Docs: https://mgab-dev.github.io/mgab/bench.html.md"""
 from __future__ import annotations
 import argparse, importlib, sys, time, statistics
 from typing import Callable
+from .core import UsageError, cli_main
 
 # %% auto #0
 __all__ = ['BENCHES', 'main', 'time_alternating']
@@ -17,15 +18,17 @@ BENCHES = {"attention": "biased ViT training step vs vanilla timm (issue: founda
            "masks": "images per second of each mask generator",
            "data": "image+mask loader vs image-only loader"}
 
+@cli_main("mgab-bench")
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-bench NAME [options]`"
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mgab-bench NAME [options]\n\nbenchmarks:")
         for k, v in BENCHES.items(): print(f"  {k:10s} {v}")
+        print("\noptions:\n  --debug     on an error, show the full Python traceback")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in BENCHES: raise SystemExit(f"mgab-bench: unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
+    if name not in BENCHES: raise UsageError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
     try: mod = importlib.import_module(f"mgab.benches.{name}")
     except ModuleNotFoundError as e:
         raise SystemExit(f"mgab-bench: benchmark {name!r} is not available in this version ({e})") from e

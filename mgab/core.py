@@ -1,4 +1,4 @@
-"""Small helpers every stage uses: where data lives, clear shape errors, packaged assets.
+"""Small helpers every stage uses: where data lives, clear shape errors, packaged assets, one error path for every command.
 
 Docs: https://mgab-dev.github.io/mgab/core.html.md"""
 
@@ -6,12 +6,15 @@ Docs: https://mgab-dev.github.io/mgab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #56bd002c
 from __future__ import annotations
-import os
+import functools, os, re, sys, warnings
 from pathlib import Path
-import torch
+from typing import Callable
+# fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on, kept off every command's stderr
+warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 
 # %% auto #0
-__all__ = ['data_dir', 'asset_path', 'check_shape']
+__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'UsageError', 'RunFailed', 'error_line', 'cli_main',
+           'add_debug_flag']
 
 # %% ../nbs/00_core.ipynb #55a8513e
 def data_dir(*parts: str,  # sub-folders below the data folder
@@ -30,13 +33,58 @@ def asset_path(name: str) -> Path:
 
 # %% ../nbs/00_core.ipynb #db3988ad
 def check_shape(name: str,  # argument name, used in the message
-                t: torch.Tensor,  # tensor to check
+                t,  # the tensor to check (core never imports torch: the command lines parse without it)
                 expected: tuple,  # expected shape; `None` entries match any size
                 hint: str = "",  # what to do about it, appended to the message
-               ) -> torch.Tensor:
+               ):  # `t`
     "Raise a `ValueError` naming `name` unless `t.shape` matches `expected`"
     shape = tuple(t.shape)
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
         exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"`{name}` must have shape {exp}, got {shape}" + (f"; {hint}" if hint else ""))
     return t
+
+# %% ../nbs/00_core.ipynb #e7a1c002
+class UsageError(ValueError):
+    "Bad input to a command: one line on stderr and exit status 2, as argparse does"
+
+class RunFailed(RuntimeError):
+    "A run that started but cannot give a right result (e.g. a non-finite loss): exit status 1"
+
+KNOWN_FAILURES = (OSError, ValueError, RunFailed, ImportError)  # one line and exit 1; anything else is a bug
+
+def error_line(e: BaseException) -> str:
+    "One line naming what failed (and the fix where the exception carries one)"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # what `open`, `mkdir`, ... raise
+        msg = f"{e.strerror}: {str(e.filename)!r}"
+        if isinstance(e, PermissionError): msg += ": choose a folder you can write to"
+    else: msg = str(e) or type(e).__name__
+    msg = re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", msg)  # fastai's callback wrapper
+    return " ".join(msg.split())  # a traceback-free single line, whatever the message held
+
+def cli_main(prog: str,  # the command's name, starting every message
+            ) -> Callable:
+    "Decorate a command's `main(argv)`: known failures print one line and exit 1 (`UsageError` 2), `--debug` re-raises"
+    def deco(fn):
+        @functools.wraps(fn)
+        def main(argv: list[str] | None = None) -> int:
+            argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+            debug = "--debug" in argv
+            try: rc = fn([a for a in argv if a != "--debug"])
+            except Exception as e:
+                if debug: raise
+                known = isinstance(e, KNOWN_FAILURES)
+                msg = error_line(e) if known else (f"internal error: {type(e).__name__}: {error_line(e)} "
+                                                   "(run with --debug for the traceback)")
+                code = 2 if isinstance(e, UsageError) else 1
+                print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+                return code
+            return rc if isinstance(rc, int) else 0  # never a returned object: `sys.exit(obj)` would print it, exit 1
+        return main
+    return deco
+
+def add_debug_flag(p,  # an `argparse.ArgumentParser`
+                  ):
+    "Show `--debug` (read by `cli_main`) in a command's `--help`"
+    p.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback")
+    return p

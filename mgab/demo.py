@@ -9,11 +9,12 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
+from .core import add_debug_flag, cli_main
 import torch
 from fastai.torch_core import rank_distrib, set_seed
 from .masks import MaskStore, SamMasker, SuperpixelMasker, coverage_line, make_mask_store, store_stats
 from .data import EmbeddedMasker, labelled_dls, resolve_data
-from .train import write_init_run
+from .train import unfinished_reason, write_init_run
 from .evaluate import evaluate_run, read_results, report
 
 # %% auto #0
@@ -30,15 +31,17 @@ def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
 
 def _done_epochs(run: Path) -> int:
-    f = run/"metrics.json"
-    return len(json.loads(f.read_text())) if f.is_file() and (run/"checkpoints"/"last.pth").is_file() else 0
+    "Epochs of a finished run (its `finished.json`), else 0"
+    f = run/"config.json"
+    return json.loads(f.read_text())["epochs"] if f.is_file() and unfinished_reason(run) is None else 0
 
 def _train(run: Path, epochs: int, fn, config: dict) -> Path:
     "Run a training step unless done; continue it when interrupted"
     done = _done_epochs(run)
     if done >= epochs: _say(f"{run.name}: done ({done} epochs), skipped"); return run
-    _say(f"{run.name}: " + (f"resuming at epoch {done}" if done else f"training {epochs} epochs"))
-    return fn(dict(config, out=str(run), epochs=epochs), resume=done > 0)
+    resume = (run/"checkpoints"/"last.pth").is_file()
+    _say(f"{run.name}: " + ("resuming its last checkpoint" if resume else f"training {epochs} epochs"))
+    return fn(dict(config, out=str(run), epochs=epochs), resume=resume)
 
 def _random_init(run: Path, method: str, config: dict) -> Path:
     "The floor of Table 1: the encoder exactly as pretraining starts it (same seed), as a run folder with 0 epochs"
@@ -173,6 +176,7 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     return summary
 
 # %% ../nbs/53_demo.ipynb #4f7f6f09
+@cli_main("mgab-demo")
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-demo`"
     p = argparse.ArgumentParser(prog="mgab-demo", description=run_demo.__doc__,
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds of every variant (mean and spread reported)")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    a = add_debug_flag(p).parse_args(argv)
     protocols = tuple(o for o in a.protocols.split(",") if o)
     bad = [o for o in protocols if o not in ("linear", "knn", "finetune")]
     if bad: p.error(f"--protocols: unknown {bad}; choose from linear, knn, finetune")
@@ -213,15 +217,12 @@ def main(argv: list[str] | None = None):
                     ("--seeds", a.seeds)):
         if v < 1: p.error(f"{flag} must be >= 1, got {v}")
     if a.lr <= 0: p.error(f"--lr must be > 0, got {a.lr}")
-    try:
-        run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
-                 points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
-                 depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs,
-                 distill_init=a.distill_init, bs=a.bs,
-                 lr=a.lr, distill_lr=a.distill_lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
-                 pool=a.pool,
-                 protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
-                 progress=not a.no_progress)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"mgab-demo: {e}", file=sys.stderr); return 1
+    run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
+             points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
+             depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs,
+             distill_init=a.distill_init, bs=a.bs,
+             lr=a.lr, distill_lr=a.distill_lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
+             pool=a.pool,
+             protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
+             progress=not a.no_progress)
     return 0

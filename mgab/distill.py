@@ -229,22 +229,29 @@ DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", 
                         student_temp=0.1, teacher_temp=0.04, progress=True)
 STUDENT_INITS = ("teacher", "scratch")
 
-def _teacher_state(run: Path) -> tuple[dict, dict]:
+def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dict]:
+    from mgab.train import unfinished_reason
     cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
     for f in (cfg_file, ckpt):
         if not f.is_file(): raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a pretraining run folder?")
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("distill"): raise ValueError(f"{str(run)!r} is itself a distillation run; give its teacher run")
-    return cfg, torch.load(ckpt, map_location="cpu", weights_only=False)
+    if not allow_unfinished and (why := unfinished_reason(run)):
+        raise ValueError(f"teacher {why}: finish it with mgab-pretrain --resume, or pass --allow-unfinished")
+    try: return cfg, torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or damaged: torch says "PytorchStreamReader failed ..." or an unpickling error
+        raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}: {str(e).split('. ')[0]}): the file is "
+                         "damaged; restore it or train the teacher again") from e
 
 def distill_models(teacher_run: str | Path,
                    student_init: str = "teacher",  # "teacher": the teacher's weights but the bias; "scratch": random
                    lam: float = 1., layers=None, attn_loss: str = "kl", attn_tokens: str = "all",
-                   student_temp: float = 0.1, teacher_temp: float = 0.04) -> tuple[nn.Module, dict]:
+                   student_temp: float = 0.1, teacher_temp: float = 0.04,
+                   allow_unfinished: bool = False) -> tuple[nn.Module, dict]:
     "The `MAEDistill`/`DINODistill` module for a pretraining run folder, and the teacher run's config"
     if student_init not in STUDENT_INITS:
         raise ValueError(f"`student_init` must be one of {STUDENT_INITS}, got {student_init!r}")
-    tcfg, state = _teacher_state(Path(teacher_run))
+    tcfg, state = _teacher_state(Path(teacher_run), allow_unfinished)
     method = tcfg.get("method")
     if tcfg["model"].get("bias", "learnable") is None:  # create_vit defaults to a learnable bias
         raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil")
@@ -296,7 +303,8 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     c = dict(DISTILL_DEFAULTS); c.update({k: v for k, v in config.items() if v is not None})
     set_seed(c["seed"])  # before the student is built: a "scratch" student is the same for the same seed
     model, tcfg = distill_models(c["teacher"], c["student_init"], c["lam"], c["layers"], c["attn_loss"],
-                                 c["attn_tokens"], c["student_temp"], c["teacher_temp"])
+                                 c["attn_tokens"], c["student_temp"], c["teacher_temp"],
+                                 c.get("allow_unfinished", False))
     method = tcfg["method"]
     for k in ("data", "masks", "img_size", "arch", "bs", "min_lr", "weight_decay", "missing_masks"):
         if c.get(k) is None and tcfg.get(k) is not None: c[k] = tcfg[k]

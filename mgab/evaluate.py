@@ -136,7 +136,11 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
             labels.append(y.long().cpu())
     finally: model.train(was_training)
     if not feats: raise ValueError("the DataLoader yielded no batch: is the dataset empty?")
-    return torch.cat(feats), torch.cat(labels)
+    feats = torch.cat(feats)
+    if not torch.isfinite(feats).all():  # a NaN encoder would still get a plausible kNN score
+        raise ValueError(f"the encoder gives non-finite features for {int((~torch.isfinite(feats).all(1)).sum())} of "
+                         f"{len(feats)} images: its weights hold NaN or inf (a failed run?); retrain it")
+    return feats, torch.cat(labels)
 
 # %% ../nbs/30_evaluate.ipynb #074f93a0
 @torch.no_grad()

@@ -15,12 +15,13 @@ from fastai.callback.core import Callback, CancelValidException
 import fastai.callback.progress  # noqa: F401 -- progress bars for every Learner (and Learner.no_bar)
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, find_bs
+from .core import RunFailed, UsageError
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'atomic_text',
-           'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint', 'SkipValidation', 'fit_run',
-           'write_init_run']
+__all__ = ['FINISHED', 'cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'atomic_text',
+           'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint',
+           'StopOnNonFinite', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -52,6 +53,7 @@ class SSLSchedule(Callback):
     order = 55
     def __init__(self, lr: float, min_lr: float = 1e-6, warmup_epochs: float = 0., wd: float = 0.05,
                  wd_end: float | None = None, bias_lr_mult: float = 1.):
+        if not lr > 0: raise UsageError(f"the learning rate must be > 0, got {lr} (--lr / --blr)")
         self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
         self.wd, self.bias_lr_mult = wd, bias_lr_mult
         self.wd_end = wd if wd_end is None else wd_end
@@ -101,6 +103,21 @@ def atomic_text(text: str, path: Path):
     os.replace(tmp, path)
 
 def _is_main() -> bool: return rank_distrib() == 0
+
+FINISHED = "finished.json"  # written last: the run's final checkpoint and encoders are on disk
+
+def unfinished_reason(run_dir: str | Path) -> str | None:
+    "Why `run_dir` is not a finished run, or `None`: `finished.json` must record the epochs of its `config.json`"
+    run = Path(run_dir)
+    cfg = json.loads((run/"config.json").read_text()) if (run/"config.json").is_file() else {}
+    done = json.loads((run/FINISHED).read_text()) if (run/FINISHED).is_file() else None
+    if done is not None and done.get("finished") and done.get("epochs") == cfg.get("epochs"): return None
+    if not (run/"checkpoints"/"last.pth").is_file() and (run/"encoder.pth").is_file():
+        return None  # an untrained (random-init) or hand-made encoder: nothing was left half-way
+    f = run/"metrics.json"
+    logged = len(json.loads(f.read_text())) if f.is_file() else 0
+    return (f"{str(run)!r} is unfinished ({logged} of {cfg.get('epochs', '?')} epochs logged, no {FINISHED}): "
+            "training stopped before its final checkpoint and encoder.pth were written")
 
 # %% ../nbs/09_train.ipynb #87ee44fb
 def run_encoders(learn: Learner) -> dict[str, nn.Module]:
@@ -192,13 +209,35 @@ class RunCheckpoint(Callback):
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
         _atomic_save(state, self.run/"checkpoints"/"last.pth")
         for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
+        self.saved_epoch = self.epoch
+
+# %% ../nbs/09_train.ipynb #9b1e0a01
+class StopOnNonFinite(Callback):
+    "Fail the run on a NaN/inf loss or weights, naming epoch and step, before anything non-finite is saved"
+    order = 90  # `after_epoch` before the logger and the checkpoint
+    def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
+
+    def _fail(self, what: str, step: bool = True):
+        kept = f"the checkpoint of epoch {self.epoch} is kept" if self.epoch else "no epoch finished, nothing saved"
+        at = f"epoch {self.epoch + 1} of {self.n_epoch}" + (f", step {self.iter + 1} of {self.n_iter}" if step else "")
+        raise RunFailed(f"run {str(self.run)!r}: {what} at {at}; {kept}: lower the learning rate (--lr / --blr) "
+                        "and start a new run")
+
+    def after_loss(self):
+        loss = self.learn.loss_grad.detach()
+        if self.training and not bool(torch.isfinite(loss).all()): self._fail(f"the loss became {float(loss.mean())}")
+
+    def after_epoch(self):  # a last step that broke the weights gives a finite loss but a non-finite checkpoint
+        if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        if not all(bool(torch.isfinite(p).all()) for p in self.learn.model.parameters()):
+            self._fail("the weights became non-finite", step=False)
 
 # %% ../nbs/09_train.ipynb #ccf36fc6
 class SkipValidation(Callback):
     "Skip the validation pass (SSL losses need no validation set)"
     def before_validate(self): raise CancelValidException()
 
-_RESUMABLE = ("epochs", "resume", "out", "num_workers", "progress")
+_RESUMABLE = ("epochs", "resume", "out", "num_workers", "progress", "allow_unfinished")
 
 def fit_run(learn: Learner,
             epochs: int,
@@ -210,6 +249,11 @@ def fit_run(learn: Learner,
            ) -> Learner:
     "Fit `learn` for `epochs`, writing a run folder (config, metrics, bias history, encoder, resumable checkpoints)"
     run = Path(run_dir)
+    if epochs < 1: raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    n, batches = len(getattr(learn.dls.train, "dataset", ())), len(learn.dls.train)
+    if not batches:
+        raise UsageError(f"no training images in {config.get('data') or 'the training loader'!r}: give a folder with "
+                         "images in train/<class>/" if not n else f"{n} training images make no full batch: lower --bs")
     cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
     config = json.loads(json.dumps(dict(config, epochs=epochs)))  # normalise tuples etc.
     state, start = None, 0
@@ -218,21 +262,35 @@ def fit_run(learn: Learner,
             raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
         old = json.loads(cfg_file.read_text())
         diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
-        if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
+                                  f"with the saved {saved} or use another --out")
+        try: state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or damaged
+            raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}): the checkpoint is damaged; restore it "
+                             "or start a new --out") from e
         start = state["epoch"] + 1
-        if start >= epochs: print(f"{run}: all {epochs} epochs already done"); return learn
+        if start >= epochs:  # e.g. killed between the final checkpoint and the marker
+            print(f"{run}: all {epochs} epochs already done")
+            if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
+                atomic_text(json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))), run/FINISHED)
+            return learn
     elif ckpt.exists():
         raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
+        (run/FINISHED).unlink(missing_ok=True)  # a resumed run that grows its epochs is unfinished again
         atomic_text(json.dumps(config, indent=1), cfg_file)
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     ckpt_cb = RunCheckpoint(run, state)
     ckpt_cb._start = start
-    extra = [SSLTarget(), RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
+    guard = StopOnNonFinite(run)
+    guard._start = start
+    extra = [SSLTarget(), guard, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
     learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
+    if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
+        atomic_text(json.dumps(dict(finished=True, epochs=epochs)), run/FINISHED)
     return learn
 
 # %% ../nbs/09_train.ipynb #f2c0a002
@@ -246,5 +304,6 @@ def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining 
         run.mkdir(parents=True, exist_ok=True)
         _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
         config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
-        atomic_text(json.dumps(config, indent=1), run/"config.json")  # last: a folder with a config is complete
+        atomic_text(json.dumps(config, indent=1), run/"config.json")
+        atomic_text(json.dumps(dict(finished=True, epochs=0)), run/FINISHED)  # last: the folder is complete
     return run

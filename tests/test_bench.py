@@ -16,5 +16,6 @@ def test_bench_attention_cli_format():
 
 
 def test_bench_unknown_name():
-    out = subprocess.run([sys.executable, "-c", "from mgab.bench import main; main()", "nope"], capture_output=True, text=True)
-    assert out.returncode != 0 and "unknown benchmark 'nope'" in out.stderr
+    out = subprocess.run([sys.executable, "-c", "import sys; from mgab.bench import main; sys.exit(main())", "nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown benchmark 'nope'" in out.stderr

@@ -114,6 +114,7 @@ def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
     (fake / "checkpoints").mkdir(parents=True)
     (fake / "checkpoints" / "last.pth").write_bytes((mae_teacher / "checkpoints" / "last.pth").read_bytes())
     (fake / "config.json").write_text(json.dumps(dict(cfg, model=dict(cfg["model"], bias=None))))
+    (fake / "finished.json").write_text(json.dumps(dict(finished=True, epochs=cfg["epochs"])))
     with pytest.raises(ValueError, match="without bias"):
         distill_run(dict(teacher=str(fake), out=str(tmp_path / "s"), epochs=1))
     with pytest.raises(FileNotFoundError, match="config.json"):

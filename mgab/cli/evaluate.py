@@ -8,11 +8,13 @@ Docs: https://mgab-dev.github.io/mgab/cli_evaluate.html.md"""
 from __future__ import annotations
 import argparse, sys, warnings
 from pathlib import Path
+from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
     from mgab.vit import load_run_encoder
     from mgab.evaluate import (LINEAR_RECIPES, MAE_FINETUNE, PROTOCOLS, RECIPES, RESULT_COLUMNS, LastBlocks, dino_pool,
                                evaluate_run, finetune_augs, read_run_config, report, uses_masks)
+    from mgab.train import unfinished_reason
 
 # %% auto #0
 __all__ = ['eval_cli', 'eval_main', 'find_runs', 'report_cli', 'report_main']
@@ -84,7 +86,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="random erasing fill (default: %(default)s)")
     f.add_argument("--recount", type=int, default=M["recount"], help="random erasing count (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="evaluate a run that has no finished.json (stopped before its last epoch)")
+    return add_debug_flag(p)
 
 def _fail(msg: str, prog: str = "mgab-eval"):
     "Stop the command as argparse does for bad input: one line on stderr, exit status 2"
@@ -115,6 +119,8 @@ def eval_cli(argv: list[str] | None = None) -> dict:
                   f"(this run's method: {cfg.get('method', '?')})")
         encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
     except (FileNotFoundError, ValueError) as e: _fail(str(e))
+    if not args.allow_unfinished and (why := unfinished_reason(run)):
+        raise RunFailed(f"run {why}: finish it with --resume, or pass --allow-unfinished to evaluate it as it is")
     pool = args.pool
     if dino_flags:  # DINO's choice for this architecture, where not overridden
         dflt = dino_pool(encoder)
@@ -162,6 +168,7 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
 
+@cli_main("mgab-eval")
 def eval_main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message)"
     eval_cli(argv)
@@ -182,13 +189,14 @@ def report_cli(argv: list[str] | None = None) -> dict[str, Path]:
     p = argparse.ArgumentParser("mgab-report", description="Table 1, Table 2 and Fig. 4 of the paper from run folders")
     p.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
     p.add_argument("--out", default="report", help="output folder (default: report)")
-    args = p.parse_args(argv)
+    args = add_debug_flag(p).parse_args(argv)
     written = report(find_runs(args.runs), args.out)
     for name in ("table1.md", "table2.md"):
         if name in written: print(written[name].read_text())
     print("wrote " + ", ".join(str(f) for f in written.values()))
     return written
 
+@cli_main("mgab-report")
 def report_main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-report`: exit status 0 (bad input exits 2 with a one-line message)"
     report_cli(argv)

@@ -8,6 +8,7 @@ Docs: https://mgab-dev.github.io/mgab/cli_masks.html.md"""
 from __future__ import annotations
 import argparse, importlib, sys
 from pathlib import Path
+from ..core import add_debug_flag, cli_main
 from ..masks import (SamMasker, SuperpixelMasker, make_mask_store, verify_store, store_is_valid, MaskStore,
                         SAM_CHECKPOINTS_URL, store_stats, coverage_line)
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.add_argument("--repair", action="store_true", help="hash every image, as --verify does, and recompute every "
                    "entry it would flag (also images changed with their size and modification time kept)")
-    return p
+    return add_debug_flag(p)
 
 # %% ../../nbs/50_cli_masks.ipynb #da8e32f3
 def make_masker(a: argparse.Namespace, log=print):
@@ -93,6 +94,7 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
 def _summary(store: MaskStore, log=print):
     log(coverage_line(store_stats(store, limit=5000)))
 
+@cli_main("mgab-masks")
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-masks`"
     p = _parser()

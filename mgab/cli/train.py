@@ -6,8 +6,9 @@ Docs: https://mgab-dev.github.io/mgab/cli_train.html.md"""
 
 # %% ../../nbs/51_cli_train.ipynb #52a80566
 from __future__ import annotations
-import argparse, importlib, json, os, sys
+import argparse, importlib, json, os, re, sys
 from pathlib import Path
+from ..core import UsageError, add_debug_flag, cli_main
 
 # %% auto #0
 __all__ = ['METHOD_DEFAULTS', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
@@ -90,9 +91,28 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--momentum-teacher", type=float, help="default 0.996")
     d.add_argument("--clip-grad", type=float, help="default 3.0 (0: no clipping)")
     d.add_argument("--freeze-last-layer", type=int, help="epochs with a frozen last head layer (default 1)")
-    return p
+    return add_debug_flag(p)
 
 # %% ../../nbs/51_cli_train.ipynb #2638fa2e
+def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace):
+    "Usage errors (one line, exit 2) for counts and rates that would train nothing, or NaN, yet exit 0"
+    for flag, v in (("--epochs", a.epochs), ("--bs", a.bs)):
+        if v is not None and v < 1: p.exit(2, f"{p.prog}: error: {flag} must be >= 1, got {v}\n")
+    for flag, v in (("--lr", a.lr), ("--blr", a.blr)):
+        if v is not None and not v > 0: p.exit(2, f"{p.prog}: error: {flag} must be > 0, got {v}\n")
+
+def _check_model(cfg: dict):
+    "Usage errors of `--arch` and `--img-size`, before any data is read"
+    import timm
+    arch, size = cfg["arch"], cfg["img_size"]
+    if not (arch.startswith("vit_") and timm.is_model(arch)):
+        raise UsageError(f"--arch {arch!r}: not a timm ViT (e.g. vit_small_patch16_224; timm.list_models('vit_*') "
+                         "lists them)")
+    patch = re.search(r"patch(\d+)", arch)
+    if patch and size % int(patch[1]):
+        raise UsageError(f"--img-size {size} is not a multiple of the patch size {patch[1]} of {arch}: "
+                         f"use e.g. --img-size {max(size // int(patch[1]), 1) * int(patch[1])}")
+
 def pretrain_config(argv: list[str] | None = None,  # command-line arguments (default: sys.argv[1:])
                    ) -> tuple[dict, bool]:  # (config, resume)
     "Parse and check `mgab-pretrain` arguments into the run config; bad input exits with a message"
@@ -100,6 +120,7 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
     a = p.parse_args(argv)
     data, out = Path(a.data).expanduser(), Path(a.out).expanduser()
     if not data.is_dir(): p.error(f"--data {a.data!r}: no such folder")
+    _check_numbers(p, a)
     masks = None if a.masks is None else Path(a.masks).expanduser()
     if masks is not None and not masks.exists():
         p.error(f"--masks {a.masks!r}: no such mask store (build one with mgab-masks {a.data} --out {a.masks})")
@@ -139,9 +160,11 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
     return cfg, a.resume
 
 # %% ../../nbs/51_cli_train.ipynb #8d6dab1f
+@cli_main("mgab-pretrain")
 def pretrain_main(argv: list[str] | None = None):
     "Entry point of `mgab-pretrain`"
     cfg, resume = pretrain_config(argv)
+    _check_model(cfg)
     module, fn = _METHODS[cfg["method"]]
     try: mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -184,7 +207,9 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true")
-    return p
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="distil a teacher run that has no finished.json (stopped before its last epoch)")
+    return add_debug_flag(p)
 
 def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     "Parse and check `mgab-distill` arguments into a `mgab.distill.distill_run` config; bad input exits with a message"
@@ -193,6 +218,7 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     teacher, out = Path(a.teacher).expanduser(), Path(a.out).expanduser()
     for f in ("config.json", "checkpoints/last.pth"):
         if not (teacher/f).is_file(): p.error(f"--teacher {a.teacher!r}: no {f} (is it a finished mgab-pretrain run?)")
+    _check_numbers(p, a)
     if a.data is not None and not Path(a.data).expanduser().is_dir(): p.error(f"--data {a.data!r}: no such folder")
     if a.masks is not None and not Path(a.masks).expanduser().exists():
         p.error(f"--masks {a.masks!r}: no such mask store")
@@ -208,9 +234,11 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
                attn_tokens=a.attn_tokens,
                student_init=a.student_init,
                student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
-               warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress)
+               warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress,
+               allow_unfinished=a.allow_unfinished)
     return cfg, a.resume
 
+@cli_main("mgab-distill")
 def distill_main(argv: list[str] | None = None):
     "Entry point of `mgab-distill`"
     cfg, resume = distill_config(argv)
@@ -223,4 +251,4 @@ def distill_main(argv: list[str] | None = None):
 
 # %% ../../nbs/51_cli_train.ipynb #ca12f820
 if __name__ == "__main__":  # python -m mgab.cli.train [distill] ARGS (accelerate launch -m mgab.cli.train ...)
-    distill_main(sys.argv[2:]) if sys.argv[1:2] == ["distill"] else pretrain_main()
+    sys.exit(distill_main(sys.argv[2:]) if sys.argv[1:2] == ["distill"] else pretrain_main())
