@@ -8,6 +8,7 @@ Docs: https://mgab-dev.github.io/mgab/docs.html.md"""
 from __future__ import annotations
 import argparse, hashlib, html, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
+from .core import RunFailed, add_debug_flag, cli_main
 
 # %% auto #0
 __all__ = ['page_notebook', 'nbdev_command', 'execute_cached', 'build_docs', 'main']
@@ -228,6 +229,7 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
     return written
 
 # %% ../nbs/59_docs.ipynb #12f93dbd
+@cli_main("mgab-docs")
 def main(argv=None):
     "`mgab-docs [--out _docs] [--no-execute]`: HTML docs without Quarto"
     p = argparse.ArgumentParser(prog="mgab-docs", description=build_docs.__doc__)
@@ -236,9 +238,9 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="executed notebooks kept between builds (default: OUT/.cache)")
     p.add_argument("--no-execute", action="store_true",
                    help="run nothing: pages carry the outputs of the last build's executions (the cache)")
-    a = p.parse_args(argv)
+    a = add_debug_flag(p).parse_args(argv)
     try: pages = build_docs(a.root, a.out, execute=not a.no_execute, cache=a.cache)
-    except (RuntimeError, FileNotFoundError) as e: print(e, file=sys.stderr); return 1
+    except RuntimeError as e: raise RunFailed(str(e)) from e  # a notebook that does not render: one line, exit 1
     st = list(build_docs.status.values())
     print(f"mgab-docs: {len(pages)} pages in {Path(a.out)}/ (open {Path(a.out)/'index.html'}); notebooks: "
           f"{st.count('run')} run, {st.count('cached')} from the cache, {st.count('not run')} without outputs")
