@@ -165,8 +165,8 @@ def mask_keys(files: list[Path],  # image files below `root`
         raise MissingMasksError(
             f"{len(missing)} of {len(files)} images under {root} have no entry in the mask store {_store_name(masks)} "
             f"(looked up by path relative to {root}, then by absolute path): {', '.join(missing[:5])}{more}. "
-            "Compute their masks (`mgab-masks`), or pass `missing_masks='empty'` to use them without masks "
-            "(all their token labels 0).")
+            "Compute their masks (`mgab-masks`), or pass `--missing-masks empty` (Python: `missing_masks='empty'`) to "
+            "use them without masks (all their token labels 0).")
     return keys
 
 # %% ../nbs/04_data.ipynb #eecf912f

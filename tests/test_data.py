@@ -187,7 +187,7 @@ def test_missing_masks_error_lists_files(tmp_path):
         pretrain_dls(root, partial, img_size=32, patch_size=16, bs=2, num_workers=0, device="cpu")
     msg = str(e.value)
     assert "2 of 6 images" in msg and "train/a/0.png" in msg and "train/b/0.png" in msg
-    assert "missing_masks='empty'" in msg
+    assert "--missing-masks empty" in msg and "missing_masks='empty'" in msg  # the command's and Python's spelling
     files = [root/f"train/a/{i}.png" for i in range(8)]
     with pytest.raises(MissingMasksError, match=r"8 of 8 images .*train/a/4.png and 3 more"):
         mask_keys(files, root, {})
