@@ -139,8 +139,8 @@ def _photometric(img: Image.Image, view: View, rng=random) -> Image.Image:
     return img
 
 # %% ../nbs/04_data.ipynb #e50a2575
-class MissingMasksError(LookupError):
-    "Images of a dataset have no entry in the mask store"
+class MissingMasksError(LookupError, ValueError):
+    "Images of a dataset have no entry in the mask store (a `ValueError`: the commands print it as one line)"
 
 def _store_name(masks) -> str:
     root = getattr(masks, "root", None)

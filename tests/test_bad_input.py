@@ -28,8 +28,8 @@ def failure_table() -> dict[tuple[str, str], tuple[int, str]]:
     "(failure, command) -> (exit code, message) from the markdown table in nbs/00_core.ipynb"
     cells = json.loads((ROOT/"nbs"/"00_core.ipynb").read_text())["cells"]
     text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    rows = re.findall(r"^\| (.+?) \| (\S+) \| (\d) \| `(.+)` \|$", text, re.M)
-    return {(f, cmd): (int(code), msg) for f, cmd, code, msg in rows}
+    rows = re.findall(r"^\| (.+?) \| (\S+) \| (\d) \| (?:`` (.+) ``|`([^`]+)`) \|$", text, re.M)  # ``..`` holds a `
+    return {(f, cmd): (int(code), m2 or m1) for f, cmd, code, m2, m1 in rows}
 
 
 def matches(template: str, line: str) -> bool:
@@ -40,7 +40,8 @@ def matches(template: str, line: str) -> bool:
 def digest(f: Path) -> str: return hashlib.sha256(f.read_bytes()).hexdigest()
 
 
-def image_folder(root: Path, n: int = 4, splits=("train", "val")) -> Path:
+def image_folder(root: Path, n: int = 4, splits=("train", "val"), pixels: int | None = None) -> Path:
+    "Tiny ImageFolder of random 32 px images (or of one grey level `pixels`)"
     from PIL import Image
     import numpy as np
     g = np.random.default_rng(0)
@@ -48,7 +49,8 @@ def image_folder(root: Path, n: int = 4, splits=("train", "val")) -> Path:
         for c in "ab":
             (root/split/c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(g.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(root/split/c/f"{i}.png")
+                a = g.integers(0, 255, (32, 32, 3)) if pixels is None else np.full((32, 32, 3), pixels)
+                Image.fromarray(a.astype(np.uint8)).save(root/split/c/f"{i}.png")
     return root
 
 
@@ -104,6 +106,14 @@ def cases(tmp_path_factory):
         sd["cls_token"].fill_(float("nan"))
         torch.save(sd, r/"encoder.pth")
     ro = read_only_dir(tmp)
+    sp = ["--generator", "superpixel", "--no-progress"]
+    assert in_process(masks_main, [data, "--out", tmp/"store", *sp]).returncode == 0  # masks of train/ and val/
+    info = digest(tmp/"store"/"info.json")
+    other = image_folder(tmp/"other", pixels=7)  # the same file names, other pixels
+    assert in_process(masks_main, [other, "--out", tmp/"ostore", *sp]).returncode == 0
+    shutil.copytree(tmp/"store", tmp/"pstore")
+    (tmp/"pstore"/"masks"/"train"/"a"/"0.png.png").unlink()  # one image without its entry
+    biased = [a for a in MAE if a != "--no-bias"]
     bug = tmp/"bug"  # a config.json that is a list: mgab-report fails where no check expects it (a bug's stand-in)
     bug.mkdir()
     (bug/"config.json").write_text("[]")
@@ -150,6 +160,12 @@ def cases(tmp_path_factory):
         "eval-nan": (eval_main, ["--run", copy_run(run, tmp/"e2", nan_encoder), *ev],
                      ("non-finite features", "mgab-eval")),
         "unexpected": (report_main, [bug, "--out", tmp/"rep"], ("unexpected error", "any")),
+        "missing-masks": (pretrain_main, [*biased, *TINY, "--data", data, "--masks", tmp/"pstore", "--out", tmp/"p8",
+                                          "--epochs", "1"], ("images without masks in `--masks`", "mgab-pretrain")),
+        "foreign-store": (pretrain_main, [*biased, *TINY, "--data", data, "--masks", tmp/"ostore", "--out", tmp/"p9",
+                                          "--epochs", "1"], ("`--masks` built from another folder", "mgab-pretrain")),
+        "store-settings": (masks_main, [data, "--out", tmp/"store", *sp, "--method", "slic"],
+                           ("other generator settings for an existing store", "mgab-masks")),
     }
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     env.pop("PYTHONWARNINGS", None)  # as a user runs them: stderr must be empty on success without any filter
@@ -159,12 +175,12 @@ def cases(tmp_path_factory):
         res = {k: (row, in_process(fn, argv)) for k, (fn, argv, row) in funcs.items()}
         res.update({k: (scripts[k][1], f.result()) for k, f in futures.items()})
     torch.set_num_threads(n)
-    return dict(tmp=tmp, run=run, results=res)
+    return dict(tmp=tmp, run=run, results=res, store_info=info)
 
 
 FAILURES = ["masks-ro", "demo-ro", "demo-unknown", "no-train", "arch", "img-size", "epochs-0", "lr", "empty", "nan",
             "resume-bs", "unbiased", "unfinished-teacher", "allow-unfinished", "truncated", "eval-unfinished",
-            "eval-nan", "bench"]
+            "eval-nan", "bench", "missing-masks", "foreign-store", "store-settings"]
 
 
 @pytest.mark.parametrize("name", FAILURES)
@@ -187,7 +203,8 @@ def test_every_table_row_is_tested(cases):
 def test_nothing_stored_is_lost_nor_left_behind(cases):
     tmp, run, res = cases["tmp"], cases["run"], cases["results"]
     assert not (tmp/"demo").exists()  # an unknown --data leaves no empty --out behind
-    for out in ("p2", "p3", "p4", "p5", "p6", "s1", "s2", "s3", "s4"): assert not (tmp/out).exists(), out
+    for out in ("p2", "p3", "p4", "p5", "p6", "p8", "p9", "s1", "s2", "s3", "s4"): assert not (tmp/out).exists(), out
+    assert digest(tmp/"store"/"info.json") == cases["store_info"]  # the refused writer left the store's settings
     nan = tmp/"p7"  # the NaN run stopped in its first epoch: no encoder, no checkpoint, not finished
     assert "the loss became nan at epoch 1 of 1, step 2 of 2" in res["nan"][1].stderr
     assert not (nan/"encoder.pth").exists() and not (nan/"finished.json").exists()
