@@ -27,6 +27,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, Adam, SGD
+from fastai.torch_core import set_seed
 from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 from timm.layers import DropPath, trunc_normal_
@@ -653,6 +654,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  recipe: str | None = None,  # the reference followed (`RECIPES`): default mae, for kNN dino
                  save: bool = True,  # append the row to `run_dir/results.csv` and keep the per-image outcomes
                  progress: bool = True,
+                 seed: int = 0,  # seeds the head's initialisation and the loaders' shuffling: same run, same score
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
                 ) -> dict:  # the results row
     "Evaluate a run's encoder with one protocol; record the top-1 accuracy and each validation image's outcome"
@@ -675,6 +677,8 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                                     for dl in (dls.train, dls.valid))
         pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
     else:
+        set_seed(seed)  # otherwise the score depends on what this process ran before (up to ~1.5 points here)
+        for dl in dls.loaders: dl.rng.seed(seed)  # fastai's loaders shuffle with their own RNG, made when built
         fit = partial(linear_probe, recipe=recipe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
         pred, label = valid_predictions(fit(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
                                             **kwargs))
