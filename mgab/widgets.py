@@ -154,6 +154,20 @@ class Explorer:
 
     def update(self): raise NotImplementedError
 
+    def _show_image(self, key: str) -> str:
+        "Offer the images of `self.sources` and show `key` (a new upload), with one update"
+        with self.hold():
+            self.controls["image"].options = list(self.sources)
+            self.controls["image"].value = key
+            self._pending = True
+        return key
+
+    def _on_upload(self, change):
+        "The upload control's files through `add_image`; a file that is not an image is named in the message"
+        for f in change["new"]:
+            try: self.add_image(f["name"], f["content"])
+            except (ValueError, OSError) as e: self._say(f"upload {f['name']!r}: {e}", e)
+
     # -- export
     @property
     def state_dict(self) -> dict:
@@ -482,16 +496,7 @@ class MaskExplorer(Explorer):
         self.sources[key] = dest
         self._drop(key)  # an upload under the same name replaces the earlier one
         self._images[key] = img
-        with self.hold():
-            self.controls["image"].options = list(self.sources)
-            self.controls["image"].value = key
-            self._pending = True
-        return key
-
-    def _on_upload(self, change):
-        for f in change["new"]:
-            try: self.add_image(f["name"], f["content"])
-            except ValueError as e: self._say(f"upload {f['name']!r}: {e}", e)
+        return self._show_image(key)
 
     def _drop(self, name: str):
         for k in [k for k in self._cache if k[0] == name]: del self._cache[k]
@@ -851,16 +856,7 @@ class BiasExplorer(Explorer):
         self.made[key] = SuperpixelMasker(g, c=c, points_per_side=self.upload_grid)(img)
         self.sources[key] = img
         self._cache.pop(key, None)
-        with self.hold():
-            self.controls["image"].options = list(self.sources)
-            self.controls["image"].value = key
-            self._pending = True
-        return key
-
-    def _on_upload(self, change):
-        for f in change["new"]:
-            try: self.add_image(f["name"], f["content"])
-            except (ValueError, OSError) as e: self._say(f"upload {f['name']!r}: {e}", e)
+        return self._show_image(key)
 
     def label_map(self, name: str) -> np.ndarray:
         "Image `name`'s label map: made on upload, else from the store"
