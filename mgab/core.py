@@ -6,15 +6,15 @@ Docs: https://mgab-dev.github.io/mgab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #56bd002c
 from __future__ import annotations
-import functools, os, re, sys, warnings
+import contextlib, functools, os, re, socket, sys, warnings
 from pathlib import Path
 from typing import Callable
 # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on, kept off every command's stderr
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 
 # %% auto #0
-__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'UsageError', 'RunFailed', 'error_line', 'cli_main',
-           'add_debug_flag']
+__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'atomic_path', 'atomic_write', 'UsageError', 'RunFailed',
+           'error_line', 'cli_main', 'add_debug_flag']
 
 # %% ../nbs/00_core.ipynb #55a8513e
 def data_dir(*parts: str,  # sub-folders below the data folder
@@ -43,6 +43,28 @@ def check_shape(name: str,  # argument name, used in the message
         exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"`{name}` must have shape {exp}, got {shape}" + (f"; {hint}" if hint else ""))
     return t
+
+# %% ../nbs/00_core.ipynb #cb171df3
+@contextlib.contextmanager
+def atomic_path(path,  # the file to (re)place
+               ):
+    "Yield a temporary path next to `path`; on success it replaces `path` atomically, on failure it is removed"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent/f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    finally:
+        if tmp.exists(): tmp.unlink()
+
+def atomic_write(path,  # the file to (re)place
+                 data: bytes | str,  # its whole content; `str` is written as UTF-8
+                ) -> Path:
+    "Write `data` to `path` through `atomic_path`"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 # %% ../nbs/00_core.ipynb #e7a1c002
 class UsageError(ValueError):
