@@ -13,8 +13,8 @@ from typing import Callable
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 
 # %% auto #0
-__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'atomic_path', 'atomic_write', 'UsageError', 'RunFailed',
-           'error_line', 'cli_main', 'add_debug_flag']
+__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'tmp_path', 'atomic_path', 'atomic_write', 'UsageError',
+           'RunFailed', 'error_line', 'cli_main', 'add_debug_flag']
 
 # %% ../nbs/00_core.ipynb #55a8513e
 def data_dir(*parts: str,  # sub-folders below the data folder
@@ -44,14 +44,18 @@ def check_shape(name: str,  # argument name, used in the message
         raise ValueError(f"`{name}` must have shape {exp}, got {shape}" + (f"; {hint}" if hint else ""))
     return t
 
-# %% ../nbs/00_core.ipynb #cb171df3
+# %% ../nbs/00_core.ipynb #b88e4614
+def tmp_path(path: Path) -> Path:
+    "The temporary name `.<name>.<host>.<pid>.tmp` next to `path`: unique per writer, recognisable when left behind"
+    return path.parent/f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+
 @contextlib.contextmanager
 def atomic_path(path,  # the file to (re)place
                ):
     "Yield a temporary path next to `path`; on success it replaces `path` atomically, on failure it is removed"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent/f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    tmp = tmp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)  # atomic: readers see the old file or the new one

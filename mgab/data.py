@@ -6,26 +6,24 @@ Docs: https://mgab-dev.github.io/mgab/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #35213424
 from __future__ import annotations
-import hashlib, json, math, os, random, shutil
+import math, os, random
 from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
-from fastai.data.external import URLs, untar_data
 from fastai.torch_core import default_device
-from .core import asset_path, data_dir
-from .masks import MaskStore, UnreadableImages, label_map, list_images, load_image, show_masks
+from .core import data_dir
+from .datasets import check_split
+from .masks import UnreadableImages, list_images
+from .store import MaskStore
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'EMBEDDED_PALETTE', 'EMBEDDED_CLASSES', 'EMBEDDED_DISTRACTORS',
-           'EMBEDDED_CONFIG', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views', 'eval_view', 'crop_box',
-           'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops', 'pretrain_dls',
-           'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'embedded_image', 'pixel_digest',
-           'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette', 'imagenet100_classes',
-           'imagenet100', 'resolve_data', 'show_crops']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views',
+           'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops',
+           'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'show_crops']
 
 # %% ../nbs/04_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -35,13 +33,6 @@ def image_files(folder) -> list[Path]:
     "All image files below `folder`, sorted, as `mgab.masks.list_images` finds them (symlinks followed, once)"
     return [Path(folder)/k for k in list_images(folder)]
 
-def _check_split(path: Path, split: str) -> Path:
-    p = path/split
-    if not p.is_dir():
-        raise FileNotFoundError(f"{str(p)!r} is not a folder: an ImageFolder dataset is laid out as "
-                                f"{path}/train/<class>/<image> and {path}/val/<class>/<image>")
-    return p
-
 def image_folder(path,  # dataset root holding `train/` and `val/`
                  split: str = "train",  # sub-folder to list
                  vocab: list[str] | None = None,  # class names; default: the class folders of `train/`
@@ -49,9 +40,9 @@ def image_folder(path,  # dataset root holding `train/` and `val/`
     "The files of `path/split/<class>/...` with their class indices"
     path = Path(path)
     if vocab is None:
-        tr = _check_split(path, "train")
+        tr = check_split(path, "train")
         vocab = sorted(d.name for d in tr.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = image_files(_check_split(path, split))
+    files = image_files(check_split(path, split))
     idx = {c: i for i, c in enumerate(vocab)}
     classes = [f.relative_to(path/split).parts[0] for f in files]
     stray = sorted({c for c, f in zip(classes, files) if c not in idx or f.parent == path/split})
@@ -286,7 +277,7 @@ def _dls(train_ds, valid_ds, path, bs, num_workers, device, **kwargs) -> DataLoa
 
 def _split_files(path: Path, split: str, valid: bool) -> list[Path]:
     if split == "val" and not valid: return []
-    return image_files(_check_split(path, split))
+    return image_files(check_split(path, split))
 
 # %% ../nbs/04_data.ipynb #eb32320b
 def pretrain_dls(path,  # ImageFolder root: `train/` (and `val/`) below it, any sub-folder layout
@@ -398,258 +389,6 @@ def read_subset_file(subset_file,  # text file, one `n01440764_10026.JPEG` per l
     if not picked:
         raise ValueError(f"none of the {len(names)} files listed in {subset_file} is in a class of the dataset")
     return sorted(set(picked))
-
-# %% ../nbs/04_data.ipynb #37bdc0e9
-EMBEDDED_PALETTE = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40),
-                    "magenta": (200, 50, 200)}
-EMBEDDED_CLASSES = [(s, c) for s, cs in [("circle", ("red", "blue")), ("square", ("blue", "green")),
-                                          ("triangle", ("green", "yellow")), ("cross", ("yellow", "magenta")),
-                                          ("star", ("magenta", "red"))] for c in cs]
-EMBEDDED_DISTRACTORS = ("bar", "ring", "crescent", "ell")
-EMBEDDED_CONFIG = dict(version=2, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
-
-def _shape_polygon(kind: str, r: float, angle: float) -> np.ndarray | None:
-    "(K, 2) vertices of a polygon shape of radius `r` rotated by `angle`, None for round shapes"
-    if kind == "square": pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8
-    elif kind == "triangle":
-        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3; pts = np.stack([np.cos(t), np.sin(t)], 1)
-    elif kind == "cross":
-        w = 0.33; pts = np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w],
-                                  [-1, w], [-1, -w], [-w, -w]])
-    elif kind == "star":
-        t = -np.pi / 2 + np.arange(10) * np.pi / 5; rr = np.where(np.arange(10) % 2, 0.45, 1.)
-        pts = np.stack([rr * np.cos(t), rr * np.sin(t)], 1)
-    elif kind == "bar": pts = np.array([[-1, -0.22], [1, -0.22], [1, 0.22], [-1, 0.22]])
-    elif kind == "ell": pts = np.array([[-1, -1], [-0.4, -1], [-0.4, 0.4], [1, 0.4], [1, 1], [-1, 1]])
-    else: return None
-    c, s = np.cos(angle), np.sin(angle)
-    return pts @ np.array([[c, s], [-s, c]]) * r
-
-def _shape_mask(kind: str, cx: float, cy: float, r: float, angle: float, side: int) -> Image.Image:
-    "An L-mode mask (255 inside) of one shape on a `side x side` canvas"
-    m = Image.new("L", (side, side), 0); d = ImageDraw.Draw(m)
-    pts = _shape_polygon(kind, r, angle)
-    if pts is not None: d.polygon([tuple(p) for p in pts + [cx, cy]], fill=255); return m
-    if kind not in ("circle", "ring", "crescent"): raise ValueError(f"unknown shape {kind!r}")
-    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    if kind == "ring": q = 0.55 * r; d.ellipse([cx - q, cy - q, cx + q, cy + q], fill=0)
-    if kind == "crescent":
-        ox, oy, q = 0.5 * r * np.cos(angle), 0.5 * r * np.sin(angle), 0.85 * r
-        d.ellipse([cx + ox - q, cy + oy - q, cx + ox + q, cy + oy + q], fill=0)
-    return m
-
-def _texture(side: int, rng: np.random.Generator) -> np.ndarray:
-    "(side, side, 3) float background: stripes, checkers or blotches between two muted colours"
-    yy, xx = np.mgrid[:side, :side].astype(np.float32)
-    c1, c2 = rng.uniform(60, 190, 3), rng.uniform(60, 190, 3)
-    kind = rng.integers(3)
-    if kind == 0:
-        a, f = rng.uniform(0, np.pi), rng.uniform(0.15, 0.5)
-        t = 0.5 + 0.5 * np.sin(f * (xx * np.cos(a) + yy * np.sin(a)))
-    elif kind == 1:
-        k = rng.integers(6, 16); t = ((xx // k + yy // k) % 2).astype(np.float32)
-    else:
-        n = side // 8
-        lo = Image.fromarray(rng.random((n + 2, n + 2)).astype(np.float32))
-        t = np.clip(np.asarray(lo.resize((side, side), Image.Resampling.BICUBIC, box=(1, 1, n + 1, n + 1))), 0, 1)
-    return c1 * t[..., None] + c2 * (1 - t[..., None])
-
-def embedded_image(cls: int,  # class index into `EMBEDDED_CLASSES`
-                   rng: np.random.Generator,
-                   size: int = 64,
-                   regions: bool = False,  # also return the drawn regions (see below)
-                  ):  # (size, size, 3) uint8; with `regions`: `(image, owner, visible)`
-    """One synthetic image of class `cls`: its objects and some distractors on a textured background.
-    With `regions`, also `owner` (size, size) uint8 (0 background, k the k-th object drawn, later ones on top) and
-    `visible` (k,) float: the fraction of each object's drawn area that stays visible"""
-    shape, colour = EMBEDDED_CLASSES[cls]
-    side = 2 * size  # drawn at 2x, reduced for smooth edges
-    img = Image.fromarray(np.clip(_texture(side, rng), 0, 255).astype(np.uint8))
-    colours = list(EMBEDDED_PALETTE.values())
-    objs = [(shape, EMBEDDED_PALETTE[colour])] * int(rng.integers(1, 4))
-    objs += [(EMBEDDED_DISTRACTORS[rng.integers(len(EMBEDDED_DISTRACTORS))], colours[rng.integers(len(colours))])
-             for _ in range(int(rng.integers(1, 4)))]
-    placed, owner, areas = [], np.zeros((side, side), np.uint8), []
-    for j in rng.permutation(len(objs)):
-        kind, col = objs[j]
-        r = rng.uniform(0.11, 0.2) * side
-        for _ in range(20):  # avoid heavy overlaps
-            cx, cy = rng.uniform(r, side - r, 2)
-            if all((cx - px) ** 2 + (cy - py) ** 2 > (0.8 * (r + pr)) ** 2 for px, py, pr in placed): break
-        placed.append((cx, cy, r))
-        col = tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, 12, 3), 0, 255))
-        mask = _shape_mask(kind, cx, cy, r, rng.uniform(0, 2 * np.pi), side)
-        img.paste(col, (0, 0), mask)
-        inside = np.asarray(mask) > 127
-        owner[inside] = len(placed); areas.append(inside.sum())
-    out = np.asarray(img.reduce(2)).astype(np.int16) + rng.integers(-6, 7, (size, size, 3))
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    if not regions: return out
-    visible = np.bincount(owner.ravel(), minlength=len(areas) + 1)[1:] / np.maximum(areas, 1)
-    return out, owner[::2, ::2].copy(), visible.astype(np.float32)  # owner at the image's resolution
-
-# %% ../nbs/04_data.ipynb #4bd70e20
-def pixel_digest(img: np.ndarray) -> str:
-    "SHA-1 of an image's shape and pixels: finds a decoded image among the embedded dataset's regions"
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    return hashlib.sha1(str(img.shape).encode() + img.tobytes()).hexdigest()
-
-def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/*.png`, `regions.npz`)
-                  n_train: int = 120,  # training images per class
-                  n_val: int = 30,  # validation images per class
-                  size: int = 64,
-                  seed: int = 0,
-                  progress: bool = True,
-                 ) -> Path:
-    "Write the embedded dataset to `dest` (no marker: see `embedded_dataset`)"
-    from tqdm.auto import tqdm
-    dest = Path(dest)
-    jobs = [(s, si, c, i) for si, (s, n) in enumerate([("train", n_train), ("val", n_val)])
-            for c in range(len(EMBEDDED_CLASSES)) for i in range(n)]
-    keys, digests, owners, visible = [], [], [], np.zeros((len(jobs), 8), np.float32)
-    for n, (s, si, c, i) in enumerate(tqdm(jobs, desc="embedded dataset", disable=not progress, leave=False)):
-        folder = dest/s/"_".join(EMBEDDED_CLASSES[c][::-1])
-        if i == 0: folder.mkdir(parents=True, exist_ok=True)
-        img, owner, vis = embedded_image(c, np.random.default_rng([seed, si, c, i]), size, regions=True)
-        Image.fromarray(img).save(folder/f"{i:04d}.png", optimize=False)
-        keys.append(f"{s}/{folder.name}/{i:04d}.png"); digests.append(pixel_digest(img))
-        owners.append(owner); visible[n, :len(vis)] = vis
-    # what the generator knows of every image: for `EmbeddedMasker`, the ideal segmenter of this data
-    np.savez_compressed(dest/"regions.npz", keys=np.array(keys), digests=np.array(digests), owner=np.stack(owners),
-                        visible=visible)
-    return dest
-
-def folder_digest(folder) -> str:
-    "SHA-256 over the relative paths and bytes of all image files below `folder`"
-    h, folder = hashlib.sha256(), Path(folder)
-    for f in image_files(folder): h.update(f.relative_to(folder).as_posix().encode()); h.update(f.read_bytes())
-    return h.hexdigest()
-
-def embedded_dataset(progress: bool = True) -> Path:
-    "The default dataset, generated deterministically into `data_dir('embedded')` on first use"
-    root, cfg = data_dir()/"embedded", dict(EMBEDDED_CONFIG)
-    marker = root/"embedded.json"
-    def done(): return marker.is_file() and json.loads(marker.read_text()).get("config") == cfg
-    if done(): return root
-    if root.exists(): shutil.rmtree(root)  # an interrupted or older generation
-    tmp = data_dir()/f".embedded-{os.getpid()}.tmp"
-    if tmp.exists(): shutil.rmtree(tmp)
-    print(f"Generating the embedded dataset into {root} (once; a few seconds)")
-    make_embedded(tmp, cfg["n_train"], cfg["n_val"], cfg["size"], cfg["seed"], progress)
-    (tmp/"embedded.json").write_text(json.dumps(dict(config=cfg, classes=[f"{c}_{s}" for s, c in EMBEDDED_CLASSES],
-                                                     sha256=folder_digest(tmp)), indent=1))
-    try: tmp.rename(root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not done(): raise
-    return root
-
-# %% ../nbs/04_data.ipynb #e1b0a002
-class EmbeddedMasker:
-    "Offline stand-in for SAM on the embedded data (not SAM): its drawn objects and background, as an ideal segmenter"
-    def __init__(self,
-                 root=None,  # the embedded dataset (holding `regions.npz`); default `embedded_dataset()`
-                 c: int = 5,  # masks kept, most confident first (`c` of Eq. 3)
-                 background: bool = True,  # the background is a region too, ranked below every object
-                 min_area: int = 16,  # regions with fewer visible pixels are dropped
-                ):
-        root = embedded_dataset(progress=False) if root is None else Path(root)
-        f = root/"regions.npz"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: EmbeddedMasker knows the regions of the embedded dataset only "
-                                    "(`mgab.data.embedded_dataset()`); use SuperpixelMasker or SamMasker for other "
-                                    "images")
-        z = np.load(f)
-        self.index = {str(d): i for i, d in enumerate(z["digests"])}
-        self.owner, self.visible = z["owner"], z["visible"]
-        self.c, self.background, self.min_area = c, background, min_area
-        self.info = dict(generator="embedded-regions", stand_in=True,
-                         description="OFFLINE STAND-IN, not SAM: the embedded dataset's drawn objects and background "
-                                     f"(an ideal class-agnostic segmenter), ranked as SAM ranks, {c} most confident "
-                                     "kept",
-                         settings=dict(c=c, background=background, min_area=min_area))
-
-    def annotations(self, img: np.ndarray) -> list[dict]:
-        "SAM-style annotations of `img`: one per visible object (and the background) with a confidence"
-        i = self.index.get(pixel_digest(img))
-        if i is None:
-            raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker "
-                             "only knows the images it drew; use SuperpixelMasker or SamMasker for other images")
-        owner, vis, anns = self.owner[i], self.visible[i], []
-        for k in range(int(owner.max()) + 1):
-            seg = owner == k
-            if seg.sum() < self.min_area or (k == 0 and not self.background): continue
-            conf = 0.86 if k == 0 else 0.88 + 0.1 * float(vis[k - 1])  # background below every object
-            anns.append(dict(segmentation=seg, area=int(seg.sum()), predicted_iou=conf,
-                             stability_score=1. if k == 0 else float(vis[k - 1])))
-        return anns
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        "The (H, W) uint8 label map of `img` (Eq. 3), painted by `label_map` as SAM's masks are"
-        return label_map(self.annotations(img), self.c, shape=img.shape[:2])
-
-    def __repr__(self): return f"EmbeddedMasker(c={self.c}, {len(self.index)} images) [stand-in]"
-
-# %% ../nbs/04_data.ipynb #ad8bd2ac
-def _check_image_folder(path: Path) -> Path:
-    for s in ("train", "val"): _check_split(path, s)
-    return path
-
-def imagenette(path=None,  # a local copy (the extracted `imagenette2-320` folder), else download
-               size: int | None = 320,  # 160, 320 or None (full size)
-              ) -> Path:
-    "Imagenette as an ImageFolder: a local copy, or fastai's `untar_data(URLs.IMAGENETTE_320)`"
-    if path is not None: return _check_image_folder(Path(path).expanduser())
-    urls = {160: URLs.IMAGENETTE_160, 320: URLs.IMAGENETTE_320, None: URLs.IMAGENETTE}
-    if size not in urls: raise ValueError(f"`size` must be 160, 320 or None, got {size!r}")
-    url = urls[size]
-    try: return _check_image_folder(Path(untar_data(url)))
-    except Exception as e:
-        name = url.rsplit("/", 1)[-1]
-        raise RuntimeError(f"could not get Imagenette from {url} ({type(e).__name__}: {e}). Without internet access, "
-                           f"download {name} elsewhere, extract it (`tar xzf {name}`) and pass its folder: "
-                           f"`imagenette(path=...)`, or `--data /path/to/{name.split('.')[0]}` on the command line"
-                           ) from e
-
-# %% ../nbs/04_data.ipynb #3a133884
-def imagenet100_classes() -> list[str]:
-    "The 100 WordNet ids of ImageNet-100 (CMC's list)"
-    return [o.strip() for o in asset_path("imagenet100_classes.txt").read_text().splitlines() if o.strip()]
-
-def imagenet100(imagenet,  # ImageNet root with `train/<wnid>/` and `val/<wnid>/`
-                dest=None,  # folder to create; default `data_dir("imagenet100")`
-                classes: list[str] | None = None,  # default: `imagenet100_classes()`
-               ) -> Path:
-    "ImageNet-100 as a folder of symlinks to the class folders of an ImageNet copy"
-    src = Path(imagenet).expanduser().absolute()
-    classes = imagenet100_classes() if classes is None else list(classes)
-    dest = data_dir("imagenet100") if dest is None else Path(dest)
-    missing = [f"{s}/{c}" for s in ("train", "val") for c in classes if not (src/s/c).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of the {2 * len(classes)} class folders of ImageNet-100 are missing under {src}: "
-            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Expected ImageNet's train/<wnid>/ and "
-            "val/<wnid>/ folders (validation images sorted into class folders, e.g. with valprep.sh).")
-    for s in ("train", "val"):
-        (dest/s).mkdir(parents=True, exist_ok=True)
-        for old in (dest/s).iterdir():  # links of an earlier class list
-            if old.is_symlink() and old.name not in classes: old.unlink()
-        for c in classes:
-            link, target = dest/s/c, src/s/c
-            if link.is_symlink():
-                if Path(os.readlink(link)) == target: continue
-                link.unlink()
-            elif link.exists(): raise FileExistsError(f"{link} exists and is not a symlink: choose another `dest`")
-            link.symlink_to(target, target_is_directory=True)
-    return dest
-
-# %% ../nbs/04_data.ipynb #82ec7cbc
-def resolve_data(spec: str) -> Path:
-    "`embedded`, `imagenette`, `imagenet100:IMAGENET_ROOT`, or the path of an ImageFolder"
-    if spec == "embedded": return embedded_dataset()
-    if spec == "imagenette": return imagenette()
-    if spec.startswith("imagenet100:"): return imagenet100(spec.split(":", 1)[1])
-    return _check_image_folder(Path(spec).expanduser())
 
 # %% ../nbs/04_data.ipynb #48378e25
 def show_crops(x: torch.Tensor,  # (B, 3, S, S) normalised crops

@@ -12,10 +12,14 @@ from pathlib import Path
 from .core import add_debug_flag, cli_main
 import torch
 from fastai.torch_core import rank_distrib, set_seed
-from .masks import MaskStore, SamMasker, SuperpixelMasker, coverage_line, make_mask_store, store_stats
-from .data import EmbeddedMasker, labelled_dls, resolve_data
+from .masks import SamMasker, SuperpixelMasker
+from .store import MaskStore, coverage_line, make_mask_store, store_stats
+from .data import labelled_dls
+from .datasets import resolve_data
+from .datasets import EmbeddedMasker
 from .train import unfinished_reason, write_init_run
-from .evaluate import evaluate_run, read_results, report
+from .report import report
+from .results import evaluate_run, read_results
 
 # %% auto #0
 __all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'demo_masker', 'demo_masks', 'bias_reach', 'run_demo', 'main']

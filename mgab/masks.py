@@ -6,23 +6,19 @@ Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 
 # %% ../nbs/01_masks.ipynb #afb1d37e
 from __future__ import annotations
-import hashlib, io, json, os, random, socket, struct, sys, zlib
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+import json, os, sys
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
-from tqdm.auto import tqdm
+from PIL import Image, ImageOps
+
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'SAM_PAPER_COVERAGE', 'STORE_FORMAT', 'load_image',
-           'UnreadableImages', 'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker', 'label_map_agreement',
-           'SuperpixelMasker', 'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps', 'grid_mask_ratios',
-           'show_prompt_grid', 'MissingMaskError', 'CorruptMaskError', 'StaleMasksError', 'read_entry', 'read_meta',
-           'write_entry', 'list_images', 'shard_of', 'MaskStore', 'make_mask_store', 'verify_store', 'store_is_valid',
-           'store_stats', 'coverage_line', 'store_summary']
+__all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'SAM_PAPER_COVERAGE', 'decode_image', 'load_image',
+           'UnreadableImages', 'list_images', 'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker',
+           'label_map_agreement', 'SuperpixelMasker', 'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps',
+           'grid_mask_ratios', 'show_prompt_grid']
 
 # %% ../nbs/01_masks.ipynb #1aa374c8
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -35,7 +31,10 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=-1))
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
-def _decode_image(fp, name) -> np.ndarray:
+def decode_image(fp,  # a file name or a binary file object
+                 name,  # what error messages call it
+                ) -> np.ndarray:  # (H, W, 3) uint8 RGB
+    "Decode an image as `load_image` does, from bytes already read (e.g. for hashing)"
     try:
         with Image.open(fp) as im:
             im = ImageOps.exif_transpose(im)  # a loaded copy, upright like a viewer shows it
@@ -48,7 +47,7 @@ def load_image(path: str | os.PathLike,  # an image file PIL can read
     "Read an image as the (H, W, 3) uint8 RGB array that label maps are aligned to"
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image {path} does not exist")
-    return _decode_image(path, path)
+    return decode_image(path, path)
 
 # %% ../nbs/01_masks.ipynb #7e2a1c02
 class UnreadableImages:
@@ -83,6 +82,34 @@ class UnreadableImages:
         if len(self.errors) > self._told:
             print(self.line(), file=file or sys.stderr, flush=True)
             self._told = len(self.errors)
+
+# %% ../nbs/01_masks.ipynb #fc44dc08
+def _is_image(name: str) -> bool: return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
+
+def list_images(image_dir: str | os.PathLike,  # the folder to search, recursively
+                exclude: Iterable[str | os.PathLike] = (),  # folders to leave out (a store inside `image_dir`)
+               ) -> list[str]:  # relative POSIX paths, sorted like `Path`s
+    "The image files below `image_dir`: hidden ones and `exclude`d folders skipped, each real file once"
+    root = Path(image_dir)
+    if not root.is_dir(): raise FileNotFoundError(f"image folder {root} does not exist")
+    skip = {os.path.realpath(p) for p in exclude}
+    seen_dirs, seen_files, out = set(), set(), []
+    def walk(d: str, real: str, rel: str):
+        if real in seen_dirs or real in skip: return  # a symlink loop, or a folder reached twice
+        seen_dirs.add(real)
+        try: entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError: return
+        for e in entries:
+            if e.name.startswith("."): continue
+            # class folders are often symlinks: follow them, by real path, and each only once
+            r = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+            try: is_dir = e.is_dir()
+            except OSError: is_dir = False
+            if is_dir: walk(e.path, r, f"{rel}{e.name}/")
+            elif _is_image(e.name) and r not in seen_files: seen_files.add(r); out.append(f"{rel}{e.name}")
+    walk(str(root), os.path.realpath(root), "")
+    return sorted(out, key=lambda k: k.split("/"))
+
 
 # %% ../nbs/01_masks.ipynb #bb954a33
 def _segmentation(ann: Mapping, i: int) -> np.ndarray:
@@ -449,470 +476,3 @@ def show_prompt_grid(img: np.ndarray,  # (H, W, 3) uint8
             xx, yy = np.meshgrid(p * W, p * H)
             ax.scatter(xx.ravel(), yy.ravel(), s=5, c="w", edgecolors="k", linewidths=.3)
     return axs
-
-# %% ../nbs/01_masks.ipynb #ac1898c8
-STORE_FORMAT = "mgab-mask-store/1"
-
-class MissingMaskError(KeyError):
-    "A mask store has no entry for an image"
-    def __str__(self): return str(self.args[0]) if self.args else ""
-
-class CorruptMaskError(ValueError):
-    "A mask store entry cannot be read back"
-
-class StaleMasksError(ValueError):
-    "Mask store entries do not match the images they are used for"
-
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-def read_entry(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    "Read one store entry: its (H, W) uint8 label map and its metadata; `CorruptMaskError` if damaged"
-    path = Path(path)
-    data = path.read_bytes()  # FileNotFoundError for a missing entry
-    try:
-        if not data.endswith(_PNG_END): raise ValueError("truncated (no PNG end chunk)")
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format != "PNG" or im.mode != "L":
-                raise ValueError(f"expected an 8-bit grayscale PNG, got {im.format} {im.mode}")
-            im.load()
-            meta = json.loads(im.info["mgab"])
-            lm = np.array(im, dtype=np.uint8)
-    except Exception as e: raise CorruptMaskError(f"corrupt mask entry {path}: {type(e).__name__}: {e}") from e
-    if list(lm.shape) != list(meta.get("shape", [])) or zlib.crc32(lm.tobytes()) != meta.get("crc32"):
-        raise CorruptMaskError(f"corrupt mask entry {path}: its pixels do not match the recorded shape and CRC-32")
-    return lm, meta
-
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-
-def read_meta(path: str | os.PathLike) -> dict:
-    "The metadata of one store entry without decoding its pixels (its PNG text chunk); `CorruptMaskError` if none"
-    with open(path, "rb") as f: data, pos = f.read(), 8
-    if data.startswith(_PNG_SIG):
-        while pos + 8 <= len(data):  # PNG chunks: length, type, data, CRC
-            n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-            if kind == b"tEXt" and data[pos + 8:pos + 13] == b"mgab\x00":
-                try: return json.loads(data[pos + 13:pos + 8 + n].decode("latin-1"))
-                except ValueError: break
-            pos += 12 + n
-    raise CorruptMaskError(f"corrupt mask entry {path}: no readable mgab metadata")
-
-def _tmp_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
-
-def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f: f.write(data)
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a partial one
-
-def write_entry(path: str | os.PathLike, lm: np.ndarray, meta: dict):
-    "Write one store entry atomically: a PNG of `lm` with `meta`, its shape and CRC-32 in a text chunk"
-    lm = np.asarray(lm)
-    if lm.ndim != 2 or lm.dtype != np.uint8: raise ValueError(f"a label map is (H, W) uint8, got {lm.dtype} {lm.shape}")
-    png = PngImagePlugin.PngInfo()
-    png.add_text("mgab", json.dumps(dict(meta, shape=list(lm.shape), crc32=zlib.crc32(lm.tobytes()))))
-    buf = io.BytesIO(); Image.fromarray(lm, mode="L").save(buf, format="PNG", optimize=True, pnginfo=png)
-    _atomic_write(Path(path), buf.getvalue())
-
-# %% ../nbs/01_masks.ipynb #c38dce24
-def _fingerprint_bytes(data: bytes, st: os.stat_result) -> dict:
-    return dict(bytes=st.st_size, mtime_ns=st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
-
-def _is_image(name: str) -> bool: return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
-
-def list_images(image_dir: str | os.PathLike,  # the folder to search, recursively
-                exclude: Iterable[str | os.PathLike] = (),  # folders to leave out (a store inside `image_dir`)
-               ) -> list[str]:  # relative POSIX paths, sorted like `Path`s
-    "The image files below `image_dir`: hidden ones and `exclude`d folders skipped, each real file once"
-    root = Path(image_dir)
-    if not root.is_dir(): raise FileNotFoundError(f"image folder {root} does not exist")
-    skip = {os.path.realpath(p) for p in exclude}
-    seen_dirs, seen_files, out = set(), set(), []
-    def walk(d: str, real: str, rel: str):
-        if real in seen_dirs or real in skip: return  # a symlink loop, or a folder reached twice
-        seen_dirs.add(real)
-        try: entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError: return
-        for e in entries:
-            if e.name.startswith("."): continue
-            # class folders are often symlinks: follow them, by real path, and each only once
-            r = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
-            try: is_dir = e.is_dir()
-            except OSError: is_dir = False
-            if is_dir: walk(e.path, r, f"{rel}{e.name}/")
-            elif _is_image(e.name) and r not in seen_files: seen_files.add(r); out.append(f"{rel}{e.name}")
-    walk(str(root), os.path.realpath(root), "")
-    return sorted(out, key=lambda k: k.split("/"))
-
-def _settings_id(info: Mapping) -> str:
-    "A short digest of a store's generator and settings, recorded in each entry"
-    spec = json.dumps([info.get("generator"), info.get("settings")], sort_keys=True)
-    return hashlib.sha1(spec.encode()).hexdigest()[:16]
-
-def shard_of(key: str, num_shards: int) -> int:
-    "The shard an image belongs to: a fixed function of its relative path"
-    return zlib.crc32(key.encode()) % num_shards
-
-class MaskStore:
-    "Read access to a mask store: `store[image_path] -> (H, W) uint8` label map"
-    def __init__(self, root: str | os.PathLike,
-                 cache_mb: float = 256,  # decoded label maps kept in memory (LRU), so epochs after the first skip decoding
-                ):
-        self.root = Path(root)
-        self.cache_bytes, self._cache, self._cached = int(cache_mb * 2**20), OrderedDict(), 0
-        f = self.root/"info.json"
-        if not f.is_file():
-            raise FileNotFoundError(f"{self.root} is not a mask store (no info.json); build one with "
-                                    f"`mgab-masks IMAGE_DIR --out {self.root}`")
-        self.info = json.loads(f.read_text())
-        self.image_dir = Path(self.info["image_dir"])
-
-    def key(self, image_path: str | os.PathLike) -> str:
-        "The store key of an image: its POSIX path relative to the image folder"
-        p = Path(image_path)
-        if p.is_absolute():
-            for base in (self.image_dir, self.image_dir.resolve()):
-                for q in (p, p.resolve()):
-                    try: return q.relative_to(base).as_posix()
-                    except ValueError: pass
-            raise MissingMaskError(f"no mask for {image_path}: it is outside the store's image folder "
-                                   f"{self.image_dir} (store {self.root})")
-        k = os.path.normpath(p).replace(os.sep, "/")
-        if k.startswith("../") or k == "..":
-            raise MissingMaskError(f"no mask for {image_path}: it is outside the store's image folder {self.image_dir}")
-        return k
-
-    def entry_path(self, image_path) -> Path: return self.root/"masks"/(self.key(image_path) + ".png")
-
-    def __getitem__(self, image_path) -> np.ndarray:
-        k = self.key(image_path)
-        lm = self._cache.get(k)
-        if lm is not None:
-            self._cache.move_to_end(k)
-            return lm
-        try: lm = read_entry(self.root/"masks"/(k + ".png"))[0]
-        except FileNotFoundError:
-            raise MissingMaskError(f"no mask for image {image_path!s} in store {self.root} "
-                                   f"(generator {self.info.get('generator')}); run mgab-masks to add it") from None
-        if lm.nbytes <= self.cache_bytes:  # the store is read-only while open: cached maps never go stale
-            lm.setflags(write=False)
-            self._cache[k] = lm; self._cached += lm.nbytes
-            while self._cached > self.cache_bytes: self._cached -= self._cache.popitem(last=False)[1].nbytes
-        return lm
-
-    def meta(self, image_path) -> dict: return read_entry(self.entry_path(image_path))[1]
-    def __contains__(self, image_path) -> bool:
-        try: return self.entry_path(image_path).is_file()
-        except KeyError: return False
-
-    def keys(self):
-        "Relative paths of the images with an entry"
-        base = self.root/"masks"
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(base)
-            for f in sorted(filenames):
-                if f.endswith(".png") and not f.startswith("."): yield (rel/f[:-4]).as_posix()
-
-    def __iter__(self): return self.keys()
-    def __len__(self) -> int: return sum(1 for _ in self.keys())
-
-    @property
-    def stand_in(self) -> bool: return bool(self.info.get("stand_in"))
-
-    @property
-    def errors(self) -> dict:
-        "Unreadable images of all shards: {key: {'error': ..., 'bytes': ..., 'mtime_ns': ...}}"
-        out = {}
-        for f in sorted((self.root/"errors").glob("shard-*.json")):
-            out.update(json.loads(f.read_text()))
-        return {k: v for k, v in out.items() if k not in self}
-
-    def unreadable(self, images: Mapping[str, str | os.PathLike],  # name -> image file
-                  ) -> dict:  # {name: error} of those recorded unreadable and unchanged since
-        "The images this store could not read when it was built, if they are still the same files"
-        errors, out = self.errors, {}
-        if not errors: return out
-        for name, path in images.items():
-            e = errors.get(name)
-            if e is None:
-                try: e = errors.get(self.key(Path(path).absolute()))
-                except KeyError: pass
-            if e is None: continue
-            try: st = os.stat(path)
-            except OSError: continue
-            if (e.get("bytes"), e.get("mtime_ns")) == (st.st_size, st.st_mtime_ns): out[name] = e["error"]
-        return out
-
-    def check_images(self, images: Mapping[str, str | os.PathLike],  # store key -> the image file it is used for
-                     sample: int = 8,  # entries whose images are hashed even when size and mtime match
-                     where: str | os.PathLike | None = None,  # the images' folder, named in the message
-                    ) -> dict:  # counts: checked, hashed
-        "Refuse entries that do not match their images: size + mtime, SHA-256 on mismatch and for a sample"
-        want, keys = _settings_id(self.info), list(images)
-        sampled = set(random.Random().sample(keys, min(sample, len(keys))))  # own RNG: crops' stream untouched
-        bad, foreign, hashed, real_dirs = [], 0, 0, {}
-        def real(p: Path) -> str:  # resolved once per folder, not once per file
-            d = real_dirs.get(p.parent)
-            if d is None: d = real_dirs[p.parent] = os.path.realpath(p.parent)
-            return os.path.join(d, p.name)
-        masks_dir = os.path.join(self.root, "masks")
-        for k in keys:  # plain strings and os.path: pathlib would cost more than the check (~20 us an entry)
-            path = os.path.abspath(images[k])
-            try:
-                key = self.key(k) if os.path.isabs(k) else k
-                meta, st = read_meta(os.path.join(masks_dir, key + ".png")), os.stat(path)
-                ok = meta.get("settings_id", want) == want  # entries of another generator: a racing writer's
-                if ok and (k in sampled or (meta.get("bytes"), meta.get("mtime_ns")) != (st.st_size, st.st_mtime_ns)):
-                    with open(path, "rb") as f: ok = meta.get("sha256") == hashlib.sha256(f.read()).hexdigest()
-                    hashed += 1
-            except (OSError, KeyError, CorruptMaskError): key, ok = None, False  # gone or damaged
-            if ok: continue
-            bad.append(k)
-            foreign += key is None or real(self.image_dir/key) != real(Path(path))  # masked from another file
-        if not bad: return dict(checked=len(keys), hashed=hashed)
-        names = ", ".join(Path(k).as_posix() for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        if foreign:
-            where = where or os.path.commonpath([Path(images[k]).absolute().parent for k in bad])
-            raise StaleMasksError(
-                f"mask store {self.root} was built from {self.image_dir}, not from the images under {where}: "
-                f"{len(bad)} of {len(keys)} entries do not match these images ({names}). Build a store for them: "
-                f"`mgab-masks {where} --out NEW_STORE`")
-        raise StaleMasksError(
-            f"{len(bad)} of {len(keys)} entries of mask store {self.root} do not match their images under "
-            f"{self.image_dir} (changed since they were masked, or damaged): {names}. Recompute them: "
-            f"`mgab-masks {self.image_dir} --out {self.root} --repair`")
-
-    def __repr__(self):
-        tag = " [STAND-IN, not SAM]" if self.stand_in else ""
-        return f"MaskStore({str(self.root)!r}, generator={self.info.get('generator')!r}{tag})"
-
-# %% ../nbs/01_masks.ipynb #14bccda6
-def _same_generator(a: dict, b: dict) -> bool:
-    pick = lambda d: json.loads(json.dumps({k: d.get(k) for k in ("format", "generator", "settings", "image_dir")}))
-    return pick(a) == pick(b)
-
-def _clean_tmp(root: Path):
-    "Remove temporary files left by killed processes of this host (their pid no longer runs)"
-    host = socket.gethostname()
-    for dirpath, _, filenames in os.walk(root):
-        for f in filenames:
-            if not (f.startswith(".") and f.endswith(".tmp")): continue
-            stem, _, pid = f[:-4].rpartition(".")  # .<entry>.<host>.<pid>.tmp
-            if not pid.isdigit() or not stem.endswith("." + host): continue
-            pid = int(pid)
-            if pid == os.getpid(): continue
-            try: os.kill(pid, 0)
-            except ProcessLookupError: Path(dirpath, f).unlink(missing_ok=True)
-            except PermissionError: pass  # alive, someone else's
-
-def _prefetch(fn: Callable, items: list, ahead: int = 4):
-    "Yield `fn(item)` in order, computing up to `ahead` items in a background thread"
-    with ThreadPoolExecutor(1) as ex:
-        q = deque()
-        it = iter(items)
-        for x in it:
-            q.append(ex.submit(fn, x))
-            if len(q) >= ahead: break
-        while q:
-            r = q.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None: q.append(ex.submit(fn, nxt))
-            yield r
-
-def _lock_settings(info_f: Path, info: dict) -> dict:
-    "Write a new store's `info.json` unless another writer did first (atomically: first writer wins); its content"
-    tmp = _tmp_name(info_f)
-    tmp.write_bytes((json.dumps(info, indent=1) + "\n").encode())
-    try:
-        try: os.link(tmp, info_f); return info  # fails if it exists; readers never see a partial file
-        except FileExistsError: pass
-        except OSError:  # no hard links on this filesystem: exclusive create
-            try:
-                with open(info_f, "x") as f: f.write(tmp.read_text()); return info
-            except FileExistsError: pass
-    finally: tmp.unlink(missing_ok=True)
-    return json.loads(info_f.read_text())
-
-def _entry_matches(entry: Path, src: Path, st: os.stat_result, c: int | None, settings_id: str,
-                   repair: bool = False) -> bool:
-    "Is `entry` good for image `src`: readable, labels <= c, this generator's, and the image unchanged"
-    try: lm, meta = read_entry(entry)  # decodes and checks the CRC too (~0.2 ms for 224 px)
-    except (OSError, CorruptMaskError): return False  # missing or damaged: recompute
-    if c is not None and int(lm.max(initial=0)) > c: return False
-    if meta.get("settings_id", settings_id) != settings_id: return False
-    if not repair and meta.get("bytes") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns: return True
-    return meta.get("sha256") == hashlib.sha256(src.read_bytes()).hexdigest()  # touched but unchanged?
-
-def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched recursively)
-                    out: str | os.PathLike,  # the store folder, created or resumed
-                    masker: Callable,  # (H, W, 3) uint8 -> (H, W) uint8, e.g. SamMasker or SuperpixelMasker
-                    shard: int = 0,  # this process's shard, 0 <= shard < num_shards
-                    num_shards: int = 1,  # processes sharing the work
-                    progress: bool = True,  # show a progress bar
-                    repair: bool = False,  # hash every image, as `verify_store` does, not only changed ones
-                   ) -> MaskStore:  # the store; `.run_stats` has computed, skipped and error counts of this run
-    "Build or resume a mask store of every image below `image_dir`; killed at any moment, a rerun resumes"
-    if not 0 <= shard < num_shards: raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, "
-                                                     f"num_shards={num_shards}")
-    image_dir, out = Path(image_dir).absolute(), Path(out).absolute()
-    if out == image_dir: raise ValueError(f"the store {out} cannot be the image folder itself")
-    keys = list_images(image_dir, exclude=[out])
-    info = dict(format=STORE_FORMAT, **masker_info(masker), image_dir=str(image_dir))
-    info_f = out/"info.json"
-    (out/"masks").mkdir(parents=True, exist_ok=True)
-    old = json.loads(info_f.read_text()) if info_f.is_file() else _lock_settings(info_f, info)
-    if not _same_generator(old, info):
-        raise ValueError(f"mask store {out} was built with {old.get('generator')} {old.get('settings')} from "
-                         f"{old.get('image_dir')}; this run asks for {info['generator']} {info['settings']} from "
-                         f"{image_dir}. Use another --out for other masks.")
-    _clean_tmp(out)
-    mine = [k for k in keys if shard_of(k, num_shards) == shard]
-    err_f = out/"errors"/f"shard-{shard}-of-{num_shards}.json"
-    errors = json.loads(err_f.read_text()) if err_f.is_file() else {}
-    save_errors = lambda: _atomic_write(err_f, (json.dumps(errors, indent=1, sort_keys=True) + "\n").encode())
-    store = MaskStore(out)
-    generator = info["generator"] + (" (stand-in)" if info.get("stand_in") else "")
-    c, settings_id = info.get("settings", {}).get("c"), _settings_id(info)
-    skips = UnreadableImages(f"under {image_dir} (no masks)")
-
-    def prepare(k):
-        src, entry = image_dir/k, store.entry_path(k)
-        try:
-            st = src.stat()
-            if _entry_matches(entry, src, st, c, settings_id, repair): return k, "skip", None, None
-            data = src.read_bytes()
-            return k, "todo", _decode_image(io.BytesIO(data), src), _fingerprint_bytes(data, st)
-        except (OSError, ValueError) as e:
-            msg = str(e) if isinstance(e, ValueError) else f"cannot read image {src}: {type(e).__name__}: {e}"
-            try: st = src.stat()
-            except OSError: return k, "error", msg, {}
-            return k, "error", msg, dict(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
-
-    stats = dict(computed=0, skipped=0, errors=0)
-    bar = tqdm(total=len(mine), disable=not progress, unit="img",
-               desc=f"masks {shard + 1}/{num_shards}" if num_shards > 1 else "masks")
-    for k, status, img, fp in _prefetch(prepare, mine):
-        if status == "skip": stats["skipped"] += 1
-        elif status == "error":
-            stats["errors"] += 1
-            errors[k] = dict(error=img, **fp); save_errors(); skips.add(k, img)
-        else:
-            lm = masker(img)
-            if not (isinstance(lm, np.ndarray) and lm.dtype == np.uint8 and lm.shape == img.shape[:2]):
-                desc = f"{lm.dtype} {lm.shape}" if isinstance(lm, np.ndarray) else type(lm).__name__
-                raise ValueError(f"masker {info['generator']} returned {desc} for {k}; expected uint8 "
-                                 f"{img.shape[:2]}")
-            write_entry(store.entry_path(k), lm, dict(image=k, generator=generator, settings_id=settings_id, **fp))
-            stats["computed"] += 1
-            if errors.pop(k, None) is not None: save_errors()
-        bar.update(); bar.set_postfix(stats, refresh=False)
-    bar.close()
-    if errors and not err_f.is_file(): save_errors()
-    skips.warn()
-    store.run_stats = stats
-    return store
-
-# %% ../nbs/01_masks.ipynb #74b4473d
-def verify_store(store: MaskStore | str | os.PathLike,  # a store or its folder
-                 image_dir: str | os.PathLike | None = None,  # the images; default: the folder it was built from
-                 progress: bool = False,
-                ) -> dict:  # lists of keys: missing, stale, corrupt, unreadable, extra; `ok`: number of good entries
-    "Check a mask store against its images: missing, stale and corrupt entries"
-    store = store if isinstance(store, MaskStore) else MaskStore(store)
-    image_dir = Path(image_dir or store.image_dir).absolute()
-    keys = list_images(image_dir, exclude=[store.root])
-    errors, c, sid = store.errors, store.info.get("settings", {}).get("c"), _settings_id(store.info)
-    res = dict(missing=[], stale=[], corrupt=[], unreadable=[], extra=[], ok=0)
-
-    def check(k):
-        src, entry = image_dir/k, store.root/"masks"/(k + ".png")
-        if not entry.is_file():
-            try: st = src.stat()
-            except OSError: return k, "missing"
-            e = errors.get(k)
-            known = e is not None and e.get("bytes") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns
-            return k, "unreadable" if known else "missing"
-        try:
-            lm, meta = read_entry(entry)
-            if c is not None and int(lm.max(initial=0)) > c: raise CorruptMaskError(f"label {lm.max()} > c={c}")
-        except CorruptMaskError: return k, "corrupt"
-        if meta.get("settings_id", sid) != sid: return k, "stale"  # written by a writer with other settings
-        return k, "ok" if meta.get("sha256") == hashlib.sha256(src.read_bytes()).hexdigest() else "stale"
-
-    for k, status in tqdm(_prefetch(check, keys), total=len(keys), disable=not progress, desc="verify"):
-        if status == "ok": res["ok"] += 1
-        else: res[status].append(k)
-    have = set(keys)
-    res["extra"] = [k for k in store.keys() if k not in have]
-    return res
-
-def store_is_valid(res: dict) -> bool:
-    "True when `verify_store` found nothing missing, stale or corrupt"
-    return not (res["missing"] or res["stale"] or res["corrupt"])
-
-# %% ../nbs/01_masks.ipynb #b395ee63
-def store_stats(store: MaskStore | str | os.PathLike,  # a store or its folder
-                limit: int | None = None,  # at most this many entries, evenly spaced over the sorted keys
-               ) -> dict:
-    "Per-entry coverage, number of masks, largest mask's share and file size of a store"
-    store = store if isinstance(store, MaskStore) else MaskStore(store)
-    keys = list(store.keys())
-    total = len(keys)
-    if limit is not None and len(keys) > limit:
-        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, limit).astype(int)]
-    cov, k, big, size = [], [], [], []
-    for key in keys:
-        p = store.entry_path(key)
-        lm = read_entry(p)[0]
-        area = np.bincount(lm.ravel(), minlength=2)[1:] / lm.size  # share of each label 1..k
-        cov.append(mask_ratio(lm)); k.append(int(lm.max(initial=0))); big.append(float(area.max(initial=0.)))
-        size.append(p.stat().st_size)
-    cov, k, big, size = np.array(cov), np.array(k, int), np.array(big), np.array(size, int)
-    mean = lambda a: float(a.mean()) if len(a) else 0.
-    return dict(n=len(cov), total=total, coverage=cov, masks=k, largest=big, bytes=size, mean_coverage=mean(cov),
-                mean_masks=mean(k), mean_largest=mean(big), bytes_per_entry=mean(size),
-                generator=store.info.get("generator"), stand_in=store.stand_in,
-                settings=store.info.get("settings", {}))
-
-def coverage_line(s: dict,  # `store_stats` of a store
-                 ) -> str:
-    "One line: a store's mean coverage beside SAM ViT-H's in the paper (Table 3), masks per image, the generator"
-    if not s["n"]: return f"no entries to measure coverage on (generator: {s['generator']})"
-    lo, hi = min(SAM_PAPER_COVERAGE.values()), max(SAM_PAPER_COVERAGE.values())
-    st = s.get("settings") or {}
-    g = st.get("points_per_side")
-    at = f"; {SAM_PAPER_COVERAGE[g]:.1%} at {g}x{g}" if g in SAM_PAPER_COVERAGE else ""
-    over = f"{s['n']} images" if s["n"] == s.get("total", s["n"]) else f"{s['n']} of {s['total']} images (sampled)"
-    if s["stand_in"] and "method" in st:
-        gen = f"{s['generator']} stand-in ({st['method']}, {g}x{g} calibration), NOT SAM"
-    elif s["stand_in"]: gen = f"{s['generator']} stand-in, NOT SAM"
-    elif s["generator"] == "sam": gen = f"sam ({st.get('model_type')}, {g}x{g} grid)"
-    else: gen = str(s["generator"])
-    return (f"mean coverage {s['mean_coverage']:.1%} over {over} (SAM ViT-H in the paper: {lo * 100:.1f}-"
-            f"{hi * 100:.1f}%, Table 3{at}); {s['mean_masks']:.1f} masks per image, largest "
-            f"{s['mean_largest']:.1%} of the image on average; generator: {gen}")
-
-def store_summary(store: MaskStore | str | os.PathLike,  # a store or its folder
-                  limit: int | None = 5000,  # entries to read, evenly spaced (None: all)
-                  axs=None,  # two matplotlib axes
-                  show_line: bool = True,  # print `coverage_line`
-                 ) -> dict:
-    "Plot a store's coverage histogram beside SAM's published mean, and masks per image; returns `store_stats`"
-    import matplotlib.pyplot as plt
-    s = store_stats(store, limit)
-    if show_line: print(coverage_line(s))
-    if axs is None: _, axs = plt.subplots(1, 2, figsize=(9, 3.2))
-    lo, hi = min(SAM_PAPER_COVERAGE.values()) * 100, max(SAM_PAPER_COVERAGE.values()) * 100
-    axs[0].axvspan(lo, hi, color="tab:green", alpha=.3, label=f"SAM ViT-H mean, paper: {lo:.1f}-{hi:.1f}%")
-    axs[0].hist(s["coverage"] * 100, bins=20, range=(0, 100), color="tab:blue")
-    axs[0].axvline(s["mean_coverage"] * 100, color="k", ls="--", label=f"mean {s['mean_coverage']:.1%}")
-    axs[0].set_xlabel("mask coverage per image (%)"); axs[0].set_ylabel("images"); axs[0].legend(fontsize=8)
-    c = max(int(s["masks"].max(initial=0)), 1)
-    axs[1].bar(np.arange(c + 1), np.bincount(s["masks"], minlength=c + 1), color="tab:orange")
-    axs[1].set_xlabel("masks per image"); axs[1].set_xticks(np.arange(c + 1))
-    tag = " — STAND-IN superpixels, not SAM" if s["stand_in"] else ""
-    axs[0].figure.suptitle(f"{s['generator']}{tag}: {s['n']} images, {s['bytes_per_entry'] / 1024:.1f} KB per entry",
-                           fontsize=10)
-    axs[0].figure.tight_layout()
-    return s

@@ -217,7 +217,7 @@ def test_nothing_stored_is_lost_nor_left_behind(cases):
 def test_success_is_silent_and_exits_0(cases):
     r = cases["results"]["eval-ok"][1]
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
-    from mgab.evaluate import read_results
+    from mgab.results import read_results
     assert [row["protocol"] for row in read_results(cases["tmp"]/"e3")] == ["knn"]
 
 

@@ -34,7 +34,8 @@ import json, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from mgab.vit import create_vit
-from mgab.widgets import BiasExplorer, RunViewer
+from mgab.widgets.runs import RunViewer
+from mgab.widgets.bias import BiasExplorer
 torch.manual_seed(0); torch.set_num_threads(1)
 img = np.zeros((32, 32, 3), np.uint8); img[:16, :16] = (220, 60, 40); img[16:] = (40, 90, 230)
 lm = np.zeros((32, 32), np.uint8); lm[:16, :16] = 1; lm[24:] = 2

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 
 from mgab.cli.evaluate import eval_cli, eval_main, report_cli, report_main
-from mgab.evaluate import RESULT_COLUMNS, evaluate_run, read_results
+from mgab.results import RESULT_COLUMNS, evaluate_run, read_results
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4
@@ -188,7 +188,7 @@ def test_mgab_report_entry_point(tmp_path):
 # ---------------------------------------------------------------- the loaders mgab-eval asks mgab.data for
 @pytest.fixture
 def fake_data(tmp_path, monkeypatch):
-    "Stand-ins for mgab.data and mgab.masks that record how mgab-eval calls them (contracts 2 and 3)"
+    "Stand-ins for mgab.data, mgab.datasets and mgab.store that record how mgab-eval calls them (contracts 2 and 3)"
     import types
     import mgab
     calls = []
@@ -204,9 +204,10 @@ def fake_data(tmp_path, monkeypatch):
     class MaskStore:
         def __init__(self, root): self.root = root
 
-    data = types.SimpleNamespace(labelled_dls=labelled_dls, embedded_dataset=lambda: root)
-    masks = types.SimpleNamespace(MaskStore=MaskStore)
-    for name, mod in (("data", data), ("masks", masks)):
+    data = types.SimpleNamespace(labelled_dls=labelled_dls)
+    datasets = types.SimpleNamespace(embedded_dataset=lambda: root)
+    store = types.SimpleNamespace(MaskStore=MaskStore)
+    for name, mod in (("data", data), ("datasets", datasets), ("store", store)):
         monkeypatch.setitem(sys.modules, f"mgab.{name}", mod)
         monkeypatch.setattr(mgab, name, mod, raising=False)
     return calls, root
@@ -239,8 +240,8 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
 # ---------------------------------------------------------------- end to end, with mgab.data (and mgab.masks)
 @pytest.fixture
 def embedded():
-    import mgab.data as data
-    return data.embedded_dataset()
+    from mgab.datasets import embedded_dataset
+    return embedded_dataset()
 
 
 def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
@@ -256,8 +257,9 @@ def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
 
 
 def test_eval_main_embedded_with_masks(tmp_path, embedded):
-    import mgab.masks as masks
-    masks.make_mask_store(embedded, tmp_path/"store", masks.SuperpixelMasker("slic", c=5), progress=False)
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
+    make_mask_store(embedded, tmp_path/"store", SuperpixelMasker("slic", c=5), progress=False)
     run = make_run(tmp_path/"run")
     row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
                      "--img-size", "32", "--bs", "16", "--no-progress"])
@@ -266,7 +268,7 @@ def test_eval_main_embedded_with_masks(tmp_path, embedded):
 
 def test_eval_main_recipes_flags_and_subset_file(tmp_path, fake_data, capsys, monkeypatch):
     "--recipe dino reaches the linear probe and the row; MAE's fine-tuning flags reach fine_tune; a subset file"
-    import mgab.evaluate as ev
+    import mgab.results as ev  # evaluate_run calls fine_tune from its own module
     calls, root = fake_data
     run = make_run(tmp_path/"run")
     (tmp_path/"store").mkdir()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgab.masks import MaskStore, load_image, verify_store
+from mgab.masks import load_image
+from mgab.store import MaskStore, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 MASKS = [sys.executable, "-c", "import sys; from mgab.cli.masks import main; sys.exit(main())"]

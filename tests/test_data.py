@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 import mgab.data as D
-from mgab.data import (NormalizeCrops, MissingMasksError, MaskedImages, embedded_dataset, folder_digest, image_files,
-                       imagenet100, imagenet100_classes, imagenette, labelled_dls, make_embedded, mask_keys,
+import mgab.datasets as DS
+from mgab.data import (NormalizeCrops, MissingMasksError, MaskedImages, image_files, labelled_dls, mask_keys,
                        multicrop_dls, pretrain_dls, read_subset_file, token_labels)
+from mgab.datasets import embedded_dataset, folder_digest, imagenet100, imagenet100_classes, imagenette, make_embedded
+from mgab.masks import load_image
 
 # Corners of the RGB cube: none is a blend of the others, so a pixel of exactly one of these colours can only come
 # from pixels of that colour, however the image was resampled.
@@ -140,7 +142,7 @@ def test_photometric_touches_image_only(colour_data):
         random.seed(seed); item = ds[0]
         random.seed(seed); boxes = []
         # replay the random draws: crop box and flip of each view, then the colour draws that follow
-        img = D.load_image(ds.files[0]); H, W = img.shape[:2]
+        img = load_image(ds.files[0]); H, W = img.shape[:2]
         for v, x, m in zip(ds.views, *item):
             box = D.crop_box(H, W, v); flip = random.random() < v.flip
             D._photometric(Image.fromarray(x.numpy()), v)  # consume the same colour draws
@@ -281,7 +283,7 @@ def test_subset_file(tmp_path):
 def test_imagenet100_selection(tmp_path):
     wnids = imagenet100_classes()
     assert len(wnids) == 100 and len(set(wnids)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in wnids)
-    assert wnids == (Path(D.__file__).parent/"assets"/"imagenet100_classes.txt").read_text().split()
+    assert wnids == (Path(DS.__file__).parent/"assets"/"imagenet100_classes.txt").read_text().split()
     src = tmp_path/"imagenet"
     _class_folder(src, {wnids[0]: 2, wnids[1]: 3, wnids[2]: 1, "n00000001": 2})  # the last one is not in the list
     with pytest.raises(FileNotFoundError, match="194 of the 200 class folders"):
@@ -304,12 +306,12 @@ def test_imagenette_local_and_offline(tmp_path, monkeypatch):
         imagenette(tmp_path)
 
     def offline(url, *a, **k): raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(D, "untar_data", offline)
+    monkeypatch.setattr(DS, "untar_data", offline)
     with pytest.raises(RuntimeError) as e:
         imagenette()
     msg = str(e.value)
     assert "imagenette2-320.tgz" in msg and "imagenette(path=...)" in msg and "--data" in msg
-    monkeypatch.setattr(D, "untar_data", lambda url, *a, **k: tmp_path/"imagenette2-320")
+    monkeypatch.setattr(DS, "untar_data", lambda url, *a, **k: tmp_path/"imagenette2-320")
     assert imagenette() == tmp_path/"imagenette2-320"  # online (or cached): untar_data's folder
 
 
@@ -328,23 +330,23 @@ def test_embedded_dataset():
     meta = json.loads((root/"embedded.json").read_text())
     files, labels, vocab = D.image_folder(root)
     assert len(vocab) == 10 and np.bincount(labels).tolist() == [120] * 10 and len(image_files(root/"val")) == 300
-    assert meta["sha256"] == folder_digest(root) and meta["config"] == D.EMBEDDED_CONFIG
+    assert meta["sha256"] == folder_digest(root) and meta["config"] == DS.EMBEDDED_CONFIG
     stamp = (root/"embedded.json").stat().st_mtime_ns
     assert embedded_dataset(progress=False) == root and (root/"embedded.json").stat().st_mtime_ns == stamp
 
 
 def test_embedded_dataset_redoes_half_written(monkeypatch):
-    monkeypatch.setattr(D, "EMBEDDED_CONFIG", dict(D.EMBEDDED_CONFIG, n_train=2, n_val=1))
+    monkeypatch.setattr(DS, "EMBEDDED_CONFIG", dict(DS.EMBEDDED_CONFIG, n_train=2, n_val=1))
     root = embedded_dataset(progress=False)
     meta = json.loads((root/"embedded.json").read_text())
     assert len(image_files(root)) == 30
-    calls, orig = [], D.make_embedded
-    monkeypatch.setattr(D, "make_embedded", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls, orig = [], DS.make_embedded
+    monkeypatch.setattr(DS, "make_embedded", lambda *a, **k: calls.append(1) or orig(*a, **k))
     assert embedded_dataset(progress=False) == root and calls == []  # complete: nothing to do
     (root/"embedded.json").unlink(); image_files(root)[0].write_bytes(b"")  # interrupted: no marker, a broken file
     assert embedded_dataset(progress=False) == root and calls == [1]
     assert folder_digest(root) == meta["sha256"]  # generated again, the same bytes
-    monkeypatch.setattr(D, "EMBEDDED_CONFIG", dict(D.EMBEDDED_CONFIG, n_train=3))  # another configuration
+    monkeypatch.setattr(DS, "EMBEDDED_CONFIG", dict(DS.EMBEDDED_CONFIG, n_train=3))  # another configuration
     assert embedded_dataset(progress=False) == root and calls == [1, 1] and len(image_files(root)) == 40
 
 
@@ -393,8 +395,9 @@ def test_bench_data_cli(tmp_path):
 
 def test_embedded_masker_is_an_ideal_segmenter(tmp_path):
     "The regions the generator drew come back as SAM-style masks: objects whole, ranked, c kept, stand-in recorded"
-    from mgab.data import EmbeddedMasker, pixel_digest
-    from mgab.masks import MaskStore, load_image, make_mask_store, store_stats
+    from mgab.datasets import EmbeddedMasker, pixel_digest
+    from mgab.masks import load_image
+    from mgab.store import MaskStore, make_mask_store, store_stats
     root = make_embedded(tmp_path/"emb", n_train=6, n_val=2, progress=False)
     masker = EmbeddedMasker(root)
     z = np.load(root/"regions.npz")

@@ -12,13 +12,15 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 
-from mgab.evaluate import (LARS, MAE_FINETUNE, RESULT_COLUMNS, UNALIGNED, Cell, Classifier, LastBlocks, MixupErase,
-                           MixedTargetLoss, append_result, bias_stats, dino_pool, encoder_features, evaluate_run,
-                           extract_features, fine_tune, finetune_augs, hierarchical_bootstrap, items_digest,
-                           knn_accuracy, knn_scores, linear_head, linear_probe, load_predictions, load_runs,
-                           lrd_param_groups, mae_train_dls, paired_bootstrap, paired_outcomes, plot_attention,
-                           plot_bias_stats, predictions_name, read_results, recipe_notes, report, save_predictions,
-                           table1, table2, to_markdown, top1, valid_predictions, warmup_cosine, within_noise)
+from mgab.evaluate import (LARS, Classifier, LastBlocks, dino_pool, encoder_features, extract_features, knn_accuracy,
+                           knn_scores, linear_head, linear_probe, top1, warmup_cosine)
+from mgab.report import (Cell, bias_stats, load_runs, plot_attention, plot_bias_stats, recipe_notes, report, table1,
+                         table2, to_markdown)
+from mgab.results import (RESULT_COLUMNS, append_result, evaluate_run, hierarchical_bootstrap, items_digest,
+                          load_predictions, paired_bootstrap, paired_outcomes, predictions_name, read_results,
+                          save_predictions, valid_predictions, within_noise)
+from mgab.finetune import (MAE_FINETUNE, UNALIGNED, MixupErase, MixedTargetLoss, fine_tune, finetune_augs,
+                           lrd_param_groups, mae_train_dls)
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
@@ -397,7 +399,7 @@ def test_read_results_types(tmp_path):
 
 
 def test_arch_label_uses_the_runs_patch_size():
-    from mgab.evaluate import _arch_name, arch_label
+    from mgab.report import _arch_name, arch_label
     assert arch_label(_arch_name(dict(name="vit_tiny_patch16_224", patch_size=8))) == "ViT-Ti/8"
     assert arch_label(_arch_name(dict(name="vit_base_patch16_224"))) == "ViT-B/16"
 
@@ -648,7 +650,8 @@ def test_distill_gaps(runs, tmp_path):
 def folder(tmp_path_factory):
     "A tiny ImageFolder (2 classes, 2 images each per split) of colour blocks, with a superpixel mask store"
     from PIL import Image
-    from mgab.masks import SuperpixelMasker, make_mask_store
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
     root, rng = tmp_path_factory.mktemp("folder"), np.random.default_rng(0)
     for split in ("train", "val"):
         for c in ("a", "b"):
@@ -711,7 +714,7 @@ def test_plot_attention_on_off(folder, tmp_path):
 def test_replicate_key_ignores_run_time_settings_and_finds_moved_teachers(tmp_path):
     "Seeds of one variant group even when one was run with progress bars or other workers; teachers found beside"
     import json
-    from mgab.evaluate import replicate_key
+    from mgab.report import replicate_key
     a = dict(method="mae", seed=0, out="a", progress=True, num_workers=None, lr=1e-3,
              model=dict(name="vit_tiny_patch16_224"))
     b = dict(a, seed=1, out="b", progress=False, num_workers=2)

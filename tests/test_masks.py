@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mgab.masks import (CorruptMaskError, MaskStore, MissingMaskError, SamMasker, SuperpixelMasker, build_tiny_sam,
-                        grid_mask_ratios, label_map, label_map_agreement, load_image, load_sam, make_mask_store,
-                        mask_ratio, masker_info, prompt_grid_maps, read_entry, shard_of, show_masks, show_prompt_grid,
-                        store_stats, store_summary, verify_store, write_entry, SAM_CHECKPOINTS_URL,
-                        SAM_PAPER_COVERAGE, coverage_line)
+from mgab.masks import (SamMasker, SuperpixelMasker, build_tiny_sam, grid_mask_ratios, label_map,
+                        label_map_agreement, load_image, load_sam, mask_ratio, masker_info, prompt_grid_maps,
+                        show_masks, show_prompt_grid, SAM_CHECKPOINTS_URL, SAM_PAPER_COVERAGE)
+from mgab.store import (CorruptMaskError, MaskStore, MissingMaskError, make_mask_store, read_entry, shard_of,
+                        store_stats, store_summary, verify_store, write_entry, coverage_line)
 
 TINY = dict(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0)
 
@@ -559,7 +559,8 @@ def test_superpixel_coverage_rises_with_grid(imagenette, method):
 def test_store_cache_is_lru_and_read_only(tmp_path):
     import numpy as np
     from PIL import Image
-    from mgab.masks import MaskStore, SuperpixelMasker, make_mask_store
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import MaskStore, make_mask_store
     (tmp_path / "im").mkdir()
     rng = np.random.default_rng(0)
     for i in range(3): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")

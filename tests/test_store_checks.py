@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from mgab.data import image_files, labelled_dls, pretrain_dls
-from mgab.masks import (MaskStore, StaleMasksError, SuperpixelMasker, list_images, make_mask_store, read_entry,
-                        read_meta, verify_store, write_entry)
+from mgab.masks import SuperpixelMasker, list_images
+from mgab.store import MaskStore, StaleMasksError, make_mask_store, read_entry, read_meta, verify_store, write_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 SP = SuperpixelMasker(points_per_side=4)  # what `mgab-masks --points-per-side 4` builds

@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mgab.masks import SamMasker, SuperpixelMasker, build_tiny_sam, load_image, make_mask_store
+from mgab.masks import SamMasker, SuperpixelMasker, build_tiny_sam, load_image
+from mgab.store import make_mask_store
 from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
-from mgab.widgets import BiasExplorer, MaskExplorer, RunViewer, find_runs, image_sources
+from mgab.widgets.runs import RunViewer, find_runs
+from mgab.widgets.bias import BiasExplorer
+from mgab.widgets.masks import MaskExplorer
+from mgab.widgets.base import image_sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

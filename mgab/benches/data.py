@@ -13,16 +13,18 @@ import torch
 from PIL import Image, ImageFilter
 from ..bench import time_alternating
 from ..core import data_dir
-from ..masks import MaskStore, SuperpixelMasker, make_mask_store
-from ..data import (MaskedImages, _dls, dino_views, embedded_dataset, image_files, mae_view,
-                       resolve_data)
+from ..masks import SuperpixelMasker
+from ..store import MaskStore, make_mask_store
+from ..data import MaskedImages, _dls, dino_views, image_files, mae_view
+from ..datasets import resolve_data
+from ..datasets import embedded_dataset
 
 # %% auto #0
 __all__ = ['bench_data', 'main']
 
 # %% ../../nbs/57_bench_data.ipynb #84a7e8f3
 def bench_data(path=None,  # ImageFolder root (`train/` is read); default the embedded dataset
-               masks=None,  # an `mgab.masks.MaskStore` folder; default: a superpixel store of the images, made here
+               masks=None,  # an `mgab.store.MaskStore` folder; default: a superpixel store of the images, made here
                pipeline: str = "pretrain",  # "pretrain" (MAE) or "multicrop" (DINO)
                img_size: int | None = None,  # default 64 on the embedded data, else 224
                patch_size: int | None = None,  # default 8 on the embedded data, else 16
@@ -74,7 +76,7 @@ def main(argv=None):
     "`mgab-bench data [--data PATH] [--masks STORE] [--pipeline pretrain|multicrop] [--img-size S] ...`"
     p = argparse.ArgumentParser(prog="mgab-bench data", description=bench_data.__doc__)
     p.add_argument("--data", default=None, help="ImageFolder root (default: the embedded dataset)")
-    p.add_argument("--masks", default=None, help="an mgab.masks.MaskStore folder (default: a superpixel store made here)")
+    p.add_argument("--masks", default=None, help="an mgab.store.MaskStore folder (default: a superpixel store made here)")
     p.add_argument("--pipeline", default="pretrain", choices=["pretrain", "multicrop"])
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)

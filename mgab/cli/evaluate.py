@@ -12,8 +12,10 @@ from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
     from mgab.vit import load_run_encoder
-    from mgab.evaluate import (LINEAR_RECIPES, MAE_FINETUNE, PROTOCOLS, RECIPES, RESULT_COLUMNS, LastBlocks, dino_pool,
-                               evaluate_run, finetune_augs, read_run_config, report, uses_masks)
+    from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool, uses_masks
+    from mgab.report import report
+    from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, read_run_config
+    from mgab.finetune import MAE_FINETUNE, finetune_augs
     from mgab.train import unfinished_reason
 
 # %% auto #0
@@ -134,7 +136,7 @@ def eval_cli(argv: list[str] | None = None) -> dict:
             _fail(f"run {str(run)!r} was trained with mask-guided attention bias: pass --masks STORE (masks of the "
                   "train/ and val/ images of --data) or --no-masks to evaluate it without masks")
         if not Path(args.masks).exists(): _fail(f"mask store {args.masks!r} does not exist")
-        from mgab.masks import MaskStore  # imported here: evaluation without masks needs no mask code
+        from mgab.store import MaskStore # imported here: evaluation without masks needs no mask code
         masks = MaskStore(args.masks)
     elif args.masks and not args.no_masks:
         print(f"mgab-eval: run {str(run)!r} has no attention bias; --masks is not used", file=sys.stderr)
@@ -144,7 +146,8 @@ def eval_cli(argv: list[str] | None = None) -> dict:
         try: finetune_augs(masks is not None, **augs)
         except ValueError as e: _fail(str(e))
     from mgab import data as mdata
-    path = Path(args.data) if args.data else mdata.embedded_dataset()
+    from mgab.datasets import embedded_dataset
+    path = Path(args.data) if args.data else embedded_dataset()
     for split in ("train", "val"):
         if not (path/split).is_dir(): _fail(f"{str(path/split)!r} is missing: --data must hold train/ and val/ folders")
     augment = dict(knn="none", linear=args.augment, finetune="finetune")[args.protocol]

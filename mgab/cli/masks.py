@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse, importlib, sys
 from pathlib import Path
 from ..core import add_debug_flag, cli_main
-from ..masks import (SamMasker, SuperpixelMasker, make_mask_store, verify_store, store_is_valid, MaskStore,
-                        SAM_CHECKPOINTS_URL, store_stats, coverage_line)
+from ..masks import SamMasker, SuperpixelMasker, SAM_CHECKPOINTS_URL
+from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
 __all__ = ['make_masker', 'main']
