@@ -23,7 +23,8 @@ from .store import MaskStore
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views',
            'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops',
-           'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'show_crops']
+           'masked_dls', 'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file',
+           'show_crops']
 
 # %% ../nbs/04_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -267,7 +268,13 @@ class NormalizeCrops(ItemTransform):
         return ([f(o) for o in x] if isinstance(x, (list, tuple)) else f(x), *rest)
 
 # %% ../nbs/04_data.ipynb #70e2a382
-def _dls(train_ds, valid_ds, path, bs, num_workers, device, **kwargs) -> DataLoaders:
+def masked_dls(train_ds: MaskedImages,  # shuffled, `drop_last` when it holds more than a batch
+               valid_ds: MaskedImages,  # in order
+               path, bs: int, num_workers: int,
+               device=None,  # default: fastai's `default_device()`
+               **kwargs,  # more `TfmdDL` arguments
+              ) -> DataLoaders:
+    "fastai `DataLoaders` over two `MaskedImages`, batches normalised on the device (`NormalizeCrops`)"
     device = default_device() if device is None else torch.device(device)
     kw = dict(bs=bs, num_workers=num_workers, device=device, after_batch=NormalizeCrops(),
               pin_memory=device.type == "cuda") | kwargs
@@ -297,7 +304,7 @@ def pretrain_dls(path,  # ImageFolder root: `train/` (and `val/`) below it, any 
     path = Path(path)
     ds = lambda split, view: MaskedImages(_split_files(path, split, valid), path, [view], masks, patch_size,
                                           missing_masks=missing_masks, resample=resample)
-    return _dls(ds("train", mae_view(img_size, scale)), ds("val", eval_view(img_size)), path, bs, num_workers,
+    return masked_dls(ds("train", mae_view(img_size, scale)), ds("val", eval_view(img_size)), path, bs, num_workers,
                 device, **kwargs)
 
 # %% ../nbs/04_data.ipynb #d13cd5a1
@@ -321,7 +328,7 @@ def multicrop_dls(path,  # ImageFolder root: `train/` (and `val/`) below it
     path, views = Path(path), dino_views(global_size, local_size, n_local, global_scale, local_scale)
     ds = lambda split: MaskedImages(_split_files(path, split, valid), path, views, masks, patch_size,
                                     missing_masks=missing_masks, resample=resample)
-    return _dls(ds("train"), ds("val"), path, bs, num_workers, device, **kwargs)
+    return masked_dls(ds("train"), ds("val"), path, bs, num_workers, device, **kwargs)
 
 # %% ../nbs/04_data.ipynb #a1edb19e
 def labelled_dls(path,  # ImageFolder root: `train/<class>/...` and `val/<class>/...`
@@ -351,7 +358,7 @@ def labelled_dls(path,  # ImageFolder root: `train/<class>/...` and `val/<class>
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     vfiles, vlabels, _ = image_folder(path, "val", vocab)
     ds = lambda f, l, view: MaskedImages(f, path, [view], masks, patch_size, l, vocab, missing_masks, resample)
-    return _dls(ds(files, labels, LABELLED_VIEWS[augment](img_size)), ds(vfiles, vlabels, eval_view(img_size)),
+    return masked_dls(ds(files, labels, LABELLED_VIEWS[augment](img_size)), ds(vfiles, vlabels, eval_view(img_size)),
                 path, bs, num_workers, device, **kwargs)
 
 # %% ../nbs/04_data.ipynb #2a2c9c8f

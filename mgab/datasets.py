@@ -20,7 +20,7 @@ __all__ = ['EMBEDDED_PALETTE', 'EMBEDDED_CLASSES', 'EMBEDDED_DISTRACTORS', 'EMBE
            'pixel_digest', 'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette',
            'imagenet100_classes', 'imagenet100', 'resolve_data']
 
-# %% ../nbs/06_datasets.ipynb #acfb51d3
+# %% ../nbs/06_datasets.ipynb #0c51d31a
 def check_split(path: Path,  # an ImageFolder root
                 split: str,  # "train" or "val"
                ) -> Path:
@@ -154,7 +154,7 @@ def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/
 def folder_digest(folder) -> str:
     "SHA-256 over the relative paths and bytes of all image files below `folder`"
     h, folder = hashlib.sha256(), Path(folder)
-    for f in (folder/k for k in list_images(folder)): h.update(f.relative_to(folder).as_posix().encode()); h.update(f.read_bytes())
+    for k in list_images(folder): h.update(k.encode()); h.update((folder/k).read_bytes())
     return h.hexdigest()
 
 def embedded_dataset(progress: bool = True) -> Path:

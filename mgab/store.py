@@ -94,7 +94,7 @@ def shard_of(key: str, num_shards: int) -> int:
 class MaskStore:
     "Read access to a mask store: `store[image_path] -> (H, W) uint8` label map"
     def __init__(self, root: str | os.PathLike,
-                 cache_mb: float = 256,  # decoded label maps kept in memory (LRU), so epochs after the first skip decoding
+                 cache_mb: float = 256,  # decoded label maps kept in memory (LRU): epochs after the first skip decoding
                 ):
         self.root = Path(root)
         self.cache_bytes, self._cache, self._cached = int(cache_mb * 2**20), OrderedDict(), 0

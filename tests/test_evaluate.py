@@ -399,9 +399,9 @@ def test_read_results_types(tmp_path):
 
 
 def test_arch_label_uses_the_runs_patch_size():
-    from mgab.report import _arch_name, arch_label
-    assert arch_label(_arch_name(dict(name="vit_tiny_patch16_224", patch_size=8))) == "ViT-Ti/8"
-    assert arch_label(_arch_name(dict(name="vit_base_patch16_224"))) == "ViT-B/16"
+    from mgab.report import arch_label, arch_name
+    assert arch_label(arch_name(dict(name="vit_tiny_patch16_224", patch_size=8))) == "ViT-Ti/8"
+    assert arch_label(arch_name(dict(name="vit_base_patch16_224"))) == "ViT-B/16"
 
 
 # ---------------------------------------------------------------- results files written before `encoder`/`predictions`

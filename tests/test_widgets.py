@@ -15,7 +15,8 @@ from mgab.masks import SamMasker, SuperpixelMasker, build_tiny_sam, load_image
 from mgab.store import make_mask_store
 from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
-from mgab.widgets.runs import RunViewer, find_runs
+from mgab.results import find_runs
+from mgab.widgets.runs import RunViewer
 from mgab.widgets.bias import BiasExplorer
 from mgab.widgets.masks import MaskExplorer
 from mgab.widgets.base import image_sources

@@ -15,7 +15,7 @@ from ..bench import time_alternating
 from ..core import data_dir
 from ..masks import SuperpixelMasker
 from ..store import MaskStore, make_mask_store
-from ..data import MaskedImages, _dls, dino_views, image_files, mae_view
+from ..data import MaskedImages, masked_dls, dino_views, image_files, mae_view
 from ..datasets import resolve_data
 from ..datasets import embedded_dataset
 
@@ -59,8 +59,9 @@ def bench_data(path=None,  # ImageFolder root (`train/` is read); default the em
         else: store, store_name = MaskStore(masks), f"MaskStore({masks})"
         in_memory = {k: store[k] for k in (f.relative_to(path).as_posix() for f in files)}
         kw = dict(bs=bs, num_workers=num_workers, device="cpu", persistent_workers=num_workers > 0)
-        dls = {k: _dls(MaskedImages(files, path, views, s, patch_size), MaskedImages([], path, views, None, patch_size),
-                       path, **kw) for k, s in (("masks", store), ("images", None), ("in-memory", in_memory))}
+        dls = {k: masked_dls(MaskedImages(files, path, views, s, patch_size),
+                             MaskedImages([], path, views, None, patch_size), path, **kw)
+               for k, s in (("masks", store), ("images", None), ("in-memory", in_memory))}
         def run(dl):
             def f():
                 for _ in dl: pass
@@ -76,7 +77,7 @@ def main(argv=None):
     "`mgab-bench data [--data PATH] [--masks STORE] [--pipeline pretrain|multicrop] [--img-size S] ...`"
     p = argparse.ArgumentParser(prog="mgab-bench data", description=bench_data.__doc__)
     p.add_argument("--data", default=None, help="ImageFolder root (default: the embedded dataset)")
-    p.add_argument("--masks", default=None, help="an mgab.store.MaskStore folder (default: a superpixel store made here)")
+    p.add_argument("--masks", default=None, help="a mask store folder (default: a superpixel store made here)")
     p.add_argument("--pipeline", default="pretrain", choices=["pretrain", "multicrop"])
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)

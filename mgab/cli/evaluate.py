@@ -14,12 +14,12 @@ with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on imp
     from mgab.vit import load_run_encoder
     from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool, uses_masks
     from mgab.report import report
-    from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, read_run_config
+    from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, find_runs, read_run_config
     from mgab.finetune import MAE_FINETUNE, finetune_augs
     from mgab.train import unfinished_reason
 
 # %% auto #0
-__all__ = ['eval_cli', 'eval_main', 'find_runs', 'report_cli', 'report_main']
+__all__ = ['eval_cli', 'eval_main', 'report_cli', 'report_main']
 
 # %% ../../nbs/52_cli_evaluate.ipynb #e7ccc953
 def _eval_parser() -> argparse.ArgumentParser:
@@ -178,22 +178,15 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 # %% ../../nbs/52_cli_evaluate.ipynb #38328053
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    "Run folders among `paths`: each path that has a `config.json`, else its sub-folders that do"
-    runs = []
-    for p in map(Path, paths):
-        if (p/"config.json").is_file(): runs.append(p)
-        elif p.is_dir() and (subs := sorted(d for d in p.iterdir() if (d/"config.json").is_file())): runs += subs
-        else: _fail(f"{str(p)!r} is not a run folder (no config.json) nor a folder of runs", "mgab-report")
-    return runs
-
 def report_cli(argv: list[str] | None = None) -> dict[str, Path]:
     "`mgab-report` as a function: write and print the tables and Fig. 4; return the files it wrote"
     p = argparse.ArgumentParser("mgab-report", description="Table 1, Table 2 and Fig. 4 of the paper from run folders")
     p.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
     p.add_argument("--out", default="report", help="output folder (default: report)")
     args = add_debug_flag(p).parse_args(argv)
-    written = report(find_runs(args.runs), args.out)
+    try: runs = find_runs(args.runs)
+    except (FileNotFoundError, ValueError) as e: _fail(str(e), "mgab-report")
+    written = report(runs, args.out)
     for name in ("table1.md", "table2.md"):
         if name in written: print(written[name].read_text())
     print("wrote " + ", ".join(str(f) for f in written.values()))
