@@ -13,21 +13,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from fastai.data.core import DataLoaders, ItemTransform, TfmdDL
 from fastai.torch_core import default_device
-from .core import data_dir
 from .datasets import check_split
 from .masks import UnreadableImages, list_images
 from .store import MaskStore
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'image_files', 'image_folder', 'View', 'mae_view', 'dino_views',
-           'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages', 'NormalizeCrops',
-           'masked_dls', 'pretrain_dls', 'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file',
-           'show_crops']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'RESAMPLE', 'image_files', 'image_folder', 'View', 'mae_view',
+           'dino_views', 'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages',
+           'NormalizeCrops', 'image_tensor', 'masked_dls', 'pretrain_dls', 'multicrop_dls', 'labelled_dls',
+           'subset_indices', 'read_subset_file', 'show_crops']
 
 # %% ../nbs/04_data.ipynb #8d744ddc
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's: one source for every stage
 
 # %% ../nbs/04_data.ipynb #f55d282f
 def image_files(folder) -> list[Path]:
@@ -190,9 +190,8 @@ class MaskedImages(torch.utils.data.Dataset):
             self.unreadable.warn()
         for v in self.views:
             if v.size % patch_size: raise ValueError(f"crop size {v.size} is not a multiple of patch_size {patch_size}")
-        if resample not in ("bilinear", "bicubic"):
-            raise ValueError(f"`resample` must be 'bilinear' or 'bicubic', got {resample!r}")
-        self.resample = Image.Resampling.BILINEAR if resample == "bilinear" else Image.Resampling.BICUBIC
+        if resample not in RESAMPLE: raise ValueError(f"`resample` must be 'bilinear' or 'bicubic', got {resample!r}")
+        self.resample = RESAMPLE[resample]
         self.keys = None if masks is None else mask_keys(self.files, self.root, masks, missing_masks)
         self.n_missing = 0 if self.keys is None else sum(k is None for k in self.keys)
         if self.keys is not None and hasattr(masks, "check_images"):  # stale or foreign entries: `StaleMasksError`
@@ -266,6 +265,17 @@ class NormalizeCrops(ItemTransform):
         x, *rest = b
         f = lambda o: ((o * self.std.to(o.device) + self.mean.to(o.device)) * 255).round().clamp(0, 255).byte()
         return ([f(o) for o in x] if isinstance(x, (list, tuple)) else f(x), *rest)
+
+# %% ../nbs/04_data.ipynb #1f52d7e1
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+def image_tensor(img: np.ndarray,  # (H, W, 3) uint8, e.g. from `mgab.masks.load_image`
+                 size: int,  # side of the square model input
+                 resample: str = "bilinear",  # as the loaders' `resample`
+                ) -> torch.Tensor:  # (1, 3, size, size) float
+    "A whole image as a model input, resized and normalised exactly as the loaders do (for explorers and figures)"
+    x = np.asarray(Image.fromarray(img).resize((size, size), RESAMPLE[resample]))
+    return NormalizeCrops()._norm(torch.from_numpy(x)[None])
 
 # %% ../nbs/04_data.ipynb #70e2a382
 def masked_dls(train_ds: MaskedImages,  # shuffled, `drop_last` when it holds more than a batch

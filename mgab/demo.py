@@ -7,7 +7,7 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, time
 from pathlib import Path
 from .core import add_debug_flag, cli_main
 import torch

@@ -8,9 +8,7 @@ Docs: https://mgab-dev.github.io/mgab/bench_data.html.md"""
 from __future__ import annotations
 import argparse, tempfile
 from pathlib import Path
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
 from ..bench import time_alternating
 from ..core import data_dir
 from ..masks import SuperpixelMasker

@@ -265,7 +265,7 @@ def show_labels(ax, img: np.ndarray, lm: np.ndarray, title: str = "", alpha: flo
 
 def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     "`img` (H, W, 3) uint8 resized to (size, size): what the ViT sees"
-    return np.array(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))  # as the model sees it
 
 def show_tokens(ax, img: np.ndarray, tokens: np.ndarray, size: int, alpha: float = .55):
     "The image at the ViT input size with token labels `tokens` (gh, gw) and the token grid over it"
@@ -293,7 +293,7 @@ def token_picture(img: np.ndarray,  # (H, W, 3) uint8
                  ) -> bytes:  # PNG
     "The image resized to `size` with token label colours, the token grid and token `mark` outlined"
     gh, gw = tokens.shape
-    base = Image.fromarray(img).resize((size, size), Image.BICUBIC).convert("RGBA")
+    base = Image.fromarray(resize_image(img, size)).convert("RGBA")
     cols = (_label_rgba(tokens, alpha) * 255).astype(np.uint8)
     over = Image.fromarray(cols, "RGBA").resize((size, size), Image.NEAREST)
     pic = Image.alpha_composite(base, over)

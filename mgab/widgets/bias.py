@@ -15,7 +15,6 @@ import ipywidgets as widgets
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..core import data_dir
 from ..mre import labels2tokens, relation_matrix
 from ..vit import MaskBiasViT, load_run_encoder
@@ -23,18 +22,13 @@ from ..masks import SuperpixelMasker, load_image
 from .base import (Explorer, TokenPicker, as_store, check_rgb, image_sources, mark_token, resize_image,
                                show_tokens, store_key, token_picture)
 from ..report import bias_stats, draw_fig4
+from ..data import image_tensor
 
 # %% auto #0
 __all__ = ['bias_figure', 'BiasExplorer']
 
 # %% ../../nbs/42_widgets_bias.ipynb #e3cd0b06
 _REL_CMAP = ListedColormap(["#d62728", "#c7c7c7", "#2ca02c"])  # relation -1 negative, 0 unknown, +1 positive
-
-def _image_tensor(img: np.ndarray, size: int) -> torch.Tensor:
-    "(1, 3, size, size) float input, normalised with the ImageNet statistics the data pipeline uses"
-    x = torch.from_numpy(resize_image(img, size)).permute(2, 0, 1).float().div(255)
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    return ((x - mean) / std)[None]
 
 def _bias_heatmap(ax, a: np.ndarray, title: str, vmax: float, xlabels=None, cmap="RdBu_r"):
     "A (layers, columns) heatmap, values written in the cells when there are few"
@@ -204,7 +198,7 @@ class BiasExplorer(Explorer):
         lm = self.label_map(name)
         if lm.shape != img.shape[:2]:
             raise ValueError(f"label map of {name!r} has shape {lm.shape} but the image is {img.shape[:2]}")
-        x = _image_tensor(img, self.img_size).to(self.device)
+        x = image_tensor(img, self.img_size).to(self.device)
         m = labels2tokens(lm, self.grid, self.token_mode).to(self.device)  # (1, N)
         on = torch.stack(self.model.attention_maps(x, m))[:, 0]  # (L, H, T, T)
         off = torch.stack(self.model.attention_maps(x))[:, 0]
