@@ -49,7 +49,7 @@ def random_masking(x: torch.Tensor,  # (B, L, D) patch tokens
                    mask_ratio: float,  # fraction of tokens removed, in [0, 1)
                    noise: torch.Tensor | None = None,  # (B, L); default uniform from the global torch RNG
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    "MAE's per-sample random masking: `x_masked` (B, K, D), `mask` (B, L) 1 = removed, `ids_restore` (B, L), `ids_keep` (B, K)"
+    "MAE's random masking: `x_masked` (B, K, D), `mask` (B, L) 1 = removed, `ids_restore` (B, L), `ids_keep` (B, K)"
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     if not 0 <= mask_ratio < 1 or len_keep < 1:

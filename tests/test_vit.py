@@ -204,20 +204,23 @@ def test_cuda_bf16_fast_path_close_to_explicit():
 _TIMM_INIT = ["self", "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias",
               "gated", "attn_drop", "proj_drop", "norm_layer", "device", "dtype"]
 _TIMM_FORWARD = ["self", "x", "attn_mask", "is_causal"]
-_TIMM_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "qkv", "q_norm", "k_norm", "attn_drop", "norm",
-               "gate", "proj", "proj_drop")
+_TIMM_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "qkv", "q_norm", "k_norm", "attn_drop",
+               "norm", "gate", "proj", "proj_drop")
 
 
 def test_attention_follows_timm_signature():
     "The override relies on timm's constructor options, forward arguments and attributes as of timm 1.0"
-    init, fwd = list(inspect.signature(Attention.__init__).parameters), list(inspect.signature(Attention.forward).parameters)
-    assert init == _TIMM_INIT, (f"timm.layers.Attention.__init__ changed ({init}): check that MaskBiasAttention.forward "
-                                "(nbs/03_vit.ipynb) handles the new options, then update _TIMM_INIT")
+    init = list(inspect.signature(Attention.__init__).parameters)
+    fwd = list(inspect.signature(Attention.forward).parameters)
+    assert init == _TIMM_INIT, (f"timm.layers.Attention.__init__ changed ({init}): check that "
+                                "MaskBiasAttention.forward (nbs/03_vit.ipynb) handles the new options, then update "
+                                "_TIMM_INIT")
     assert fwd == _TIMM_FORWARD, (f"timm.layers.Attention.forward changed ({fwd}): update MaskBiasAttention.forward "
                                   "(nbs/03_vit.ipynb) to follow it, then _TIMM_FORWARD")
     a = Attention(16, num_heads=2)
     missing = [n for n in _TIMM_ATTRS if not hasattr(a, n)]
-    assert not missing, f"timm's Attention lost {missing}: MaskBiasAttention.forward reads them; follow timm's new forward"
+    assert not missing, (f"timm's Attention lost {missing}: MaskBiasAttention.forward reads them; follow timm's new "
+                         "forward")
 
 
 _OPTIONS = [dict(), dict(qkv_bias=True), dict(qk_norm=True), dict(scale_norm=True), dict(proj_bias=False),

@@ -183,7 +183,7 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder (default: the teacher run's)")
     p.add_argument("--masks", help="mask store for --data, fed to the teacher (default: the teacher run's)")
     p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
-    p.add_argument("--lambda", dest="lam", type=float, default=1., help="weight of the attention loss, Eq. 10 (MAE)")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the attention loss, Eq. 10 (MAE; default 1)")
     p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
     p.add_argument("--attn-tokens", choices=("all", "visible"),
                    help="MAE: Eq. 9 on the attention of all tokens (default) or of MAE's visible tokens only")
@@ -192,8 +192,9 @@ def _distill_parser() -> argparse.ArgumentParser:
                    "over keys (default kl)")
     p.add_argument("--student-init", choices=("teacher", "scratch"),
                    help="student weights: the teacher's without the bias (default) or a random initialisation")
-    p.add_argument("--student-temp", type=float, default=.1, help="DINO: student temperature")
-    p.add_argument("--teacher-temp", type=float, default=.04, help="DINO: teacher temperature")
+    # defaults: mgab.distill.DISTILL_DEFAULTS, filled in by distill_run (None here means "the default")
+    p.add_argument("--student-temp", type=float, help="DINO: student temperature (default 0.1)")
+    p.add_argument("--teacher-temp", type=float, help="DINO: teacher temperature (default 0.04)")
     p.add_argument("--bs", type=int, help="batch size per process (default: the teacher run's)")
     lr = p.add_mutually_exclusive_group()
     lr.add_argument("--blr", type=float, help="base learning rate at batch 256 (default: the method's)")
