@@ -6,12 +6,12 @@ Docs: https://mgab-dev.github.io/mgab/bench.html.md"""
 
 # %% ../nbs/54_bench.ipynb #bf829679
 from __future__ import annotations
-import argparse, importlib, sys, time, statistics
-from typing import Callable
+import sys
 from .core import UsageError, cli_main
+from .benches.timing import time_alternating  # noqa: F401 -- the old home, until benches/data.py imports it from there
 
 # %% auto #0
-__all__ = ['BENCHES', 'main', 'time_alternating']
+__all__ = ['BENCHES', 'main']
 
 # %% ../nbs/54_bench.ipynb #6b5d9904
 BENCHES = {"attention": "biased ViT training step vs vanilla timm (issue: foundation)",
@@ -29,23 +29,7 @@ def main(argv: list[str] | None = None):
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHES: raise UsageError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
-    try: mod = importlib.import_module(f"mgab.benches.{name}")
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"mgab-bench: benchmark {name!r} is not available in this version ({e})") from e
-    return mod.main(rest)
-
-# %% ../nbs/54_bench.ipynb #aecd5291
-def time_alternating(fns: dict[str, Callable[[], None]],  # name -> one timed unit of work
-                     rounds: int = 3,  # timed runs of each, interleaved
-                     warmup: int = 1,  # untimed runs of each first
-                     sync: Callable[[], None] = lambda: None,  # e.g. torch.cuda.synchronize
-                    ) -> dict[str, float]:  # name -> median seconds
-    "Median time of each function, running them in alternation so that drift hits all alike"
-    for _ in range(warmup):
-        for f in fns.values(): f(); sync()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            sync(); t = time.perf_counter(); f(); sync()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    if name == "attention": from mgab.benches.attention import main as bench  # imported only for the bench run
+    elif name == "masks": from mgab.benches.masks import main as bench
+    else: from mgab.benches.data import main as bench
+    return bench(rest)

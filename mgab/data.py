@@ -266,7 +266,7 @@ class NormalizeCrops(ItemTransform):
         f = lambda o: ((o * self.std.to(o.device) + self.mean.to(o.device)) * 255).round().clamp(0, 255).byte()
         return ([f(o) for o in x] if isinstance(x, (list, tuple)) else f(x), *rest)
 
-# %% ../nbs/04_data.ipynb #1f52d7e1
+# %% ../nbs/04_data.ipynb #611573d9
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 def image_tensor(img: np.ndarray,  # (H, W, 3) uint8, e.g. from `mgab.masks.load_image`

@@ -22,9 +22,9 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
 import fastai.distributed  # noqa: F401 -- Learner.distrib_ctx
-from .core import check_shape
 from .vit import MaskBiasViT, create_vit
-from .train import SSLSchedule, cosine_schedule, fit_run, ssl_splitter
+from .mre import TokenRelations
+from .train import SSLSchedule, cosine_schedule, fit_run, resume_warmup, ssl_splitter, unwrap
 
 # %% auto #0
 __all__ = ['DINO_DEFAULTS', 'DINOHead', 'DINOStudent', 'DINOLoss', 'dino_kd_loss', 'ema_update', 'collapse_mode', 'DINO',
@@ -81,16 +81,15 @@ class DINOStudent(nn.Module):
         if len(ms) != len(crops): raise ValueError(f"{len(crops)} crops but {len(ms)} token label tensors")
         if any(m is None for m in ms) and not all(m is None for m in ms):
             raise ValueError("token labels for some crops but not for others; give all (zeros: no masks) or none")
-        for i, (x, m) in enumerate(zip(crops, ms)):
-            if m is None: continue
-            gh, gw = self.encoder.grid_size(x)
-            check_shape(f"ms[{i}]", m, (x.shape[0], gh * gw), f"the labels of crop {i} ({x.shape[-2]}x{x.shape[-1]}) "
-                        f"are (batch, {gh}x{gw} patches)")
+        enc = self.encoder
+        # the one check of each crop's labels; the encoder takes them as checked `TokenRelations`
+        ms = [m if m is None else enc.prefix_labels(m, x.shape[0], enc.grid_size(x), name=f"ms[{i}]")
+              for i, (x, m) in enumerate(zip(crops, ms))]
         feats, i = [], 0
         while i < len(crops):  # runs of consecutive crops of one size share an encoder call
             j = i + 1
             while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]: j += 1
-            m = None if any(mm is None for mm in ms[i:j]) else torch.cat(ms[i:j])
+            m = None if ms[i] is None else TokenRelations(torch.cat(ms[i:j]), enc.blocks[0].attn.num_labels)
             feats.append(self.encoder(torch.cat(crops[i:j]), m))  # (run * B, embed_dim)
             i = j
         return self.head(torch.cat(feats))
@@ -171,7 +170,7 @@ def dino_kd_loss(student_out: torch.Tensor,  # (V * B, K) student outputs
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
     "`teacher ← momentum * teacher + (1 - momentum) * student`, parameter by parameter"
-    tp, sp = dict(teacher.named_parameters()), dict(getattr(student, "module", student).named_parameters())
+    tp, sp = dict(teacher.named_parameters()), dict(unwrap(student).named_parameters())
     if tp.keys() != sp.keys(): raise ValueError("teacher and student have different parameters")
     t, s = [tp[k] for k in tp], [sp[k].detach() for k in tp]
     torch._foreach_mul_(t, momentum)
@@ -214,7 +213,7 @@ class DINO(Callback):
         self.teacher, self.stats = None, {}
 
     @property
-    def student(self) -> nn.Module: return getattr(self.learn.model, "module", self.learn.model)  # DDP unwrapped
+    def student(self) -> nn.Module: return unwrap(self.learn.model)
 
     def before_fit(self):
         student = self.student
@@ -315,11 +314,11 @@ class DINO(Callback):
 # %% ../nbs/10_dino.ipynb #9cd0c77e
 DINO_DEFAULTS = dict(
     method="dino", data="embedded", masks=None, arch="vit_small_patch16_224", global_size=224, local_size=96,
-    n_local=8, global_scale=(0.4, 1.), local_scale=(0.05, 0.4), epochs=100, bs=64, lr=None, min_lr=1e-6,
-    warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, bias_lr_mult=1., seed=0, num_workers=None,
+    n_local=8, global_scale=(0.4, 1.), local_scale=(0.05, 0.4), epochs=100, bs=64, blr=5e-4, lr=None, min_lr=1e-6,
+    warmup_epochs=None, weight_decay=0.04, weight_decay_end=0.4, bias_lr_mult=10., seed=0, num_workers=None,
     out_dim=65536, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.996,
     clip_grad=3.0, freeze_last_layer=1, norm_last_layer=True, head_hidden_dim=2048, head_bottleneck_dim=256,
-    head_nlayers=3)
+    head_nlayers=3, progress=True)
 
 def dino_config(config: dict) -> dict:
     "`config` completed with `DINO_DEFAULTS`, the model arguments and the learning rate"
@@ -335,7 +334,9 @@ def dino_config(config: dict) -> dict:
         raise ValueError("DINO's local crops need `dynamic_img_size=True` in the model arguments")
     if model["num_classes"] != 0: raise ValueError("DINO trains the encoder's CLS features: use `num_classes=0`")
     c["model"], c["arch"] = model, model["name"]
-    if c["lr"] is None: c["lr"] = 0.0005 * c["bs"] * max(num_distrib(), 1) / 256  # DINO's linear scaling rule
+    if config.get("lr") is not None and config.get("blr") is None: c["blr"] = None  # not used: say so
+    if c["lr"] is None: c["lr"] = c["blr"] * c["bs"] * max(num_distrib(), 1) / 256  # DINO's linear scaling rule
+    if c["warmup_epochs"] is None: c["warmup_epochs"] = min(10., c["epochs"] / 10)  # DINO's 10, a tenth of short runs
     return c
 
 # %% ../nbs/10_dino.ipynb #4f843409
@@ -379,8 +380,8 @@ def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out
                   dls=None,  # multi-crop DataLoaders; default: `mgab.data.multicrop_dls` on `config["data"]`
                  ) -> Path:  # the run folder
     "Pretrain a biased ViT with DINO (Eq. 6) and write a run folder"
-    c = dino_config(config)
-    if not c.get("out"): raise ValueError("pretrain_dino needs `out`, the run folder to write")
+    if not config.get("out"): raise ValueError("pretrain_dino needs `out`, the run folder to write")
+    c = dino_config(dict(config, warmup_epochs=resume_warmup(config.get("warmup_epochs"), config["out"], resume)))
     set_seed(c["seed"])
     model = dino_student(c)
     if dls is None: dls = _multicrop_data(c, model.encoder.patch_embed.patch_size[0])

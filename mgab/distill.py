@@ -18,10 +18,12 @@ from fastai.distributed import rank0_first  # noqa: F401 -- also adds Learner.di
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
-from .vit import create_vit
-from .mae import MAE
-from .dino import DINOStudent, DINOHead, dino_kd_loss, dino_config, dino_student
-from .train import SSLSchedule, atomic_text, encoder_of, fit_run, model_loss, ssl_splitter
+from .core import atomic_write
+from .vit import create_vit, uses_masks
+from .mae import MAE, MAE_DEFAULTS
+from .dino import DINOStudent, DINOHead, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
+from .train import (SSLSchedule, encoder_of, fit_run, model_loss, resume_warmup, ssl_splitter, unfinished_reason,
+                        unwrap)
 
 # %% auto #0
 __all__ = ['ATTN_LOSSES', 'ATTN_TOKENS', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill',
@@ -71,7 +73,7 @@ class MAEDistill(nn.Module):
                  attn_tokens: str = "all",  # Eq. 9's n x n maps over "all" tokens, or the MAE-"visible" ones only
                 ):
         super().__init__()
-        if student.uses_masks: raise ValueError("the student must be built with bias=None: it takes no masks")
+        if uses_masks(student): raise ValueError("the student must be built with bias=None: it takes no masks")
         if attn_tokens not in ATTN_TOKENS:
             raise ValueError(f"`attn_tokens` must be one of {ATTN_TOKENS}, got {attn_tokens!r}")
         if attn_loss not in ATTN_LOSSES:
@@ -106,7 +108,7 @@ class MAEDistill(nn.Module):
                 self.student.encoder.forward_features(x)
                 a_s = maps()  # per layer (B, heads, T, T), T = prefix + all patch tokens
         with torch.no_grad(), self.teacher.encoder.stashing_attention() as maps:
-            tm = m if self.teacher.uses_masks else None
+            tm = m if uses_masks(self.teacher) else None
             if visible: self.teacher.forward_encoder(x, tm, noise)
             else: self.teacher.encoder.forward_features(x, tm)
             a_t = maps()
@@ -200,7 +202,7 @@ class AttentionGap(Callback):
         self.run, self.info, self.n_images, self.before = Path(run_dir), dict(info or {}), n_images, None
 
     def gap(self) -> float:
-        model = getattr(self.learn.model, "module", self.learn.model)  # DDP unwrapped
+        model = unwrap(self.learn.model)
         return attention_gap(model.student, model.teacher, *self.batch)
 
     def before_fit(self):
@@ -218,7 +220,7 @@ class AttentionGap(Callback):
     def after_fit(self):
         if rank_distrib() != 0: return
         rec = dict(attn_gap_before=self.before, attn_gap_after=self.gap(), **self.info)
-        atomic_text(json.dumps(rec, indent=1), self.run/"distill.json")
+        atomic_write(self.run/"distill.json", json.dumps(rec, indent=1))
 
     def checkpoint_state(self) -> dict: return dict(before=self.before)
     def load_checkpoint_state(self, state: dict): self.before = state["before"]
@@ -230,7 +232,6 @@ DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", 
 STUDENT_INITS = ("teacher", "scratch")
 
 def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dict]:
-    from mgab.train import unfinished_reason
     cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
     for f in (cfg_file, ckpt):
         if not f.is_file(): raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a pretraining run folder?")
@@ -283,7 +284,7 @@ class _LogLosses(Callback):
     def before_epoch(self): self.sums, self.n = {}, 0
     def after_batch(self):
         if not self.training: return
-        model = getattr(self.learn.model, "module", self.learn.model)
+        model = unwrap(self.learn.model)
         for k, v in model.last.items(): self.sums[k] = self.sums.get(k, 0.) + float(v)
         self.n += 1
     def after_epoch(self):
@@ -310,11 +311,9 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
         if c.get(k) is None and tcfg.get(k) is not None: c[k] = tcfg[k]
     c.update(method=method, distill=True, teacher=str(c["teacher"]), model=_bias_free(tcfg["model"]))
     if c["lr"] is None:
-        base = c["blr"] or (1.5e-4 if method == "mae" else 5e-4)
+        base = c["blr"] or (MAE_DEFAULTS if method == "mae" else DINO_DEFAULTS)["blr"]
         c["lr"] = base * c["bs"] * max(num_distrib(), 1) / 256
-    saved = Path(c["out"])/"config.json"
-    if c["warmup_epochs"] is None and resume and saved.is_file():  # the automatic warmup depends on epochs: keep it
-        c["warmup_epochs"] = json.loads(saved.read_text()).get("warmup_epochs")
+    c["warmup_epochs"] = resume_warmup(c["warmup_epochs"], c["out"], resume)
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
     enc = model.encoder
     if dls is None:

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/mae.html.md"""
 
 # %% ../nbs/11_mae.ipynb #9c7e73a1
 from __future__ import annotations
-import json, os
+import os
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -20,8 +20,8 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
 from .core import check_shape
-from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, create_vit
-from .train import SSLSchedule, fit_run, model_loss, ssl_splitter, write_init_run
+from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, as_relations, create_vit, uses_masks
+from .train import SSLSchedule, fit_run, model_loss, resume_warmup, ssl_splitter, write_init_run
 
 # %% auto #0
 __all__ = ['MAE_DEFAULTS', 'sincos_pos_embed', 'random_masking', 'decoder_defaults', 'MAE', 'mae_config', 'mae_model',
@@ -48,8 +48,8 @@ def sincos_pos_embed(embed_dim: int,  # a multiple of 4
 def random_masking(x: torch.Tensor,  # (B, L, D) patch tokens
                    mask_ratio: float,  # fraction of tokens removed, in [0, 1)
                    noise: torch.Tensor | None = None,  # (B, L); default uniform from the global torch RNG
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "MAE's per-sample random masking: `x_masked` (B, K, D), `mask` (B, L) with 1 = removed, `ids_restore` (B, L)"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    "MAE's random masking: `x_masked` (B, K, D), `mask` (B, L) 1 = removed, `ids_restore` (B, L), `ids_keep` (B, K)"
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     if not 0 <= mask_ratio < 1 or len_keep < 1:
@@ -62,7 +62,7 @@ def random_masking(x: torch.Tensor,  # (B, L, D) patch tokens
     x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))
     mask = torch.ones(B, L, device=x.device)
     mask[:, :len_keep] = 0
-    return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
+    return x_masked, torch.gather(mask, 1, ids_restore), ids_restore, ids_keep
 
 # %% ../nbs/11_mae.ipynb #e4a783d4
 def decoder_defaults(embed_dim: int,  # the encoder's width
@@ -143,11 +143,6 @@ class MAE(nn.Module):
             if t is not None: nn.init.normal_(t, std=.02)
         enc.apply(_init_mae)
 
-    @property
-    def uses_masks(self) -> bool:
-        "Whether token labels change anything (False for the vanilla `bias=None` baseline)"
-        return self.encoder.blocks[0].attn.bias is not None or self.decoder_bias
-
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, L, ph*pw*C)
         "Image patches in timm's token order, pixels ordered (row, column, channel) as in MAE"
         B, C, H, W = imgs.shape
@@ -178,10 +173,9 @@ class MAE(nn.Module):
         enc, P = self.encoder, self.encoder.num_prefix_tokens
         m = self._check(x, m)
         t = enc._pos_embed(enc.patch_embed(x))  # (B, P+L, C): prefix tokens and position embeddings as timm does
-        vis, mask, ids_restore = random_masking(t[:, P:], self.mask_ratio, noise)  # (B, K, C)
+        vis, mask, ids_restore, ids_keep = random_masking(t[:, P:], self.mask_ratio, noise)  # (B, K, C)
         t = enc.norm_pre(torch.cat([t[:, :P], vis], 1))  # (B, P+K, C)
         if m is not None:
-            ids_keep = ids_restore.argsort(1)[:, :vis.shape[1]]  # (B, K), the shuffle's kept ids
             m = torch.cat([m[:, :P], m[:, P:].gather(1, ids_keep)], 1)  # Eq. 7: m^vis, (B, P+K)
         return enc.forward_blocks(t, m), mask, ids_restore
 
@@ -199,8 +193,8 @@ class MAE(nn.Module):
         x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, D))  # unshuffle
         x = torch.cat([x[:, :P], x_], 1) + self.decoder_pos_embed.to(x.dtype)  # (B, P+L, D)
         if self.decoder_bias and m is not None:
-            m = self.encoder.prefix_labels(m, B, self.grid)
-            for blk in self.decoder_blocks: x = blk(x, m=m)
+            m = as_relations(self.encoder.prefix_labels(m, B, self.grid), self.decoder_blocks[0].attn.num_labels)
+            for blk in self.decoder_blocks: x = blk(x, m=m)  # the relations are built once for all blocks
         else:
             for blk in self.decoder_blocks: x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, P:]
@@ -220,7 +214,7 @@ class MAE(nn.Module):
 
     def forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         "The MAE loss of images `x` (B, C, H, W) with token labels `m` (B, L) (use `mgab.train.model_loss`)"
-        m = m if self.uses_masks else None
+        m = m if uses_masks(self) else None
         latent, mask, ids_restore = self.forward_encoder(x, m)
         return self.forward_loss(x, self.forward_decoder(latent, ids_restore, m), mask)
 
@@ -228,7 +222,7 @@ class MAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, m: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         "Reconstructed images (B, C, H, W) and the mask (B, 1, H, W), 1 on removed patches, for plots"
-        m = m if self.uses_masks else None
+        m = m if uses_masks(self) else None
         latent, mask, ids_restore = self.forward_encoder(x, m, noise)
         pred = self.forward_decoder(latent, ids_restore, m).float()
         if self.norm_pix_loss:  # back to pixels with each true patch's statistics, as MAE's visualisation does
@@ -291,9 +285,7 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
     world = max(num_distrib(), 1)
     if world > 1 and torch.cuda.is_available():  # fastai puts loaders on the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank_distrib())))
-    if resume and config.get("warmup_epochs") is None:  # automatic warmup depends on epochs: keep the run's
-        saved = Path(config["out"])/"config.json"
-        if saved.is_file(): config = dict(config, warmup_epochs=json.loads(saved.read_text()).get("warmup_epochs"))
+    config = dict(config, warmup_epochs=resume_warmup(config.get("warmup_epochs"), config.get("out"), resume))
     cfg = mae_config(config, world)
     model = mae_model(cfg)
     encoder = model.encoder

@@ -6,13 +6,15 @@ Docs: https://mgab-dev.github.io/mgab/mre.html.md"""
 
 # %% ../nbs/02_mre.ipynb #edfe5c85
 from __future__ import annotations
+from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
 from .core import check_shape
 
 # %% auto #0
-__all__ = ['as_label_maps', 'labels2tokens', 'show_tokens', 'mask_bias', 'relation_matrix', 'relation_factors', 'factor_weights']
+__all__ = ['as_label_maps', 'labels2tokens', 'show_tokens', 'TokenRelations', 'mask_bias', 'relation_matrix', 'relation_factors',
+           'factor_weights']
 
 # %% ../nbs/02_mre.ipynb #bab92f43
 def as_label_maps(label_map) -> torch.Tensor:
@@ -78,19 +80,40 @@ def _as_u(u, like: torch.Tensor) -> torch.Tensor:
     return u.reshape(-1)
 
 # %% ../nbs/02_mre.ipynb #6e4f1917
-def mask_bias(m: torch.Tensor,  # (B, N) integer token labels, 0 = no mask
+class TokenRelations:
+    "Token labels `m` and what Eq. 4 derives from them, built once per forward and read by every layer"
+    def __init__(self,
+                 m: torch.Tensor,  # (B, N) integer token labels, 0 = no mask
+                 num_labels: int | None = None,  # K (the paper's c): needed for `factors` only
+                ):
+        check_shape("m", m, (None, None), "token labels are (batch, tokens)")
+        self.m, self.num_labels = m, num_labels
+
+    @cached_property
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:  # two (B, 1, N, N) bool
+        "Positive (same nonzero label) and negative (different nonzero labels) relations of Eq. 4"
+        m = self.m
+        nz = m != 0
+        both = nz[:, :, None] & nz[:, None, :]  # (B, N, N) neither token is unknown
+        same = m[:, :, None] == m[:, None, :]
+        return (both & same)[:, None], (both & ~same)[:, None]
+
+    @cached_property
+    def factors(self) -> torch.Tensor:  # (B, 1, N, K+1) float32
+        "`relation_factors` of `m`, for the fused attention path"
+        if self.num_labels is None: raise ValueError("`TokenRelations.factors` needs `num_labels`")
+        return relation_factors(self.m, self.num_labels)[:, None]
+
+def mask_bias(m: torch.Tensor | TokenRelations,  # (B, N) integer token labels, 0 = no mask
               u_pos,  # positive-relation bias: a scalar or (heads,)
               u_neg,  # negative-relation bias: a scalar or (heads,)
              ) -> torch.Tensor:  # (B, heads, N, N) bias `b` in the dtype of `u_pos`
     "Eq. 4 explicitly: `b_ij = u_pos` if `m_i = m_j != 0`, `u_neg` if both nonzero and different, else 0"
-    check_shape("m", m, (None, None), "token labels are (batch, tokens)")
-    up, un = _as_u(u_pos, m), _as_u(u_neg, m)
+    rel = m if isinstance(m, TokenRelations) else TokenRelations(m)
+    up, un = _as_u(u_pos, rel.m), _as_u(u_neg, rel.m)
     if up.numel() != un.numel() and 1 not in (up.numel(), un.numel()):
         raise ValueError(f"`u_pos` has {up.numel()} heads but `u_neg` has {un.numel()}")
-    nz = m != 0
-    both = nz[:, :, None] & nz[:, None, :]  # (B, N, N) neither token is unknown
-    same = m[:, :, None] == m[:, None, :]
-    pos, neg = (both & same)[:, None], (both & ~same)[:, None]  # (B, 1, N, N)
+    pos, neg = rel.masks  # (B, 1, N, N)
     return pos * up.view(1, -1, 1, 1) + neg * un.view(1, -1, 1, 1)  # Eq. 4, (B, heads, N, N)
 
 # %% ../nbs/02_mre.ipynb #41c8de83

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import csv, json, os, random, time
+import csv, json, random, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,13 +15,13 @@ from fastai.callback.core import Callback, CancelValidException
 import fastai.callback.progress  # noqa: F401 -- progress bars for every Learner (and Learner.no_bar)
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, find_bs
-from .core import RunFailed, UsageError
+from .core import RunFailed, UsageError, atomic_path, atomic_write
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['FINISHED', 'cosine_schedule', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget', 'atomic_text',
-           'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint',
-           'StopOnNonFinite', 'SkipValidation', 'fit_run', 'write_init_run']
+__all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget',
+           'resume_warmup', 'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state',
+           'RunCheckpoint', 'StopOnNonFinite', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -38,14 +38,18 @@ def cosine_schedule(base: float,  # value after warmup
     return np.concatenate([warm, cos])
 
 # %% ../nbs/09_train.ipynb #5aa7f311
+def unwrap(model: nn.Module) -> nn.Module:
+    "The model inside a DDP (`.module`) wrapper; `model` itself otherwise"
+    return getattr(model, "module", model)
+
 def encoder_of(model: nn.Module) -> nn.Module:
     "The ViT inside `model`: unwraps DDP (`.module`) and SSL wrappers (`.encoder`)"
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     return getattr(model, "encoder", model)
 
 def ssl_splitter(model: nn.Module) -> list[list]:
     "fastai splitter: the non-empty groups of `mgab.vit.split_params` (decayed, undecayed, bias)"
-    return [g for g in split_params(getattr(model, "module", model)) if g]
+    return [g for g in split_params(unwrap(model)) if g]
 
 # %% ../nbs/09_train.ipynb #faa4ca95
 class SSLSchedule(Callback):
@@ -64,7 +68,7 @@ class SSLSchedule(Callback):
         self.lrs = cosine_schedule(self.lr, self.min_lr, total, int(self.warmup_epochs * self.n_per_epoch))
         self.wds = cosine_schedule(self.wd, self.wd_end, total)
         self.travel = np.cumsum(self.lrs)
-        decay, _, bias = (set(map(id, g)) for g in split_params(getattr(self.learn.model, "module", self.learn.model)))
+        decay, _, bias = (set(map(id, g)) for g in split_params(unwrap(self.learn.model)))
         self.kinds = ["bias" if id(pl[0]) in bias else "decay" if id(pl[0]) in decay else "no_decay"
                       for pl in self.opt.param_lists]
 
@@ -92,15 +96,16 @@ class SSLTarget(Callback):
 
 # %% ../nbs/09_train.ipynb #b28212a1
 def _atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
+    with atomic_path(path) as tmp: torch.save(obj, tmp)  # a kill never leaves a half-written file under the real name
 
-def atomic_text(text: str, path: Path):
-    "Write `text` to `path` through a temporary file, so that readers never see a partial file"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def resume_warmup(warmup_epochs: float | None,  # as given; None: automatic (it depends on the run's epochs)
+                  run_dir: str | Path,  # the run folder that may be resumed
+                  resume: bool,
+                 ) -> float | None:
+    "On resume, an automatic warmup keeps the saved run's `warmup_epochs` (extending epochs must not move it)"
+    if warmup_epochs is not None or not resume: return warmup_epochs
+    saved = Path(run_dir)/"config.json"
+    return json.loads(saved.read_text()).get("warmup_epochs") if saved.is_file() else None
 
 def _is_main() -> bool: return rank_distrib() == 0
 
@@ -160,12 +165,11 @@ class RunLogger(Callback):
             self.history.append(dict(epoch=self.epoch, u_pos=u["u_pos"].tolist(), u_neg=u["u_neg"].tolist()))
         self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
         if not _is_main(): return
-        atomic_text(json.dumps(self.rows, indent=1), self.run/"metrics.json")
-        atomic_text(json.dumps(self.history), self.run/"bias_history.json")
+        atomic_write(self.run/"metrics.json", json.dumps(self.rows, indent=1))
+        atomic_write(self.run/"bias_history.json", json.dumps(self.history))
         cols = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.run/"metrics.csv.tmp", "w", newline="") as f:
+        with atomic_path(self.run/"metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
-        os.replace(self.run/"metrics.csv.tmp", self.run/"metrics.csv")
 
 # %% ../nbs/09_train.ipynb #0cd5fbba
 def rng_state(learn: Learner | None = None) -> dict:
@@ -193,7 +197,7 @@ class RunCheckpoint(Callback):
     def before_fit(self):
         s = self.resume_state
         if s is None: return
-        getattr(self.learn.model, "module", self.learn.model).load_state_dict(s["model"])
+        unwrap(self.learn.model).load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         for name, cb in self._extra().items():
             if name in s["callbacks"]: cb.load_checkpoint_state(s["callbacks"][name])
@@ -203,7 +207,7 @@ class RunCheckpoint(Callback):
     def after_epoch(self):
         if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
         if not _is_main(): return
-        model = getattr(self.learn.model, "module", self.learn.model)
+        model = unwrap(self.learn.model)
         (self.run/"checkpoints").mkdir(parents=True, exist_ok=True)
         state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rng_state(self.learn),
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
@@ -273,14 +277,14 @@ def fit_run(learn: Learner,
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
             print(f"{run}: all {epochs} epochs already done")
             if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
-                atomic_text(json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))), run/FINISHED)
+                atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))))
             return learn
     elif ckpt.exists():
         raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
     if _is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run/FINISHED).unlink(missing_ok=True)  # a resumed run that grows its epochs is unfinished again
-        atomic_text(json.dumps(config, indent=1), cfg_file)
+        atomic_write(cfg_file, json.dumps(config, indent=1))
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     ckpt_cb = RunCheckpoint(run, state)
@@ -290,7 +294,7 @@ def fit_run(learn: Learner,
     extra = [SSLTarget(), guard, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
     learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
-        atomic_text(json.dumps(dict(finished=True, epochs=epochs)), run/FINISHED)
+        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=epochs)))
     return learn
 
 # %% ../nbs/09_train.ipynb #f2c0a002
@@ -304,6 +308,6 @@ def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining 
         run.mkdir(parents=True, exist_ok=True)
         _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
         config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
-        atomic_text(json.dumps(config, indent=1), run/"config.json")
-        atomic_text(json.dumps(dict(finished=True, epochs=0)), run/FINISHED)  # last: the folder is complete
+        atomic_write(run/"config.json", json.dumps(config, indent=1))
+        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=0)))  # last: the folder is complete
     return run

@@ -17,29 +17,28 @@ import timm
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from .core import check_shape
-from .mre import mask_bias, relation_factors, factor_weights
+from .mre import TokenRelations, mask_bias, factor_weights
 
 # %% auto #0
-__all__ = ['RUN_ENCODERS', 'biased_sdpa', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'create_vit',
-           'load_vit_checkpoint', 'split_params', 'param_groups', 'load_run_encoder']
+__all__ = ['RUN_ENCODERS', 'biased_sdpa', 'as_relations', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'uses_masks',
+           'create_vit', 'load_vit_checkpoint', 'split_params', 'param_groups', 'load_run_encoder']
 
 # %% ../nbs/03_vit.ipynb #69fcaed0
 def biased_sdpa(q: torch.Tensor,  # (B, H, N, D)
                 k: torch.Tensor,  # (B, H, N, D)
                 v: torch.Tensor,  # (B, H, N, D)
-                m: torch.Tensor,  # (B, N) token labels in 0..num_labels
+                f: torch.Tensor,  # (B, 1, N, K+1) relation factors of the token labels (`TokenRelations.factors`)
                 u_pos: torch.Tensor,  # (H,) or (1,)
                 u_neg: torch.Tensor,  # (H,) or (1,)
-                num_labels: int,  # K = c
                 scale: float,  # 1/sqrt(D): Eq. 5 divides the bias too
                 dropout_p: float = 0.,
                 attn_mask: torch.Tensor | None = None,
                ) -> torch.Tensor:  # (B, H, N, D)
     "Eq. 5 through `F.scaled_dot_product_attention`, the bias as `K+1` extra q/k columns (see `relation_factors`)"
     B, H, N, D = q.shape
-    f = relation_factors(m, num_labels, q.dtype)[:, None]  # (B, 1, N, K+1)
-    w = factor_weights(u_pos, u_neg, num_labels).to(q.dtype)[None, :, None]  # (1, H or 1, 1, K+1)
-    pad = -(D + num_labels + 1) % 8  # keep the head dim a multiple of 8 for fused kernels
+    f = f.to(q.dtype)  # 0/1 entries: exact in any dtype
+    w = factor_weights(u_pos, u_neg, f.shape[-1] - 1).to(q.dtype)[None, :, None]  # (1, H or 1, 1, K+1)
+    pad = -(D + f.shape[-1]) % 8  # keep the head dim a multiple of 8 for fused kernels
     fq = F.pad(f * w, (0, pad)).expand(B, H, N, -1)  # (B, H, N, K+1+pad)
     fk = F.pad(f, (0, pad)).expand(B, H, N, -1)
     q, k, v = torch.cat([q, fq], -1), torch.cat([k, fk], -1), F.pad(v, (0, fq.shape[-1]))
@@ -48,6 +47,12 @@ def biased_sdpa(q: torch.Tensor,  # (B, H, N, D)
 
 # %% ../nbs/03_vit.ipynb #00668edd
 _BIAS_KINDS, _RELATIONS = ("learnable", "fixed", None), ("both", "pos", "neg")
+
+def as_relations(m: torch.Tensor | TokenRelations,  # (B, N) token labels, or their relations already built
+                 num_labels: int,  # K = c
+                ) -> TokenRelations:
+    "`m` as the `TokenRelations` every layer reads (built here only when an attention is called on its own)"
+    return m if isinstance(m, TokenRelations) else TokenRelations(m, num_labels)
 
 class MaskBiasAttention(Attention):
     "timm `Attention` with learnable mask-guided attention bias `u_pos`, `u_neg` (Eqs. 4-5)"
@@ -84,25 +89,27 @@ class MaskBiasAttention(Attention):
 
     def forward(self,
                 x: torch.Tensor,  # (B, N, C)
-                m: torch.Tensor | None = None,  # (B, N) token labels, prefix tokens 0; None: vanilla timm
+                m: torch.Tensor | TokenRelations | None = None,  # (B, N) token labels, prefix tokens 0; None: timm
                 attn_mask: torch.Tensor | None = None,  # timm's float/bool mask, applied after scaling
                 is_causal: bool = False,
                ) -> torch.Tensor:
         if (m is None or self.bias is None) and not self.stash_attn:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # exactly timm
         if is_causal: raise NotImplementedError("mask-guided attention bias is for bidirectional attention")
+        rel = None if m is None or self.bias is None else as_relations(m, self.num_labels)
+        # The override: timm 1.0's `Attention.forward` (qkv, q/k norm, gate, norm, proj) with Eq. 5's bias added to the
+        # scores. tests/test_vit.py::test_attention_follows_timm fails when timm's `Attention` changes under it.
         B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
-        use_bias = m is not None and self.bias is not None
         if self.fused_attn and not self.stash_attn:
-            x = biased_sdpa(q, k, v, m, self.u_pos, self.u_neg, self.num_labels, self.scale,
+            x = biased_sdpa(q, k, v, rel.factors, self.u_pos, self.u_neg, self.scale,
                             dropout_p=self.attn_drop.p if self.training else 0., attn_mask=attn_mask)
         else:
             attn = q @ k.transpose(-2, -1)  # (B, H, N, N)
-            if use_bias: attn = attn + mask_bias(m, self.u_pos, self.u_neg).to(attn.dtype)  # Eq. 5: before scaling
+            if rel is not None: attn = attn + mask_bias(rel, self.u_pos, self.u_neg).to(attn.dtype)  # Eq. 5, unscaled
             attn = attn * self.scale
             if attn_mask is not None:
                 is_bool = attn_mask.dtype == torch.bool
@@ -137,38 +144,39 @@ class MaskBiasViT(VisionTransformer):
                       m: torch.Tensor,  # (B, num_patches) token labels
                       batch_size: int | None = None,
                       grid_size: tuple[int, int] | None = None,
+                      name: str = "m",  # what error messages call `m` (e.g. one crop's labels)
                      ) -> torch.Tensor:  # (B, num_prefix_tokens + num_patches) int64
         "Check `m` and prepend label 0 for the prefix tokens"
         gh, gw = grid_size or self.patch_embed.grid_size
-        check_shape("m", m, (batch_size, gh * gw),
+        check_shape(name, m, (batch_size, gh * gw),
                     f"token labels are (batch, num_patches) for a {gh}x{gw} patch grid; see mgab.mre.labels2tokens")
         if m.dtype == torch.bool or m.is_floating_point():
-            raise TypeError(f"`m` must hold integer labels, got {m.dtype}")
+            raise TypeError(f"`{name}` must hold integer labels, got {m.dtype}")
         num_labels = self.blocks[0].attn.num_labels
         lo, hi = (int(v) for v in m.aminmax()) if m.numel() else (0, 0)  # one device sync per forward
         if lo < 0 or hi > num_labels:
-            raise ValueError(f"`m` holds labels in [{lo}, {hi}] but the model takes 0..{num_labels} "
+            raise ValueError(f"`{name}` holds labels in [{lo}, {hi}] but the model takes 0..{num_labels} "
                              f"(`num_labels`={num_labels}); build it with create_vit(..., num_labels=...)")
         return F.pad(m.long(), (self.num_prefix_tokens, 0))
 
     def forward_blocks(self,
                        x: torch.Tensor,  # (B, T, C) embedded tokens, prefix included
-                       m: torch.Tensor | None = None,  # (B, T) labels, prefix included (see `prefix_labels`)
+                       m: torch.Tensor | TokenRelations | None = None,  # (B, T) labels, prefix included
                        attn_mask: torch.Tensor | None = None,
                       ) -> torch.Tensor:  # (B, T, C) after the final norm
         "The transformer blocks and final norm on a token sequence (MAE feeds visible tokens here)"
+        if m is not None: m = as_relations(m, self.blocks[0].attn.num_labels)  # once per forward, for every block
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, m, attn_mask, use_reentrant=False)
             else: x = blk(x, m=m, attn_mask=attn_mask)
         return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor, m: torch.Tensor | None = None,
+    def forward_features(self, x: torch.Tensor, m: torch.Tensor | TokenRelations | None = None,
                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         "Tokens `(B, T, C)` of images `x` with token labels `m` (B, num_patches); `m=None` is vanilla timm"
-        grid = self.grid_size(x)
-        if m is not None:
-            m = self.prefix_labels(m, x.shape[0], grid)
+        if m is not None:  # a `TokenRelations` holds labels already checked and prefixed (see `DINOStudent`)
+            if not isinstance(m, TokenRelations): m = self.prefix_labels(m, x.shape[0], self.grid_size(x))
             if self.training and getattr(self.patch_drop, "prob", 0.) > 0:
                 raise NotImplementedError("patch dropout drops tokens that `m` would have to follow; "
                                           "use patch_drop_rate=0")
@@ -178,7 +186,7 @@ class MaskBiasViT(VisionTransformer):
         x = self.norm_pre(x)
         return self.forward_blocks(x, m, attn_mask)
 
-    def forward(self, x: torch.Tensor, m: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, m: torch.Tensor | TokenRelations | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, m, attn_mask=attn_mask))
 
@@ -206,6 +214,10 @@ class MaskBiasViT(VisionTransformer):
     def bias_parameters(self) -> list[nn.Parameter]:
         "The learnable `u_pos`/`u_neg` parameters (each once, also when shared across layers)"
         return [p for n, p in self.named_parameters() if n.rsplit(".", 1)[-1] in ("u_pos", "u_neg")]
+
+def uses_masks(model: nn.Module) -> bool:
+    "Whether token labels `m` change `model`'s output: some `MaskBiasAttention` in it (ViT, MAE, DDP, ...) has a bias"
+    return any(isinstance(mod, MaskBiasAttention) and mod.bias is not None for mod in model.modules())
 
 # %% ../nbs/03_vit.ipynb #1a9d33ae
 def create_vit(name: str = "vit_small_patch16_224",  # a timm ViT name, e.g. vit_base_patch16_224, vit_small_patch8_224

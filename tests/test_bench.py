@@ -1,21 +1,31 @@
 "The benchmark command runs and prints its ratio line (timings themselves are checked by hand, never here)."
+import os
 import re
 import subprocess
-import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def test_bench_attention_cli_format():
-    out = subprocess.run([sys.executable, "-c", "from mgab.bench import main; main()", "attention", "--arch",
-                          "vit_tiny_patch16_224", "--img-size", "32", "--bs", "2", "--rounds", "1"],
-                         capture_output=True, text=True, timeout=300)
+    "`mgab-bench attention` prints per-variant times and peaks, and a last line whose ratios are those numbers'"
+    out = subprocess.run(["mgab-bench", "attention", "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--bs", "2",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     r = re.fullmatch(r"attention: ratio=(\d+\.\d+) mem_ratio=(\d+\.\d+)", last)
-    assert r and float(r[1]) > 0 and float(r[2]) > 0, last
-    assert "explicit" in out.stdout
+    assert r, last
+    x = {k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+step\s+[\d.]+ ms\s+\(([\d.]+)x vanilla\)", out.stdout, re.M)}
+    mb = {k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+step peak memory\s+([\d.]+) MB", out.stdout, re.M)}
+    assert set(x) == {"vanilla", "biased", "explicit"} and x["vanilla"] == 1., out.stdout
+    assert abs(float(r[1]) - x["biased"]) <= 1e-3  # the ratio is the biased step over the vanilla one
+    assert abs(float(r[2]) - mb["biased"] / mb["vanilla"]) <= 2e-3 + 0.1 / mb["vanilla"], out.stdout
 
 
-def test_bench_unknown_name():
-    out = subprocess.run([sys.executable, "-c", "import sys; from mgab.bench import main; sys.exit(main())", "nope"],
-                         capture_output=True, text=True)
+def test_bench_help_and_unknown_name():
+    "The dispatcher lists the benchmarks without importing them; an unknown name exits 2"
+    out = subprocess.run(["mgab-bench", "--help"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0 and re.search(r"^\s+attention\s+biased ViT", out.stdout, re.M), out.stdout
+    out = subprocess.run(["mgab-bench", "nope"], capture_output=True, text=True, timeout=60, env=ENV)
     assert out.returncode == 2 and "unknown benchmark 'nope'" in out.stderr

@@ -11,6 +11,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed, to_float
+from mgab.mre import TokenRelations
 from mgab.dino import (DINO, DINOHead, DINOLoss, DINOStudent, DINO_DEFAULTS, collapse_mode, dino_config,
                        dino_kd_loss, dino_learner, ema_update, pretrain_dino)
 from mgab.train import SSLTarget, fit_run
@@ -217,7 +218,8 @@ class Spy(Callback):
         for who, enc in (("student", self.learn.model.encoder), ("teacher", self.dino.teacher.encoder)):
             def hook(mod, args, kwargs, who=who):
                 m = args[1] if len(args) > 1 else kwargs.get("m")
-                self.calls[who].append((tuple(args[0].shape), m.clone()))
+                assert isinstance(m, TokenRelations)  # checked and prefixed once by DINOStudent
+                self.calls[who].append((tuple(args[0].shape), m.m[:, mod.num_prefix_tokens:].clone()))
             self.hooks.append(enc.register_forward_pre_hook(hook, with_kwargs=True))
     def before_batch(self): self.batch = [list(t) for t in self.xb]
     def after_fit(self):
@@ -431,6 +433,9 @@ def test_dino_config_defaults_and_errors(monkeypatch):
     assert c["lr"] == pytest.approx(0.0005 * 64 / 256) and c["out_dim"] == 65536 and c["n_local"] == 8
     assert (c["teacher_temp"], c["momentum_teacher"], c["clip_grad"], c["freeze_last_layer"]) == (0.04, 0.996, 3.0, 1)
     assert (c["weight_decay"], c["weight_decay_end"]) == (0.04, 0.4)
+    assert (c["bias_lr_mult"], c["warmup_epochs"], c["blr"]) == (10., 10., 5e-4)  # as MAE and the command line
+    assert dino_config({"epochs": 20})["warmup_epochs"] == 2.  # a tenth of a short run
+    assert dino_config({"lr": 1e-3})["blr"] is None  # not used: say so
     c = dino_config({"img_size": 96, "bs": 32, "lr": None, "masks": None})
     assert (c["global_size"], c["model"]["img_size"], c["lr"]) == (96, 96, pytest.approx(0.0005 * 32 / 256))
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -566,4 +571,5 @@ def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch):
     rows = json.loads((run / "metrics.json").read_text())
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1, [r["train_loss"] for r in rows]
     assert all(r["collapse"] == 0 for r in rows)
-    assert load_run_encoder(run).bias_values()["u_pos"].abs().max() > 0
+    u = load_run_encoder(run).bias_values()["u_pos"]  # encoder.pth is the network whose u the log followed
+    assert float(u.mean()) == pytest.approx(rows[-1]["u_pos_mean"], abs=1e-7) and u.abs().max() > 1e-4

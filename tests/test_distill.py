@@ -90,7 +90,7 @@ def test_distillation_closes_the_attention_gap(gap_teacher, tmp_path):
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [0, 1] and all(0 < r["attn_gap"] < 1 for r in rows)
     assert rows[-1]["attn_gap"] == pytest.approx(info["attn_gap_after"], rel=1e-5)  # the model after the last epoch
-    assert not (out / "distill.json.tmp").exists()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # no half-written file left
 
 
 @pytest.mark.parametrize("init", ["teacher", "scratch"])

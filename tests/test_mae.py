@@ -8,6 +8,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from torch.utils.data import Dataset
 from mgab.mae import MAE, pretrain_mae, random_masking, sincos_pos_embed
+from mgab.vit import uses_masks
 from mgab.mre import labels2tokens, mask_bias
 from mgab.vit import create_vit, load_run_encoder
 
@@ -28,7 +29,7 @@ def test_random_masking_counts_and_restore(L, ratio):
     gen = torch.Generator().manual_seed(L)
     x = torch.randn(4, L, 6, generator=gen)
     noise = torch.rand(4, L, generator=gen)
-    xm, mask, ids_restore = random_masking(x, ratio, noise)
+    xm, mask, ids_restore, ids_keep = random_masking(x, ratio, noise)
     K = int(L * (1 - ratio))
     assert xm.shape == (4, K, 6)
     assert torch.equal(mask.sum(1), torch.full((4,), float(L - K)))
@@ -39,7 +40,7 @@ def test_random_masking_counts_and_restore(L, ratio):
     # ids_restore inverts the shuffle: kept tokens + anything for the rest, unshuffled, puts kept tokens back in place
     filled = torch.cat([xm, torch.zeros(4, L - K, 6)], 1).gather(1, ids_restore[..., None].expand(-1, -1, 6))
     assert torch.equal(filled, x * (1 - mask[..., None]))
-    assert torch.equal(ids_restore.argsort(1)[:, :K], kept)
+    assert torch.equal(ids_restore.argsort(1)[:, :K], kept) and torch.equal(ids_keep, kept)
 
 
 def test_random_masking_bad_input():
@@ -126,7 +127,7 @@ def test_zero_bias_is_vanilla_mae():
     biased = MAE(create_vit(**kw), decoder_embed_dim=64, decoder_depth=2)
     vanilla = MAE(create_vit(**kw, bias=None), decoder_embed_dim=64, decoder_depth=2)
     vanilla.load_state_dict(biased.state_dict())  # u are zero-valued buffers in the vanilla model
-    assert not vanilla.uses_masks and biased.uses_masks
+    assert not uses_masks(vanilla) and uses_masks(biased)
     x, m = torch.randn(4, 3, 64, 64), torch.tensor([1, 2] * 8).repeat(4, 1)  # labels 1 and 2, no 0
     m[:, 0] = 0  # and one token outside every mask
     torch.manual_seed(1); lb = biased(x, m)
@@ -146,7 +147,7 @@ def test_decoder_bias_uses_all_labels():
     torch.manual_seed(0)
     mae = MAE(create_vit(**TINY, num_classes=0, depth=2, bias=None), decoder_embed_dim=64, decoder_depth=2,
               decoder_bias=True).eval()
-    assert mae.uses_masks and len(mae.encoder.bias_parameters()) == 0
+    assert uses_masks(mae) and len(mae.encoder.bias_parameters()) == 0
     u = [p for n, p in mae.named_parameters() if n.startswith("decoder_blocks") and n.endswith(("u_pos", "u_neg"))]
     assert len(u) == 4
     x, m = torch.randn(2, 3, 32, 32), torch.randint(1, 6, (2, 4))
@@ -190,7 +191,7 @@ def test_loss_matches_mae_reference(norm_pix_loss, patch, img):
     L = (img // patch) ** 2
     imgs = torch.randn(3, 3, img, img, generator=gen)
     pred = torch.randn(3, L, patch * patch * 3, generator=gen)
-    _, mask, _ = random_masking(torch.zeros(3, L, 1), .75, torch.rand(3, L, generator=gen))
+    _, mask, _, _ = random_masking(torch.zeros(3, L, 1), .75, torch.rand(3, L, generator=gen))
     ref = _mae_ref_loss(imgs, pred, mask, patch, norm_pix_loss)
     torch.testing.assert_close(mae.forward_loss(imgs, pred, mask), ref)
     torch.testing.assert_close(mae.unpatchify(mae.patchify(imgs)), imgs, rtol=0, atol=0)

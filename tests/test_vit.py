@@ -3,7 +3,12 @@ import itertools
 import pytest
 import timm
 import torch
-from mgab.mre import mask_bias
+import inspect
+from functools import partial
+import torch.nn as nn
+from timm.layers import Attention
+import mgab.mre
+from mgab.mre import TokenRelations, mask_bias
 from mgab.vit import biased_sdpa, create_vit, load_vit_checkpoint, MaskBiasAttention
 
 
@@ -80,7 +85,7 @@ def test_biased_sdpa_matches_formula_with_dropout_off():
     up, un = torch.randn(H, generator=gen, dtype=torch.float64), torch.randn(H, generator=gen, dtype=torch.float64)
     scale = D ** -0.5
     ref = (((q @ k.transpose(-1, -2)) + mask_bias(m, up, un)) * scale).softmax(-1) @ v  # Eq. 5 literally
-    torch.testing.assert_close(biased_sdpa(q, k, v, m, up, un, 5, scale), ref)
+    torch.testing.assert_close(biased_sdpa(q, k, v, TokenRelations(m, 5).factors, up, un, scale), ref)
     # the bias is divided by sqrt(d): adding it after scaling would differ
     wrong = ((q @ k.transpose(-1, -2)) * scale + mask_bias(m, up, un)).softmax(-1) @ v
     assert (wrong - ref).abs().max() > 1e-3
@@ -192,3 +197,67 @@ def test_cuda_bf16_fast_path_close_to_explicit():
         for blk in model.blocks: blk.attn.fused_attn = False
         ref = model(x, m).float()
     torch.testing.assert_close(fast, ref, rtol=5e-2, atol=5e-2)
+
+
+# What `MaskBiasAttention.forward` copies from timm's `Attention` (timm 1.0.x). A new timm release that changes these
+# fails here: read timm's `Attention.forward`, update the override in nbs/03_vit.ipynb, then these lists.
+_TIMM_INIT = ["self", "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias",
+              "gated", "attn_drop", "proj_drop", "norm_layer", "device", "dtype"]
+_TIMM_FORWARD = ["self", "x", "attn_mask", "is_causal"]
+_TIMM_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "qkv", "q_norm", "k_norm", "attn_drop",
+               "norm", "gate", "proj", "proj_drop")
+
+
+def test_attention_follows_timm_signature():
+    "The override relies on timm's constructor options, forward arguments and attributes as of timm 1.0"
+    init = list(inspect.signature(Attention.__init__).parameters)
+    fwd = list(inspect.signature(Attention.forward).parameters)
+    assert init == _TIMM_INIT, (f"timm.layers.Attention.__init__ changed ({init}): check that "
+                                "MaskBiasAttention.forward (nbs/03_vit.ipynb) handles the new options, then update "
+                                "_TIMM_INIT")
+    assert fwd == _TIMM_FORWARD, (f"timm.layers.Attention.forward changed ({fwd}): update MaskBiasAttention.forward "
+                                  "(nbs/03_vit.ipynb) to follow it, then _TIMM_FORWARD")
+    a = Attention(16, num_heads=2)
+    missing = [n for n in _TIMM_ATTRS if not hasattr(a, n)]
+    assert not missing, (f"timm's Attention lost {missing}: MaskBiasAttention.forward reads them; follow timm's new "
+                         "forward")
+
+
+_OPTIONS = [dict(), dict(qkv_bias=True), dict(qk_norm=True), dict(scale_norm=True), dict(proj_bias=False),
+            dict(gated=True), dict(attn_head_dim=12), dict(dim_out=24), dict(qk_norm=True, scale_norm=True, gated=True)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("opts", _OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_attention_follows_timm(opts, fused):
+    "With zero bias the override's own path (labels given) gives timm's `Attention` output, for each timm option"
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(opts, norm_layer=nn.LayerNorm) if {"qk_norm", "scale_norm"} & set(opts) else opts
+    ref = Attention(32, num_heads=4, **kw).double()
+    ours = MaskBiasAttention(32, num_heads=4, **kw).double()
+    with torch.no_grad():
+        for p in ref.parameters(): p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert set(missing) == {"u_pos", "u_neg"} and not unexpected
+    ref.fused_attn = ours.fused_attn = fused
+    x, m = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64), torch.randint(0, 6, (2, 7), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, m=m), ref(x), rtol=1e-10, atol=1e-10)  # u = 0: the bias path is timm's
+        ours.stash_attn = True  # the explicit path too, which keeps the softmax
+        torch.testing.assert_close(ours(x, m=m), ref(x), rtol=1e-10, atol=1e-10)
+        ours.u_pos.fill_(2.)
+        assert (ours(x, m=m) - ref(x)).abs().max() > 1e-3  # and the bias does enter that path
+
+
+def test_relations_built_once_per_forward(monkeypatch):
+    "`m` travels once: one `relation_factors` call per forward, whatever the depth (it was one per block)"
+    calls = []
+    real = mgab.mre.relation_factors
+    monkeypatch.setattr(mgab.mre, "relation_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = create_vit("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=0).eval()
+    with torch.no_grad():
+        for b in model.blocks: b.attn.u_pos.fill_(1.)
+        model(torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 4)))
+    assert len(calls) == 1
+    with torch.no_grad(): model.blocks[0].attn(torch.randn(2, 5, 192), m=torch.randint(0, 6, (2, 5)))  # called alone
+    assert len(calls) == 2

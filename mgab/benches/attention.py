@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, json, os, subprocess, sys
 import torch
 import timm
-from ..bench import time_alternating
+from .timing import time_alternating
 from ..vit import create_vit
 
 # %% auto #0

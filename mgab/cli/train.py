@@ -6,29 +6,36 @@ Docs: https://mgab-dev.github.io/mgab/cli_train.html.md"""
 
 # %% ../../nbs/51_cli_train.ipynb #52a80566
 from __future__ import annotations
-import argparse, importlib, json, os, re, sys
+import argparse, os, re, sys
 from pathlib import Path
 from ..core import UsageError, add_debug_flag, cli_main
 
 # %% auto #0
-__all__ = ['METHOD_DEFAULTS', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
+__all__ = ['method_defaults', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
 
 # %% ../../nbs/51_cli_train.ipynb #8af928ec
-METHOD_DEFAULTS = {
-    "mae": dict(arch="vit_base_patch16_224", blr=1.5e-4, min_lr=0., warmup_epochs=40., weight_decay=0.05,
-                weight_decay_end=None, bias_lr_mult=10.),
-    "dino": dict(arch="vit_small_patch16_224", blr=5e-4, min_lr=1e-6, warmup_epochs=10., weight_decay=0.04,
-                 weight_decay_end=0.4, bias_lr_mult=10.),
-}
-# method -> (module, function(config, resume)) and the flags only that method takes, with their defaults
-_METHODS = {"mae": ("mgab.mae", "pretrain_mae"), "dino": ("mgab.dino", "pretrain_dino")}
+# the flags only one method takes; their defaults, as all others, are that method's `MAE_DEFAULTS` / `DINO_DEFAULTS`
 _OWN = {
-    "mae": dict(mask_ratio=0.75, norm_pix_loss=True, decoder_embed_dim=None, decoder_depth=None,
-                decoder_num_heads=None, decoder_bias=False),
-    "dino": dict(out_dim=65536, n_local=8, local_size=96, global_size=None, teacher_temp=0.04,
-                 warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.996, clip_grad=3.0,
-                 freeze_last_layer=1),
+    "mae": ("mask_ratio", "norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_bias"),
+    "dino": ("out_dim", "n_local", "local_size", "global_size", "teacher_temp", "warmup_teacher_temp",
+             "warmup_teacher_temp_epochs", "momentum_teacher", "clip_grad", "freeze_last_layer"),
 }
+
+def method_defaults(method: str,  # "mae" or "dino"
+                   ) -> dict:
+    "The one source of a method's defaults (`MAE_DEFAULTS`, `DINO_DEFAULTS`); imported once the arguments are checked"
+    if method == "mae": from mgab.mae import MAE_DEFAULTS as defaults
+    else: from mgab.dino import DINO_DEFAULTS as defaults
+    return defaults
+
+def _resolve(config: dict) -> dict:
+    "`config` (None: the method's default) completed by the method's own `mae_config` / `dino_config`"
+    from fastai.torch_core import num_distrib
+    if config["method"] == "mae":
+        from mgab.mae import mae_config
+        return mae_config(config, max(num_distrib(), 1))
+    from mgab.dino import dino_config
+    return dino_config(config)
 
 # %% ../../nbs/51_cli_train.ipynb #d5d2ef65
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="mgab-pretrain", description="Self-supervised pretraining (MAE or DINO) of a ViT with mask-guided "
         "attention bias from a mask store, into a resumable run folder. Method defaults: see the docs of "
         "mgab.cli.train.")
-    p.add_argument("--method", required=True, choices=list(_METHODS))
+    p.add_argument("--method", required=True, choices=list(_OWN))
     p.add_argument("--data", required=True, help="image folder (ImageFolder layout, pretraining reads train/)")
     p.add_argument("--masks", help="mask store built by mgab-masks for --data (needed unless --no-bias)")
     p.add_argument("--missing-masks", choices=("error", "empty"), default="error",
@@ -136,28 +143,19 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
     if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
     if not a.resume and ckpt.exists():
         p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
-    dflt = METHOD_DEFAULTS[a.method]
-    warmup = a.warmup_epochs
-    if warmup is None and a.resume:  # the automatic warmup depends on --epochs: keep the run's when extending it
-        saved = out/"config.json"
-        warmup = json.loads(saved.read_text()).get("warmup_epochs") if saved.is_file() else None
-    if warmup is None: warmup = min(dflt["warmup_epochs"], a.epochs / 10)
-    pick = lambda k: dflt[k] if getattr(a, k) is None else getattr(a, k)
-    model = dict(name=a.arch or dflt["arch"], img_size=a.img_size, num_classes=0, bias=bias, relations=a.relations,
+    from mgab.train import resume_warmup
+    model = dict(name=a.arch or method_defaults(a.method)["arch"], img_size=a.img_size, num_classes=0, bias=bias,
+                 relations=a.relations,
                  share_heads=a.share_heads, share_layers=a.share_layers, u_pos_init=a.u_pos_init,
                  u_neg_init=a.u_neg_init, num_labels=a.num_labels)
-    wd, wd_end = pick("weight_decay"), pick("weight_decay_end")
     cfg = dict(method=a.method, data=str(data.resolve()), masks=None if masks is None else str(masks.resolve()),
                missing_masks=a.missing_masks, out=str(out.resolve()), arch=model["name"], img_size=a.img_size,
-               epochs=a.epochs, bs=a.bs, blr=None if a.lr is not None else pick("blr"), lr=a.lr, min_lr=pick("min_lr"),
-               warmup_epochs=warmup,
-               weight_decay=wd, weight_decay_end=wd if wd_end is None else wd_end,
-               bias_lr_mult=pick("bias_lr_mult"), seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress,
-               model=model)
-    own = {k: v if getattr(a, k) is None else getattr(a, k) for k, v in _OWN[a.method].items()}
-    if a.method == "dino" and own["global_size"] is None: own["global_size"] = a.img_size
-    cfg.update(own)
-    return cfg, a.resume
+               epochs=a.epochs, bs=a.bs, blr=a.blr, lr=a.lr, min_lr=a.min_lr,
+               warmup_epochs=resume_warmup(a.warmup_epochs, out, a.resume),  # extending a run keeps its warmup
+               weight_decay=a.weight_decay, weight_decay_end=a.weight_decay_end, bias_lr_mult=a.bias_lr_mult,
+               seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress, model=model,
+               **{k: getattr(a, k) for k in _OWN[a.method]})
+    return _resolve(cfg), a.resume
 
 # %% ../../nbs/51_cli_train.ipynb #8d6dab1f
 @cli_main("mgab-pretrain")
@@ -165,16 +163,13 @@ def pretrain_main(argv: list[str] | None = None):
     "Entry point of `mgab-pretrain`"
     cfg, resume = pretrain_config(argv)
     _check_model(cfg)
-    module, fn = _METHODS[cfg["method"]]
-    try: mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"mgab-pretrain: --method {cfg['method']} needs {module}, "
-                         f"which cannot be imported ({e})") from e
+    if cfg["method"] == "mae": from mgab.mae import pretrain_mae as pretrain
+    else: from mgab.dino import pretrain_dino as pretrain
     main = os.environ.get("RANK", "0") == "0"  # one banner under `accelerate launch`
     bias = cfg["model"]["bias"] or "no"
     if main: print(f"mgab-pretrain: {cfg['method']} {cfg['arch']} ({bias} bias) on {cfg['data']} for {cfg['epochs']} "
                    f"epochs -> {cfg['out']}" + (" (resuming)" if resume else ""), flush=True)
-    run = getattr(mod, fn)(cfg, resume=resume)
+    run = pretrain(cfg, resume=resume)
     if main: print(f"mgab-pretrain: run folder {run}")
 
 # %% ../../nbs/51_cli_train.ipynb #c2b2ff87
@@ -188,7 +183,7 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder (default: the teacher run's)")
     p.add_argument("--masks", help="mask store for --data, fed to the teacher (default: the teacher run's)")
     p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
-    p.add_argument("--lambda", dest="lam", type=float, default=1., help="weight of the attention loss, Eq. 10 (MAE)")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the attention loss, Eq. 10 (MAE; default 1)")
     p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
     p.add_argument("--attn-tokens", choices=("all", "visible"),
                    help="MAE: Eq. 9 on the attention of all tokens (default) or of MAE's visible tokens only")
@@ -197,8 +192,9 @@ def _distill_parser() -> argparse.ArgumentParser:
                    "over keys (default kl)")
     p.add_argument("--student-init", choices=("teacher", "scratch"),
                    help="student weights: the teacher's without the bias (default) or a random initialisation")
-    p.add_argument("--student-temp", type=float, default=.1, help="DINO: student temperature")
-    p.add_argument("--teacher-temp", type=float, default=.04, help="DINO: teacher temperature")
+    # defaults: mgab.distill.DISTILL_DEFAULTS, filled in by distill_run (None here means "the default")
+    p.add_argument("--student-temp", type=float, help="DINO: student temperature (default 0.1)")
+    p.add_argument("--teacher-temp", type=float, help="DINO: teacher temperature (default 0.04)")
     p.add_argument("--bs", type=int, help="batch size per process (default: the teacher run's)")
     lr = p.add_mutually_exclusive_group()
     lr.add_argument("--blr", type=float, help="base learning rate at batch 256 (default: the method's)")
