@@ -8,7 +8,6 @@ Docs: https://mgab-dev.github.io/mgab/bench.html.md"""
 from __future__ import annotations
 import sys
 from .core import UsageError, cli_main
-from .benches.timing import time_alternating  # noqa: F401 -- the old home, until benches/data.py imports it from there
 
 # %% auto #0
 __all__ = ['BENCHES', 'main']

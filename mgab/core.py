@@ -1,4 +1,4 @@
-"""Small helpers every stage uses: where data lives, clear shape errors, packaged assets, one error path for every command.
+"""Used by every stage: where data lives, atomic writes, clear shape errors, packaged assets, one error path for every command.
 
 Docs: https://mgab-dev.github.io/mgab/core.html.md"""
 

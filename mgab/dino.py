@@ -1,4 +1,4 @@
-"""DINO with mask-guided attention bias (Eq. 6) as a fastai callback: multi-crop student, EMA teacher, centring.
+"""Stage 4, pretraining: DINO with mask-guided attention bias (Eq. 6) as a fastai callback: multi-crop student, EMA teacher, centring.
 
 Docs: https://mgab-dev.github.io/mgab/dino.html.md"""
 
@@ -365,11 +365,12 @@ def dino_learner(config: dict,  # resolved by `dino_config`
 
 # %% ../nbs/10_dino.ipynb #13980a61
 def _multicrop_data(c: dict, patch_size: int):
-    from mgab.data import multicrop_dls, resolve_data  # data loading only where a run needs it
+    from mgab.data import multicrop_dls
+    from mgab.datasets import resolve_data # data loading only where a run needs it
     path = resolve_data(c["data"]) if isinstance(c["data"], str) else Path(c["data"])
     masks = c["masks"]
     if isinstance(masks, (str, Path)):
-        from mgab.masks import MaskStore
+        from mgab.store import MaskStore
         masks = MaskStore(masks)
     return multicrop_dls(path, masks, global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"],
                          patch_size=patch_size, bs=c["bs"], global_scale=tuple(c["global_scale"]),

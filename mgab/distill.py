@@ -1,4 +1,4 @@
-"""The post-processing phase (section 3.3): a student without masks learns from the frozen biased teacher.
+"""Stage 5, post-processing (section 3.3): a student without masks learns from the frozen biased teacher.
 
 Docs: https://mgab-dev.github.io/mgab/distill.html.md"""
 
@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.distributed import rank0_first  # noqa: F401 -- also adds Learner.distrib_ctx
 from fastai.learner import Learner
@@ -21,7 +20,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
 from .core import atomic_write
 from .vit import create_vit, uses_masks
 from .mae import MAE, MAE_DEFAULTS
-from .dino import DINOStudent, DINOHead, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
+from .dino import DINOStudent, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
 from .train import (SSLSchedule, encoder_of, fit_run, model_loss, resume_warmup, ssl_splitter, unfinished_reason,
                         unwrap)
 
@@ -317,7 +316,8 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
     enc = model.encoder
     if dls is None:
-        from mgab.data import multicrop_dls, pretrain_dls, resolve_data
+        from mgab.data import multicrop_dls, pretrain_dls
+        from mgab.datasets import resolve_data
         if c.get("data") is None: raise ValueError("no 'data': give --data or use a teacher run that records it")
         path = resolve_data(str(c["data"]))
         kw = dict(patch_size=enc.patch_embed.patch_size[0], bs=c["bs"], valid=False)

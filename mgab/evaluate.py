@@ -1,4 +1,4 @@
-"""Section 4's protocols (linear probe, kNN, fine-tuning) with or without masks; results files; Tables 1-2, Fig. 4.
+"""Stage 6, evaluation: features with or without masks, DINO's kNN, the linear probes of MAE and DINO.
 
 Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
@@ -26,10 +26,9 @@ from timm.layers import trunc_normal_
 from .vit import MaskBiasViT
 
 # %% auto #0
-__all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'uses_masks',
-           'plain_tensor', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine',
-           'lars_step', 'LARS', 'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls',
-           'linear_probe', 'top1']
+__all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'plain_tensor',
+           'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS',
+           'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -84,11 +83,6 @@ def feature_dim(encoder: MaskBiasViT, pool: str | LastBlocks = "cls") -> int:
 def _check_pool(pool):
     if not (isinstance(pool, LastBlocks) or pool in POOLS):
         raise ValueError(f"`pool` must be one of {POOLS} or a `LastBlocks`, got {pool!r}")
-
-def uses_masks(model: nn.Module) -> bool:
-    "Whether `model` has mask-guided attention bias, i.e. whether token labels change its output"
-    blocks = getattr(model, "blocks", None)
-    return bool(blocks) and getattr(blocks[0].attn, "bias", None) is not None
 
 def plain_tensor(t: torch.Tensor) -> torch.Tensor: return t.as_subclass(torch.Tensor)  # drop fastai's tensor types
 

@@ -1,4 +1,4 @@
-"""Stage 4b, evaluation by fine-tuning: MAE's `main_finetune.py` recipe (layer-wise lr decay, drop path, mixup/CutMix, RandAugment, random erasing) from timm's pieces, with or without masks.
+"""Stage 6, evaluation by fine-tuning: MAE's `main_finetune.py` recipe (layer-wise lr decay, drop path, mixup/CutMix, RandAugment, random erasing) from timm's pieces, with or without masks.
 
 Docs: https://mgab-dev.github.io/mgab/finetune.html.md"""
 
@@ -23,7 +23,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .masks import load_image
 from .vit import MaskBiasViT, split_params
 from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages
-from .evaluate import Classifier, WarmupCosine, fit_learner, plain_tensor, uses_masks
+from .evaluate import Classifier, WarmupCosine, fit_learner, plain_tensor
+from .vit import uses_masks
 
 # %% auto #0
 __all__ = ['MAE_FINETUNE', 'UNALIGNED', 'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'finetune_augs', 'MixedTargetLoss',

@@ -1,4 +1,4 @@
-"""Masked autoencoders on the biased ViT: the encoder sees the visible tokens and their labels only (Eq. 7).
+"""Stage 4, pretraining: masked autoencoders on the biased ViT; the encoder sees the visible tokens and their labels only (Eq. 7).
 
 Docs: https://mgab-dev.github.io/mgab/mae.html.md"""
 

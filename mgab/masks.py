@@ -1,4 +1,4 @@
-"""SAM automatic masks as label maps (Eq. 3), an offline superpixel stand-in, a resumable mask store, and pictures.
+"""Stage 2, masks: SAM automatic masks as label maps (Eq. 3), the offline superpixel stand-in, the one image lister and reader, and pictures.
 
 Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 

@@ -1,4 +1,4 @@
-"""Stage 5, the report: the paper's Tables 1-2 and Fig. 4 from run folders, attention with and without the bias, the distillation table.
+"""Stage 7, the report: the paper's Tables 1-2 and Fig. 4 from run folders, attention with and without the bias, the distillation table.
 
 Docs: https://mgab-dev.github.io/mgab/report.html.md"""
 

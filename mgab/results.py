@@ -1,4 +1,4 @@
-"""Stage 4c, results of a run: `evaluate_run` (any protocol on a run folder), `results.csv`, per-image predictions, and the bootstrap intervals every comparison carries.
+"""Stage 6, evaluation results: run discovery, `evaluate_run` (any protocol on a run folder), `results.csv`, per-image predictions, and the bootstrap intervals every comparison carries.
 
 Docs: https://mgab-dev.github.io/mgab/results.html.md"""
 
@@ -16,7 +16,8 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from .vit import MaskBiasViT, RUN_ENCODERS, load_run_encoder
-from .evaluate import LastBlocks, dino_pool, extract_features, knn_scores, linear_probe, uses_masks
+from .evaluate import LastBlocks, dino_pool, extract_features, knn_scores, linear_probe
+from .vit import uses_masks
 from .finetune import fine_tune
 from .core import atomic_write
 

@@ -1,4 +1,4 @@
-"""Stage 1b, persisting masks: a resumable, verifiable store of label maps, one PNG per image, checked where it is used.
+"""Stage 2, masks kept: a resumable, verifiable store of label maps, one PNG per image, checked where it is used.
 
 Docs: https://mgab-dev.github.io/mgab/store.html.md"""
 

@@ -1,4 +1,4 @@
-"""What every SSL loop shares: per-iteration schedules, the bias learning rate, run folders, logging and resume.
+"""Stage 4, pretraining: what every SSL loop shares: per-iteration schedules, the bias learning rate, run folders, logging and resume.
 
 Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 

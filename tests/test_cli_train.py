@@ -180,10 +180,11 @@ def test_parsing_imports_no_torch():
 
 @pytest.mark.slow
 def test_end_to_end_with_resume(tmp_path, capsys):
-    import mgab.data as data
-    import mgab.masks as masks
-    root = data.embedded_dataset()
-    masks.make_mask_store(root, tmp_path/"masks", masks.SuperpixelMasker(c=5), progress=False)
+    from mgab.datasets import embedded_dataset
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
+    root = embedded_dataset()
+    make_mask_store(root, tmp_path/"masks", SuperpixelMasker(c=5), progress=False)
     argv = ["--method", "mae", "--data", str(root), "--masks", str(tmp_path/"masks"), "--arch", "vit_tiny_patch16_224",
             "--img-size", "32", "--bs", "32", "--lr", "1e-3", "--num-workers", "0", "--out", str(tmp_path/"run")]
     pretrain_main(argv + ["--epochs", "1"])
@@ -202,9 +203,10 @@ def test_end_to_end_with_resume(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def distill_teacher(tmp_path_factory):
     "A finished biased MAE run on 20 tiny embedded images (32 px, depth 2): something for mgab-distill to distil"
-    from mgab.data import make_embedded
+    from mgab.datasets import make_embedded
     from mgab.mae import pretrain_mae
-    from mgab.masks import SuperpixelMasker, make_mask_store
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
     root = tmp_path_factory.mktemp("distill-cli")
     data = make_embedded(root/"data", n_train=2, n_val=1, size=32, progress=False)
     make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False)

@@ -529,8 +529,9 @@ def test_pretrain_dino_on_embedded_data(tmp_path):
 
 @pytest.mark.slow
 def test_multicrop_dls_labels_reach_student_and_teacher():
-    import mgab.data as data
-    dls = data.multicrop_dls(data.embedded_dataset(progress=False), QuadrantStore(), global_size=32, local_size=16,
+    from mgab.data import multicrop_dls
+    from mgab.datasets import embedded_dataset
+    dls = multicrop_dls(embedded_dataset(progress=False), QuadrantStore(), global_size=32, local_size=16,
                              n_local=2, patch_size=8, bs=8, valid=False, num_workers=0)
     spy = Spy()
     set_seed(0)
@@ -558,8 +559,9 @@ def test_pretrain_dino_bf16_cuda(tmp_path):
 
 def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch):
     "A short real run on the embedded data with superpixel masks: the loss falls and no collapse is flagged"
-    from mgab.data import embedded_dataset
-    from mgab.masks import SuperpixelMasker, make_mask_store
+    from mgab.datasets import embedded_dataset
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
     monkeypatch.setenv("MGAB_DATA", str(tmp_path))
     store = make_mask_store(embedded_dataset(progress=False), tmp_path / "store", SuperpixelMasker("slic"),
                             progress=False)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 @pytest.fixture(scope="module")
 def embedded_store(tmp_path_factory):
-    from mgab.data import embedded_dataset
-    from mgab.masks import SuperpixelMasker, make_mask_store
+    from mgab.datasets import embedded_dataset
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
     root = tmp_path_factory.mktemp("embedded")
     old = os.environ.get("MGAB_DATA")
     os.environ["MGAB_DATA"] = str(root)
@@ -125,7 +126,8 @@ def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
 
 def _small_copy(path, dest, per_class=12):
     "An ImageFolder of symlinks to the first `per_class` train images of each class, with its own mask store"
-    from mgab.masks import SuperpixelMasker, make_mask_store
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
     for split, n in (("train", per_class), ("val", 2)):
         for cls in sorted((path / split).iterdir()):
             (dest / split / cls.name).mkdir(parents=True)

@@ -325,15 +325,16 @@ def test_bf16_run_on_cuda(tmp_path):
 # --- with mgab.data (after merge) -------------------------------------------------------------------------------
 
 def _store(image_root, out):
-    import mgab.masks as masks
-    masks.make_mask_store(image_root, out, masks.SuperpixelMasker(c=5), progress=False)
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
+    make_mask_store(image_root, out, SuperpixelMasker(c=5), progress=False)
     return out
 
 
 @pytest.mark.slow
 def test_short_run_on_embedded_data(tmp_path):
-    import mgab.data as data
-    root = data.embedded_dataset()
+    from mgab.datasets import embedded_dataset
+    root = embedded_dataset()
     cfg = dict(epochs=3, out=tmp_path/"run", data=root, masks=_store(root, tmp_path/"masks"), blr=1.5e-3, bs=32,
                progress=False, model=dict(name="vit_tiny_patch16_224", img_size=64), num_workers=0)
     rows = _metrics(pretrain_mae(cfg))

@@ -200,7 +200,7 @@ def test_cuda_bf16_fast_path_close_to_explicit():
 
 
 # What `MaskBiasAttention.forward` copies from timm's `Attention` (timm 1.0.x). A new timm release that changes these
-# fails here: read timm's `Attention.forward`, update the override in nbs/03_vit.ipynb, then these lists.
+# fails here: read timm's `Attention.forward`, update the override in nbs/04_vit.ipynb, then these lists.
 _TIMM_INIT = ["self", "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias",
               "gated", "attn_drop", "proj_drop", "norm_layer", "device", "dtype"]
 _TIMM_FORWARD = ["self", "x", "attn_mask", "is_causal"]
@@ -213,10 +213,10 @@ def test_attention_follows_timm_signature():
     init = list(inspect.signature(Attention.__init__).parameters)
     fwd = list(inspect.signature(Attention.forward).parameters)
     assert init == _TIMM_INIT, (f"timm.layers.Attention.__init__ changed ({init}): check that "
-                                "MaskBiasAttention.forward (nbs/03_vit.ipynb) handles the new options, then update "
+                                "MaskBiasAttention.forward (nbs/04_vit.ipynb) handles the new options, then update "
                                 "_TIMM_INIT")
     assert fwd == _TIMM_FORWARD, (f"timm.layers.Attention.forward changed ({fwd}): update MaskBiasAttention.forward "
-                                  "(nbs/03_vit.ipynb) to follow it, then _TIMM_FORWARD")
+                                  "(nbs/04_vit.ipynb) to follow it, then _TIMM_FORWARD")
     a = Attention(16, num_heads=2)
     missing = [n for n in _TIMM_ATTRS if not hasattr(a, n)]
     assert not missing, (f"timm's Attention lost {missing}: MaskBiasAttention.forward reads them; follow timm's new "

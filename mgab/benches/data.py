@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, tempfile
 from pathlib import Path
 import torch
-from ..bench import time_alternating
+from .timing import time_alternating
 from ..core import data_dir
 from ..masks import SuperpixelMasker
 from ..store import MaskStore, make_mask_store

@@ -10,8 +10,8 @@ import argparse, os, shutil, tempfile, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from ..masks import (SamMasker, SuperpixelMasker, build_tiny_sam, label_map_agreement, list_images, load_image,
-                        make_mask_store, store_stats)
+from ..masks import SamMasker, SuperpixelMasker, build_tiny_sam, label_map_agreement, list_images, load_image
+from ..store import make_mask_store, store_stats
 
 # %% auto #0
 __all__ = ['bench_images', 'time_masker', 'time_store', 'bench_masks', 'main']

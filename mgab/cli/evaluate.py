@@ -12,7 +12,8 @@ from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
     from mgab.vit import load_run_encoder
-    from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool, uses_masks
+    from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool
+    from mgab.vit import uses_masks
     from mgab.report import report
     from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, find_runs, read_run_config
     from mgab.finetune import MAE_FINETUNE, finetune_augs

@@ -1,4 +1,4 @@
-"""JupyterLab explorers for every stage: masks and token labels, the trained bias and its effect on attention, runs.
+"""The workbench's shared plumbing: image sources, the `Explorer` base class, label colours, token pictures and clicks.
 
 Docs: https://mgab-dev.github.io/mgab/widgets.html.md"""
 

@@ -1,4 +1,4 @@
-"""Stages 2-3 in JupyterLab: `BiasExplorer`, Fig. 4 for an encoder's `u_pos`/`u_neg`, and what the bias does to attention on an image.
+"""Stages 3-4 in JupyterLab: `BiasExplorer`, an encoder's `u_pos`/`u_neg` per head beside Fig. 4, and what the bias does to attention on an image.
 
 Docs: https://mgab-dev.github.io/mgab/widgets_bias.html.md"""
 

@@ -1,4 +1,4 @@
-"""Stage 1 in JupyterLab: `MaskExplorer`, one image under every generator setting, its label map and token labels.
+"""Stage 2 in JupyterLab: `MaskExplorer`, one image under every generator setting, its label map and token labels.
 
 Docs: https://mgab-dev.github.io/mgab/widgets_masks.html.md"""
 

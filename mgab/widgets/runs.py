@@ -1,4 +1,4 @@
-"""Stages 3-5 in JupyterLab: `RunViewer`, loss and bias curves of run folders side by side with their settings and results.
+"""Stages 4-6 in JupyterLab: `RunViewer`, loss and bias curves of run folders side by side with their settings and results.
 
 Docs: https://mgab-dev.github.io/mgab/widgets_runs.html.md"""
 
