@@ -7,11 +7,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGENETTE = SHARED / "data" / "imagenette-mini"
 
 
-def pytest_configure(config):
-    "Under pytest-xdist (tests/run_all.sh runs two workers) each worker uses one intra-op thread: no oversubscription"
-    if os.environ.get("PYTEST_XDIST_WORKER"): torch.set_num_threads(1)
-
-
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
@@ -37,9 +32,11 @@ def imagenette():
     return IMAGENETTE
 
 
-@pytest.fixture
-def one_thread():
-    "Tiny models: one intra-op thread is as fast, and leaves the other core to parallel work (shared machines)"
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    "The one place tests set torch's threads: one intra-op thread, before any fixture of any scope builds a model"
+    # tiny models run as fast on one thread; tests/run_all.sh runs two pytest workers on two cores (no
+    # oversubscription); and seeded results (the pinned accuracies) do not depend on how many cores a machine has
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -94,8 +94,6 @@ def cases(tmp_path_factory):
     image_folder(tmp/"flat", 1, splits=("x",))  # images, but no train/
     for split in ("train", "val"): (tmp/"empty"/split/"a").mkdir(parents=True)
     run = tmp/"run"  # one finished tiny MAE run (no bias), made by the same code path in this process
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     r = in_process(pretrain_main, MAE + TINY + ["--data", data, "--out", run, "--epochs", "1"])
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads((run/"finished.json").read_text()) == dict(finished=True, epochs=1)
@@ -174,7 +172,6 @@ def cases(tmp_path_factory):
         futures = {k: pool.submit(go, argv) for k, (argv, _) in scripts.items()}
         res = {k: (row, in_process(fn, argv)) for k, (fn, argv, row) in funcs.items()}
         res.update({k: (scripts[k][1], f.result()) for k, f in futures.items()})
-    torch.set_num_threads(n)
     return dict(tmp=tmp, run=run, results=res, store_info=info)
 
 

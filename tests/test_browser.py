@@ -36,7 +36,7 @@ import numpy as np, pandas as pd, torch
 from mgab.vit import create_vit
 from mgab.widgets.runs import RunViewer
 from mgab.widgets.bias import BiasExplorer
-torch.manual_seed(0); torch.set_num_threads(1)
+torch.manual_seed(0)
 img = np.zeros((32, 32, 3), np.uint8); img[:16, :16] = (220, 60, 40); img[16:] = (40, 90, 230)
 lm = np.zeros((32, 32), np.uint8); lm[:16, :16] = 1; lm[24:] = 2
 vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3,
@@ -115,7 +115,7 @@ def lab(tmp_path, chromium):
                    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               MPLBACKEND="Agg")
+               MPLBACKEND="Agg", OMP_NUM_THREADS="1")  # the kernel's torch: one thread, as the tests' (conftest)
     log = tmp_path / "jupyterlab.log"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",

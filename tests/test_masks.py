@@ -146,7 +146,6 @@ def tiny_sam():
 
 
 def test_sam_masker_tiny(tiny_sam):
-    torch.set_num_threads(1)
     img = _blobs()
     masker = SamMasker(sam=tiny_sam, c=5, **TINY)
     lm = masker(img)
@@ -167,7 +166,6 @@ def test_sam_masker_tiny(tiny_sam):
 
 
 def test_sam_masker_default_thresholds_and_grid(tiny_sam):
-    torch.set_num_threads(1)
     img = _blobs()
     m = SamMasker(sam=tiny_sam, points_per_side=2)
     assert m.generator.point_grids[0].shape == (4, 2)
@@ -189,7 +187,6 @@ def test_sam_masker_bad_input(tiny_sam):
 
 
 def test_sam_checkpoint_loading(tmp_path, tiny_sam):
-    torch.set_num_threads(1)
     f = tmp_path / "tiny_seed1.pth"
     torch.save(build_tiny_sam(seed=1).state_dict(), f)
     reg = {"tiny": build_tiny_sam, "wide": partial(build_tiny_sam, embed_dim=64)}
@@ -518,7 +515,6 @@ def test_masks_imports_no_model():
 
 
 def test_imagenette_sam_and_superpixel(imagenette):
-    torch.set_num_threads(1)
     files = sorted(imagenette.glob("val/*/*.JPEG"))[:2]
     img = load_image(files[0])
     assert img.shape == (224, 224, 3)

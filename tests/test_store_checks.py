@@ -126,7 +126,7 @@ def test_two_writers_first_settings_win(tmp_path):
         read_meta(MaskStore(out).entry_path("train/a/0.ppm"))["settings_id"]}
 
 
-def test_truncated_jpeg_skipped_by_masks_training_evaluation(tmp_path, capsys, one_thread):
+def test_truncated_jpeg_skipped_by_masks_training_evaluation(tmp_path, capsys):
     "One truncated JPEG in train/: the mask stage, training and evaluation skip it and list it in one line each"
     from mgab.cli.evaluate import eval_cli
     from mgab.mae import pretrain_mae

@@ -21,8 +21,6 @@ from mgab.widgets.bias import BiasExplorer
 from mgab.widgets.masks import MaskExplorer
 from mgab.widgets.base import image_sources
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # the tiny SAM of test_masks: no NMS, so that each prompt gives its own masks
 TINY_SAM = dict(pred_iou_thresh=0., stability_score_thresh=0.)
