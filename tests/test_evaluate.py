@@ -211,7 +211,9 @@ def test_linear_probe_frozen_backbone():
     assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
     assert modes and all(not training and not grad for training, grad in modes)  # eval mode, no autograd
     assert not torch.allclose(head[1].weight, init[1].weight) and head[0].num_batches_tracked == 9  # trained
-    assert 0 <= top1(learn) <= 100
+    vds = dls.valid.dataset
+    with torch.no_grad(): pred = learn.classifier.eval()(vds.x, vds.m).argmax(1)  # the probe on the items, by hand
+    assert top1(learn) == pytest.approx(100 * (pred == vds.y).float().mean().item())
 
 
 def test_linear_probe_precompute_is_the_same_model():
@@ -266,7 +268,9 @@ def test_finetune_learner_rates_masks_and_regularisation():
     groups = learn.param_groups
     lrs = np.array([h["lr"] for h in learn.opt.hypers])
     head_lr = lrs[-1]
-    assert head_lr > 0
+    n = 2 * len(dls.train)  # steps; the last one set the rates read here
+    peak, f = MAE_FINETUNE["blr"] * 8 / 256, MAE_FINETUNE["warmup_epochs"] / MAE_FINETUNE["epochs"]
+    assert head_lr == pytest.approx(mae_adjust_lr(2 * (n - 1) / n, peak, MAE_FINETUNE["min_lr"], 2 * f, 2))
     for g, lr in zip(groups, lrs):  # the lr each group got at the last step is the head's times 0.75^(L+1-layer)
         assert lr == pytest.approx(head_lr * 0.75 ** (len(enc.blocks) + 1 - g["layer"]))
     assert [h["wd"] for h in learn.opt.hypers] == [g["weight_decay"] for g in groups]
@@ -292,14 +296,21 @@ def test_protocols_on_gpu(tmp_path):
     torch.save(enc.state_dict(), tmp_path/"encoder.pth")
     (tmp_path/"config.json").write_text(json.dumps(dict(method="mae", epochs=1,
                                                         model=dict(name=ARCH, img_size=32, depth=DEPTH))))
+    def outcomes(row):  # the saved per-image outcomes of a row: its value is the share right
+        p = load_predictions(tmp_path/row["predictions"])
+        np.testing.assert_array_equal(p["label"], dls.valid.dataset.y.numpy())
+        assert row["value"] == pytest.approx(100 * p["correct"].mean(), abs=1e-3)
+        return p["pred"]
+    cpu = evaluate_run(tmp_path, tiny_dls(), "knn", save=False, progress=False)
     for proto, kw in (("knn", {}), ("linear", dict(precompute=True)), ("linear", {}), ("finetune", {})):
         row = evaluate_run(tmp_path, dls, proto, epochs=1, progress=False, **kw)
-        assert 0 <= row["value"] <= 100 and row["with_masks"] is True
+        assert row["with_masks"] is True and len(outcomes(row)) == 12
+        if proto == "knn": assert row["value"] == cpu["value"]  # kNN trains nothing: the CPU's votes
     # MAE's batch augmentations (RandomErasing, Mixup) and DINO's features on the GPU
     row = evaluate_run(tmp_path, dls, "finetune", with_masks=False, epochs=1, aa="none", progress=False)
     assert row["with_masks"] is False and row["recipe"] == "mae"
     row = evaluate_run(tmp_path, dls, "linear", recipe="dino", epochs=1, progress=False)
-    assert row["recipe"] == "dino" and 0 <= row["value"] <= 100
+    assert row["recipe"] == "dino" and len(outcomes(row)) == 12
     assert len(read_results(tmp_path)) == 6
 
 
@@ -581,14 +592,15 @@ def test_seeds_aggregate_into_one_row_with_a_hierarchical_interval(tmp_path):
 
 def test_unpaired_outcomes_give_no_interval(tmp_path):
     rng = np.random.default_rng(0)
-    base = make_seed_run(tmp_path, "base", 0, rng.random(100) < 0.5)
-    ours = make_seed_run(tmp_path, "ours", 0, rng.random(100) < 0.6, bias="learnable")
+    a, b = rng.random(100) < 0.5, rng.random(100) < 0.6
+    base, ours = make_seed_run(tmp_path, "base", 0, a), make_seed_run(tmp_path, "ours", 0, b, bias="learnable")
     f = ours/predictions_name("linear", True)
     p = load_predictions(f)
     save_predictions(f, p["pred"], p["label"], "another-val-set")
     with pytest.warns(UserWarning, match="different validation images"):
         cell = table1(load_runs([base, ours]))[1][1]["Linear"]
-    assert cell.delta is not None and cell.lo is None  # the difference, but no pretended interval
+    assert cell.delta == pytest.approx(100 * (b.mean() - a.mean()))  # the difference,
+    assert (cell.lo, cell.hi) == (None, None)  # but no pretended interval
 
 
 def test_random_init_row_first_and_not_in_fig4(runs, tmp_path):
@@ -725,7 +737,8 @@ def test_replicate_key_ignores_run_time_settings_and_finds_moved_teachers(tmp_pa
     # students that recorded their teachers relative to another working directory
     k0, k1 = (replicate_key(dict(method="mae", distill=True, seed=s, out=f"s{s}", teacher=f"elsewhere/t{s}"),
                             study / f"s{s}") for s in (0, 1))
-    assert k0 == k1 and isinstance(json.loads(k0)["teacher"], dict)
+    teacher = dict(method="mae", lr=1e-3, model=dict(name="vit_tiny_patch16_224"))  # a's key: no seed, out, ...
+    assert k0 == k1 and json.loads(k0) == dict(method="mae", distill=True, teacher=teacher)
 
 
 # ---------------------------------------------------------------- the references' recipes (MAE fine-tune, DINO linear)

@@ -146,7 +146,7 @@ def test_truncated_jpeg_skipped_by_masks_training_evaluation(tmp_path, capsys):
     assert (Path(run)/"encoder.pth").is_file()
     row = eval_cli(["--run", str(run), "--data", str(data), "--masks", str(tmp_path/"store"), "--protocol", "knn",
                     "--img-size", "32", "--bs", "8", "--k", "3", "--no-progress", "--num-workers", "0"])
-    assert 0 <= row["value"] <= 100
+    assert row["value"] == 62.5  # seeded pretraining and kNN, measured: 5 of the 8 validation images
     w = warnings_of(capsys.readouterr().err)
     assert len(w) == 1 and "train/a/cut.jpg" in w[0], w
     # without a store nothing knows it beforehand: it gives its place to the next image, listed once
