@@ -83,7 +83,8 @@ def test_evaluate_run_all_protocols_append_rows(tmp_path):
     # seeded (evaluate_run seeds the head and the shuffling), measured: colour-shifted classes are easy for kNN and
     # fine-tuning even from a random encoder; two LARS epochs at MAE's tiny linear lr leave the probe below chance
     assert [row["value"] for row in (knn, knn_nm, lin, ft)] == pytest.approx([100., 100., 100 / 12, 100.], abs=1e-3)
-    np.testing.assert_array_equal(load_predictions(run/lin["predictions"])["pred"], [2, 0, 2, 2, 0, 1, 2, 0, 1, 2, 2, 1])
+    lin_pred = load_predictions(run/lin["predictions"])["pred"]
+    np.testing.assert_array_equal(lin_pred, [2, 0, 2, 2, 0, 1, 2, 0, 1, 2, 2, 1])
 
 
 def test_evaluate_run_masks_setting_recorded_truthfully(tmp_path):

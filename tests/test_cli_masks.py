@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgab.masks import load_image
-from mgab.store import MaskStore, verify_store
+from mgab.masks import list_images, load_image
+from mgab.store import MaskStore, shard_of, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 MASKS = [sys.executable, "-c", "import sys; from mgab.cli.masks import main; sys.exit(main())"]
@@ -192,7 +192,8 @@ def test_cli_parallel_shards(imagenette, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     computed = [_counts(o[0])[0] for o in outs]
-    assert sum(computed) == 12 and all(c > 0 for c in computed)  # disjoint, and both did work
+    keys = list_images(imgs)  # the store's keys
+    assert computed == [sum(shard_of(k, 2) == i for k in keys) for i in range(2)] and sum(computed) == 12  # disjoint
     res = verify_store(tmp_path / "store")
     assert res["ok"] == 12 and not (res["missing"] or res["stale"] or res["corrupt"])
 
@@ -265,5 +266,9 @@ def test_bench_masks_cli():
     last = out.stdout.strip().splitlines()[-1]
     m = re.fullmatch(r"masks: ratio=(\d+\.\d+) felzenszwalb=(\d+\.\d+) slic=(\d+\.\d+) sam_tiny=(\d+\.\d+) img/s "
                      r"bytes_per_entry=(\d+)", last)
-    assert m and all(float(x) > 0 for x in m.groups()), last
+    assert m, last
+    fz = re.search(r"felzenszwalb +(\d+\.\d+) img/s masker +\| store +(\d+\.\d+) img/s, +(\d+) B/entry", out.stdout)
+    rates = {k: re.search(rf"{k} +(\d+\.\d+) img/s masker", out.stdout).group(1) for k in ("slic", "sam_tiny")}
+    assert (m[2], m[3], m[4], m[5]) == (fz[1], rates["slic"], rates["sam_tiny"], fz[3]), out.stdout  # as per line
+    assert float(m[1]) == pytest.approx(float(fz[2]) / float(fz[1]), rel=0.02)  # store rate over masker rate
     assert "(stand-in)" in out.stdout and "random weights" in out.stdout

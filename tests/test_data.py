@@ -390,7 +390,9 @@ def test_bench_data_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert re.fullmatch(r"data: ratio=\d+\.\d+", lines[-1]), lines[-1]
-    assert float(lines[-1].split("=")[1]) > 0 and any("in-memory" in o for o in lines)
+    rel = {l.split()[0]: re.search(r" (\d+\.\d+)x images\)", l).group(1) for l in lines if "x images)" in l}
+    assert list(rel) == ["masks", "images", "in-memory"] and rel["images"] == "1.000", lines
+    assert lines[-1] == f"data: ratio={rel['masks']}"  # the ratio is the masks loader's rate over the images-only one
 
 
 def test_embedded_masker_is_an_ideal_segmenter(tmp_path):

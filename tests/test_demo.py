@@ -36,7 +36,15 @@ def test_demo_tiny_produces_every_artifact_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "STAND-IN" in printed and "mean coverage" in printed and "70.4-72.7%" in printed
     assert all("±" in r for r in rows)  # two seeds: mean ± std in every row
-    assert any("[" in r and "]" in r for r in rows)  # deltas carry their interval
+    def knn(variant, masks):  # each seed's kNN value in its results.csv
+        seeds = [csv.DictReader((out / f"mae-{variant}{sfx}" / "results.csv").read_text().splitlines())
+                 for sfx in ("", "-seed1")]
+        return np.array([next(float(r["value"]) for r in rs if r["protocol"] == "knn" and r["with_masks"] == str(masks))
+                         for rs in seeds])
+    ours, base = knn("biased", True), knn("vanilla", False)
+    cells = {r.split("|")[1].strip(): r.split("|")[-2].strip() for r in rows}  # method: its kNN cell
+    assert cells["MAE + our method"].startswith(  # the seeds' mean ± std, and the difference carrying its interval
+        f"{ours.mean():.1f} ± {ours.std(ddof=1):.1f} ({ours.mean() - base.mean():+.1f} ["), cells
     # the random-init floor is the encoder the vanilla run started from: the trained one moved away from it
     floor, trained = (load_run_encoder(out / f"mae-{v}").state_dict() for v in ("random", "vanilla"))
     assert any(not np.allclose(floor[k], trained[k]) for k in floor)
