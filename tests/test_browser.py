@@ -1,6 +1,6 @@
 """The three explorers in a real browser: JupyterLab on 127.0.0.1 driven by headless Chromium through playwright.
 
-Runs the tutorial notebook nbs/41_mask_explorer.ipynb top to bottom in JupyterLab, with cells appended that open a
+Runs the tutorial notebook nbs/45_mask_explorer.ipynb top to bottom in JupyterLab, with cells appended that open a
 tiny `BiasExplorer` and a `RunViewer` on toy runs (one kernel, one Run All). Checks that the controls are in the
 page, that a click on the image picks the mask / the query token, that changing the image changes the figures and
 the compare panel, that "export figures" writes PNG, SVG and JSON files, and saves screenshots under
@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-NOTEBOOK = ROOT / "nbs" / "41_mask_explorer.ipynb"
+NOTEBOOK = ROOT / "nbs" / "45_mask_explorer.ipynb"
 TOY_CELLS = [  # appended to the tutorial: the other two explorers on a tiny random model and toy runs
     """
 import warnings
