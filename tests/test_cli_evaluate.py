@@ -20,7 +20,6 @@ ARCH, DEPTH = "vit_tiny_patch16_224", 4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 class Items(torch.utils.data.Dataset):
     "`(x, m, y)` items as mgab.data.labelled_dls yields them (contract 3)"
     n_inp, vocab = 2, ["a", "b", "c"]

@@ -26,7 +26,6 @@ from mgab.vit import create_vit
 ARCH, DEPTH = "vit_tiny_patch16_224", 4  # a 4-block ViT-Ti at 32 px (2x2 patches) keeps every test quick
 
 
-
 # ---------------------------------------------------------------- labelled loaders as mgab.data makes them (contract 3)
 class Items(torch.utils.data.Dataset):
     "`(x, m, y)` items; `n_inp` and `vocab` reach the DataLoaders through fastai's attribute delegation"
