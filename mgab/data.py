@@ -273,7 +273,7 @@ def image_tensor(img: np.ndarray,  # (H, W, 3) uint8, e.g. from `mgab.masks.load
                  resample: str = "bilinear",  # as the loaders' `resample`
                 ) -> torch.Tensor:  # (1, 3, size, size) float
     "A whole image as a model input, resized and normalised exactly as the loaders do (for explorers and figures)"
-    x = np.asarray(Image.fromarray(img).resize((size, size), RESAMPLE[resample]))
+    x = np.array(Image.fromarray(img).resize((size, size), RESAMPLE[resample]))  # a writable copy
     return NormalizeCrops()._norm(torch.from_numpy(x)[None])
 
 # %% ../nbs/06_data.ipynb #70e2a382

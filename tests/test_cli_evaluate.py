@@ -131,7 +131,7 @@ def test_report_main(tmp_path, capsys):
     with open(written["table1.csv"], newline="") as fh: rows = list(csv.DictReader(fh))
     assert [r["Method"] for r in rows] == ["MAE", "MAE + our method"]
     assert float(rows[1]["kNN diff"]) == pytest.approx(o["value"] - b["value"], abs=1e-3)
-    exits_with(lambda: report_main([str(tmp_path/"nothing")]), "not a run folder", capsys)
+    exits_with(lambda: report_main([str(tmp_path/"nothing")]), "nothing' does not exist", capsys)
 
 
 # ---------------------------------------------------------------- the installed commands, as a user runs them
