@@ -12,7 +12,8 @@ from pathlib import Path
 from .core import add_debug_flag, cli_main
 import torch
 from fastai.torch_core import rank_distrib, set_seed
-from .masks import SamMasker, SuperpixelMasker
+from .masks import SuperpixelMasker
+from .sam import SamMasker
 from .store import MaskStore, coverage_line, make_mask_store, store_stats
 from .data import labelled_dls
 from .datasets import resolve_data

@@ -1,4 +1,4 @@
-"""Stage 2, masks: SAM automatic masks as label maps (Eq. 3), the offline superpixel stand-in, the one image lister and reader, and pictures.
+"""Stage 2, masks: images read one way for every stage, label maps from annotations (Eq. 3), the offline superpixel stand-in, and pictures.
 
 Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 
@@ -7,7 +7,6 @@ Docs: https://mgab-dev.github.io/mgab/masks.html.md"""
 # %% ../nbs/01_masks.ipynb #afb1d37e
 from __future__ import annotations
 import json, os, sys
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 import numpy as np
@@ -15,10 +14,8 @@ from PIL import Image, ImageOps
 
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'SAM_PAPER_COVERAGE', 'decode_image', 'load_image',
-           'UnreadableImages', 'list_images', 'label_map', 'load_sam', 'build_tiny_sam', 'SamMasker',
-           'label_map_agreement', 'SuperpixelMasker', 'masker_info', 'mask_ratio', 'show_masks', 'prompt_grid_maps',
-           'grid_mask_ratios', 'show_prompt_grid']
+__all__ = ['IMAGE_EXTS', 'SAM_PAPER_COVERAGE', 'decode_image', 'load_image', 'check_image', 'UnreadableImages', 'list_images',
+           'label_map', 'SuperpixelMasker', 'masker_info', 'mask_ratio', 'show_masks']
 
 # %% ../nbs/01_masks.ipynb #1aa374c8
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -48,6 +45,13 @@ def load_image(path: str | os.PathLike,  # an image file PIL can read
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image {path} does not exist")
     return decode_image(path, path)
+
+def check_image(img) -> np.ndarray:
+    "`img` if it is what every masker takes, an (H, W, 3) uint8 RGB array; else a clear error"
+    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"a masker takes an (H, W, 3) uint8 RGB image (see `load_image`), got {desc}")
+    return img
 
 # %% ../nbs/01_masks.ipynb #7e2a1c02
 class UnreadableImages:
@@ -146,184 +150,6 @@ def label_map(anns: Iterable[Mapping],  # SAM annotations: `segmentation`, `pred
     lut = np.zeros(len(segs) + 1, np.uint8); lut[present] = np.arange(1, len(present) + 1)
     return lut[lm]
 
-# %% ../nbs/01_masks.ipynb #3115b562
-SAM_CHECKPOINTS_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
-SAM_CHECKPOINT_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
-                        "vit_b": "sam_vit_b_01ec64.pth"}
-
-def _where_checkpoints(model_type: str) -> str:
-    name = SAM_CHECKPOINT_FILES.get(model_type)
-    return ((f"The official {model_type} checkpoint is {name}; " if name else "") +
-            f"official SAM checkpoints are listed under 'Model Checkpoints' at {SAM_CHECKPOINTS_URL}")
-
-def load_sam(checkpoint: str | os.PathLike,  # a SAM state-dict file, e.g. sam_vit_h_4b8939.pth
-             model_type: str = "vit_h",  # a key of `registry`: "vit_h", "vit_l" or "vit_b"
-             device: str | None = None,  # where to put the model; default: CUDA when available
-             registry: Mapping[str, Callable] | None = None,  # model type -> builder(checkpoint=...)
-            ):
-    "Build SAM of `model_type` through segment-anything's registry and load `checkpoint`, with clear errors"
-    import torch
-    if registry is None: from segment_anything import sam_model_registry as registry
-    if model_type not in registry:
-        raise ValueError(f"unknown SAM model type {model_type!r}; choose from {', '.join(registry)}")
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint {path} not found (model type {model_type!r}). "
-                                + _where_checkpoints(model_type))
-    try: sam = registry[model_type](checkpoint=str(path))
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        if "CUDA" in str(e) and not torch.cuda.is_available():  # a checkpoint saved from GPU tensors, on a CPU box
-            sam = registry[model_type]()
-            sam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif isinstance(e, RuntimeError) and "state_dict" in str(e):
-            raise ValueError(f"SAM checkpoint {path} does not match model type {model_type!r} ({msg}); pass the "
-                             f"model type it was saved from. {_where_checkpoints(model_type)}") from e
-        else:
-            raise ValueError(f"SAM checkpoint {path} could not be read as a {model_type!r} checkpoint "
-                             f"({type(e).__name__}: {msg}). {_where_checkpoints(model_type)}") from e
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return sam.to(device).eval()
-
-# %% ../nbs/01_masks.ipynb #ac609ddd
-def build_tiny_sam(checkpoint: str | None = None,  # a state dict saved from a tiny SAM of the same settings
-                   img_size: int = 128,  # the encoder's input size (SAM: 1024)
-                   embed_dim: int = 32,  # encoder width (SAM ViT-B: 768)
-                   depth: int = 2,  # encoder blocks (SAM ViT-B: 12)
-                   num_heads: int = 2,  # encoder heads
-                   prompt_embed_dim: int = 32,  # prompt and decoder width (SAM: 256); a multiple of 8
-                   seed: int = 0,  # initialisation seed
-                  ):
-    "A tiny randomly initialised `Sam` built from segment-anything's classes, for tests and offline benchmarks"
-    import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-    patch_size = 16
-    emb = img_size // patch_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                          num_heads=num_heads, mlp_ratio=4, out_chans=prompt_embed_dim, qkv_bias=True,
-                                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                                          window_size=max(1, emb // 2), global_attn_indexes=(depth - 1,)),
-            prompt_encoder=PromptEncoder(embed_dim=prompt_embed_dim, image_embedding_size=(emb, emb),
-                                         input_image_size=(img_size, img_size), mask_in_chans=4),
-            mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=prompt_embed_dim,
-                                     transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim,
-                                                                   mlp_dim=2 * prompt_embed_dim, num_heads=2),
-                                     iou_head_depth=3, iou_head_hidden_dim=prompt_embed_dim),
-            pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
-    if checkpoint is not None:  # as segment_anything.build_sam._build_sam does
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    return sam.eval()
-
-# %% ../nbs/01_masks.ipynb #2d5c53e5
-def _bf16_encoder_predictor(sam):
-    "A `SamPredictor` whose image encoder runs under CUDA bf16 autocast; the embeddings go on in float32"
-    import torch
-    from segment_anything import SamPredictor
-    class EncoderBF16Predictor(SamPredictor):
-        @torch.no_grad()
-        def set_torch_image(self, transformed_image, original_image_size):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                super().set_torch_image(transformed_image, original_image_size)
-            self.features = self.features.float()  # prompt encoder and mask decoder stay float32
-    return EncoderBF16Predictor(sam)
-
-# %% ../nbs/01_masks.ipynb #713f76a4
-def _check_image(img) -> np.ndarray:
-    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
-        desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-        raise ValueError(f"a masker takes an (H, W, 3) uint8 RGB image (see `load_image`), got {desc}")
-    return img
-
-def _cuda_device(device) -> bool: return str(device).startswith("cuda")
-
-class SamMasker:
-    "SAM automatic masks as a label map (Eq. 3): a callable `(H, W, 3) uint8 -> (H, W) uint8`"
-    def __init__(self,
-                 checkpoint: str | os.PathLike | None = None,  # SAM state dict; or pass `sam`
-                 model_type: str = "vit_h",  # "vit_h" (paper), "vit_l" or "vit_b"
-                 points_per_side: int = 32,  # the prompt grid is `points_per_side` squared (paper: 32x32)
-                 c: int = 5,  # masks kept per image (Eq. 3)
-                 device: str | None = None,  # default: `sam`'s device, else CUDA when available
-                 sam=None,  # an already built `segment_anything.modeling.Sam`
-                 points_per_batch: int | None = None,  # prompts per decoder call; default 256 on CUDA, 64 on CPU
-                 pred_iou_thresh: float = 0.88,  # SAM's default filters
-                 stability_score_thresh: float = 0.95,
-                 crop_n_layers: int = 0,
-                 min_mask_region_area: int = 0,  # > 0 removes small holes and islands; needs opencv
-                 encoder_bf16: bool = False,  # bf16 autocast for the image encoder only; CUDA only, see above
-                 registry: Mapping[str, Callable] | None = None,  # model type -> builder; default SAM's registry
-                 **amg_kwargs,  # other `SamAutomaticMaskGenerator` options (`box_nms_thresh`, ...)
-                ):
-        from segment_anything import SamAutomaticMaskGenerator
-        if not 1 <= c <= 255: raise ValueError(f"`c` must be in 1..255 (uint8 labels), got {c}")
-        if "output_mode" in amg_kwargs: raise ValueError("SamMasker sets `output_mode` itself; leave it out")
-        if min_mask_region_area > 0:
-            try: import cv2  # noqa: F401  SAM's hole/island removal
-            except ImportError as e:
-                raise ImportError("min_mask_region_area > 0 needs opencv: pip install opencv-python-headless") from e
-        if sam is not None and checkpoint is not None: raise ValueError("pass either `checkpoint` or `sam`, not both")
-        if sam is None:
-            if checkpoint is None:
-                raise ValueError("SamMasker needs `checkpoint=` (a SAM .pth file) or `sam=` (a built model). "
-                                 + _where_checkpoints(model_type) + ". Without weights, use SuperpixelMasker, "
-                                 "the offline stand-in.")
-            sam = load_sam(checkpoint, model_type, device, registry)
-        elif device is not None: sam = sam.to(device)
-        self.device = str(next(sam.parameters()).device)
-        if encoder_bf16 and not _cuda_device(self.device):
-            raise ValueError(f"encoder_bf16 needs a CUDA device; SAM is on {self.device}")
-        if points_per_batch is None: points_per_batch = 256 if _cuda_device(self.device) else 64
-        self.sam, self.c, self.encoder_bf16 = sam.eval(), c, encoder_bf16
-        self.generator = SamAutomaticMaskGenerator(
-            sam, points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, crop_n_layers=crop_n_layers,
-            min_mask_region_area=min_mask_region_area, output_mode="uncompressed_rle", **amg_kwargs)
-        if encoder_bf16: self.generator.predictor = _bf16_encoder_predictor(sam)
-        ckpt = Path(checkpoint) if checkpoint is not None else None
-        g = self.generator
-        self.info = dict(
-            generator="sam", stand_in=False,
-            description="SAM automatic mask generation (segment-anything), paper Eq. 3",
-            settings=dict(model_type=model_type if ckpt else "given Sam",
-                          checkpoint=ckpt.name if ckpt else None,
-                          checkpoint_bytes=ckpt.stat().st_size if ckpt else None,
-                          img_size=sam.image_encoder.img_size, c=c, points_per_side=points_per_side,
-                          pred_iou_thresh=g.pred_iou_thresh, stability_score_thresh=g.stability_score_thresh,
-                          stability_score_offset=g.stability_score_offset, box_nms_thresh=g.box_nms_thresh,
-                          crop_n_layers=g.crop_n_layers, crop_nms_thresh=g.crop_nms_thresh,
-                          crop_overlap_ratio=g.crop_overlap_ratio,
-                          crop_n_points_downscale_factor=g.crop_n_points_downscale_factor,
-                          min_mask_region_area=g.min_mask_region_area, encoder_bf16=encoder_bf16),
-            runtime=dict(checkpoint_path=str(ckpt.resolve()) if ckpt else None, device=self.device,
-                         points_per_batch=points_per_batch))
-
-    def generate(self, img: np.ndarray) -> list[dict]:
-        "SAM's annotation dicts for `img` (segmentations as uncompressed RLE)"
-        return self.generator.generate(_check_image(img))
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        "The (H, W) uint8 label map of `img`"
-        return label_map(self.generate(img), self.c, shape=img.shape[:2])
-
-    def __repr__(self):
-        s = self.info["settings"]
-        return (f"SamMasker({s['model_type']}, points_per_side={s['points_per_side']}, c={self.c}, "
-                f"device={self.device!r})")
-
-# %% ../nbs/01_masks.ipynb #a9d0343e
-def label_map_agreement(masker_a: Callable, masker_b: Callable,  # two maskers to compare
-                        images: Iterable[np.ndarray],  # (H, W, 3) uint8 images
-                       ) -> dict:  # {"images": n, "identical": fraction of maps equal, "pixels": fraction of pixels}
-    "How often two maskers give the same label map: the check before trusting a faster setting"
-    same, pix, n = 0, 0., 0
-    for img in images:
-        a, b = masker_a(img), masker_b(img)
-        same += bool(np.array_equal(a, b)); pix += float((a == b).mean()); n += 1
-    return dict(images=n, identical=same / max(n, 1), pixels=pix / max(n, 1))
-
 # %% ../nbs/01_masks.ipynb #cf2fd0e0
 SAM_PAPER_COVERAGE = {8: 0.704, 32: 0.727}  # Table 3: SAM ViT-H's average mask ratio (c = 5) by prompt grid side
 # (the 16x16 row's mask ratio is not legible in the text copy of the paper, so it is left out rather than guessed)
@@ -362,7 +188,7 @@ class SuperpixelMasker:
     def segment(self, img: np.ndarray) -> np.ndarray:
         "scikit-image's segment ids for `img` (all segments)"
         from skimage.segmentation import felzenszwalb, slic
-        kw = self.skimage_kwargs(*_check_image(img).shape[:2])
+        kw = self.skimage_kwargs(*check_image(img).shape[:2])
         return felzenszwalb(img, **kw) if self.method == "felzenszwalb" else slic(img, channel_axis=-1, **kw)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
@@ -415,7 +241,7 @@ def show_masks(img: np.ndarray,  # (H, W, 3) uint8
     "Draw `lm` over `img`, one colour per mask, with a legend of mask areas"
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-    img, lm = _check_image(img), np.asarray(lm)
+    img, lm = check_image(img), np.asarray(lm)
     if lm.shape != img.shape[:2]: raise ValueError(f"label map shape {lm.shape} != image shape {img.shape[:2]}")
     if ax is None: _, ax = plt.subplots(figsize=(5, 5))
     ax.imshow(_overlay(img, lm, alpha)); ax.set_xticks([]); ax.set_yticks([])
@@ -429,50 +255,3 @@ def show_masks(img: np.ndarray,  # (H, W, 3) uint8
         handles.append(Patch(facecolor="none", edgecolor="grey", label=f"none: {area[0]:.1%}"))
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=.8)
     return ax
-
-# %% ../nbs/01_masks.ipynb #b4fee03f
-def _as_factory(masker_factory) -> Callable:
-    if masker_factory is None: return SuperpixelMasker
-    if hasattr(masker_factory, "image_encoder") and hasattr(masker_factory, "mask_decoder"):  # a built Sam
-        return partial(SamMasker, sam=masker_factory)
-    if not callable(masker_factory): raise TypeError("`masker_factory` must be a callable or a segment-anything Sam")
-    return masker_factory
-
-def prompt_grid_maps(img: np.ndarray, masker_factory=None, grids=(8, 16, 32), **kwargs) -> dict:
-    "Label maps of `img` for each prompt grid: {points_per_side: (H, W) uint8}"
-    factory = _as_factory(masker_factory)
-    return {g: factory(points_per_side=g, **kwargs)(img) for g in grids}
-
-def grid_mask_ratios(images: Iterable[np.ndarray], masker_factory=None, grids=(8, 16, 32), **kwargs) -> dict:
-    "Table 3's average mask ratio per prompt grid over `images`: {points_per_side: mean coverage}"
-    factory = _as_factory(masker_factory)
-    maskers = {g: factory(points_per_side=g, **kwargs) for g in grids}
-    ratios = {g: [] for g in grids}
-    for img in images:
-        for g, m in maskers.items(): ratios[g].append(mask_ratio(m(img)))
-    return {g: float(np.mean(r)) if r else float("nan") for g, r in ratios.items()}
-
-def show_prompt_grid(img: np.ndarray,  # (H, W, 3) uint8
-                     masker_factory=None,  # points_per_side -> masker, or a built Sam; default SuperpixelMasker
-                     grids=(8, 16, 32),  # prompt grids, points per side
-                     axs=None,  # len(grids) + 1 axes
-                     show_points: bool = True,  # draw SAM's prompt points
-                     **kwargs,  # passed to the factory, e.g. `c=5`, `pred_iou_thresh=...`
-                    ):
-    "The same image under several prompt grids, side by side with the mask coverage (Fig. 3, Table 3)"
-    import matplotlib.pyplot as plt
-    factory = _as_factory(masker_factory)
-    if axs is None: _, axs = plt.subplots(1, len(grids) + 1, figsize=(3.2 * (len(grids) + 1), 3.6))
-    axs[0].imshow(img); axs[0].set_title("input", fontsize=9); axs[0].set_xticks([]); axs[0].set_yticks([])
-    H, W = img.shape[:2]
-    for ax, g in zip(axs[1:], grids):
-        masker = factory(points_per_side=g, **kwargs)
-        lm = masker(img)
-        stand_in = masker_info(masker).get("stand_in")
-        what = f"{g}x{g} grid" + (" as segment scale (stand-in)" if stand_in else "")
-        show_masks(img, lm, ax=ax, legend=False, title=f"{what}\n{int(lm.max())} masks, {mask_ratio(lm):.1%} covered")
-        if show_points and isinstance(masker, SamMasker):
-            p = (np.arange(g) + 0.5) / g  # SAM's build_point_grid: cell centres
-            xx, yy = np.meshgrid(p * W, p * H)
-            ax.scatter(xx.ravel(), yy.ravel(), s=5, c="w", edgecolors="k", linewidths=.3)
-    return axs

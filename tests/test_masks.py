@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mgab.masks import (SamMasker, SuperpixelMasker, build_tiny_sam, grid_mask_ratios, label_map,
-                        label_map_agreement, load_image, load_sam, mask_ratio, masker_info, prompt_grid_maps,
-                        show_masks, show_prompt_grid, SAM_CHECKPOINTS_URL, SAM_PAPER_COVERAGE)
+from mgab.masks import SuperpixelMasker, label_map, load_image, mask_ratio, masker_info, show_masks, SAM_PAPER_COVERAGE
+from mgab.sam import (SamMasker, build_tiny_sam, grid_mask_ratios, label_map_agreement, load_sam, prompt_grid_maps,
+                      show_prompt_grid, SAM_CHECKPOINTS_URL)
 from mgab.store import (CorruptMaskError, MaskStore, MissingMaskError, make_mask_store, read_entry, shard_of,
                         store_stats, store_summary, verify_store, write_entry, coverage_line)
 

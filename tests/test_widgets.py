@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mgab.masks import SamMasker, SuperpixelMasker, build_tiny_sam, load_image
+from mgab.masks import SuperpixelMasker, load_image
+from mgab.sam import SamMasker, build_tiny_sam
 from mgab.store import make_mask_store
 from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit

@@ -10,7 +10,8 @@ import argparse, os, shutil, tempfile, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from ..masks import SamMasker, SuperpixelMasker, build_tiny_sam, label_map_agreement, list_images, load_image
+from ..masks import SuperpixelMasker, list_images, load_image
+from ..sam import SamMasker, build_tiny_sam, label_map_agreement
 from ..store import make_mask_store, store_stats
 
 # %% auto #0

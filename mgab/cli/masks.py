@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse, importlib, sys
 from pathlib import Path
 from ..core import add_debug_flag, cli_main
-from ..masks import SamMasker, SuperpixelMasker, SAM_CHECKPOINTS_URL
+from ..masks import SuperpixelMasker
+from ..sam import SamMasker, SAM_CHECKPOINTS_URL
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0

@@ -15,7 +15,8 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 from ..core import data_dir
 from ..mre import labels2tokens
-from ..masks import SamMasker, SuperpixelMasker, label_map, load_image, mask_ratio
+from ..masks import SuperpixelMasker, label_map, load_image, mask_ratio
+from ..sam import SamMasker
 from .base import (Explorer, TokenPicker, as_store, image_sources, labelled, show_labels, show_tokens,
                                store_key, token_picture)
 
