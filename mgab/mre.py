@@ -32,7 +32,7 @@ def as_label_maps(label_map) -> torch.Tensor:
         raise ValueError(f"`label_map` holds negative labels (min {int(label_map.min())}); labels are 0..c")
     return label_map.long()
 
-# %% ../nbs/03_mre.ipynb #2d24e78c
+# %% ../nbs/03_mre.ipynb #cec27413
 def patch_centres(grid: int,  # patches along this axis
                   start: int,  # where the crop starts along this axis, in image pixels
                   length: int,  # the crop's length, in image pixels
