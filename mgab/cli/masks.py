@@ -6,14 +6,14 @@ Docs: https://mgab-dev.github.io/mgab/cli_masks.html.md"""
 
 # %% ../../nbs/50_cli_masks.ipynb #2a872139
 from __future__ import annotations
-import argparse, importlib, sys
+import argparse, importlib, os, sys
 from pathlib import Path
-from ..core import add_debug_flag, cli_main
+from ..core import UsageError, add_debug_flag, cli_main
 from ..masks import SamMasker, SuperpixelMasker, SAM_CHECKPOINTS_URL
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
-__all__ = ['make_masker', 'main']
+__all__ = ['make_masker', 'shard_args', 'main']
 
 # %% ../../nbs/50_cli_masks.ipynb #7c75525f
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("superpixel stand-in")
     s.add_argument("--method", default="felzenszwalb", choices=SuperpixelMasker.methods)
     w = p.add_argument_group("work")
-    w.add_argument("--shard", type=int, default=0, help="this process's shard, 0..num_shards-1")
-    w.add_argument("--num-shards", type=int, default=1)
+    w.add_argument("--shard", type=int, help="this process's shard, 0..num_shards-1 (default: $RANK under "
+                   "`accelerate launch`/`torchrun`, else 0)")
+    w.add_argument("--num-shards", type=int, help="processes filling the store (default: $WORLD_SIZE, else 1)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.add_argument("--repair", action="store_true", help="hash every image, as --verify does, and recompute every "
                    "entry it would flag (also images changed with their size and modification time kept)")
@@ -94,11 +95,20 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
 def _summary(store: MaskStore, log=print):
     log(coverage_line(store_stats(store, limit=5000)))
 
+def shard_args(shard: int | None, num_shards: int | None, env=None) -> tuple[int, int]:
+    "`--shard`/`--num-shards`, defaulting to a launcher's `RANK`/`WORLD_SIZE` (one store filled by every process)"
+    env = os.environ if env is None else env
+    n = num_shards if num_shards is not None else int(env.get("WORLD_SIZE", 1))
+    i = shard if shard is not None else (int(env.get("RANK", 0)) if num_shards is None else 0)
+    if n < 1 or not 0 <= i < n: raise UsageError(f"--shard must be in 0..{n - 1} for --num-shards {n}, got {i}")
+    return i, n
+
 @cli_main("mgab-masks")
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-masks`"
     p = _parser()
     a = p.parse_args(argv)
+    a.shard, a.num_shards = shard_args(a.shard, a.num_shards)  # a usage error (exit 2), outside the try below
     try:
         if a.summary:
             _summary(MaskStore(a.summary))
@@ -126,3 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     for k, e in list(errs.items())[:20]: print(f"  unreadable: {k}: {e['error']}")
     _summary(store)
     return 0
+
+# %% ../../nbs/50_cli_masks.ipynb #49cc64ee
+if __name__ == "__main__": sys.exit(main())  # python -m mgab.cli.masks (e.g. under accelerate launch)
