@@ -16,7 +16,7 @@ from fastai.torch_core import default_device
 from .core import UsageError
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'device_type', 'resolve_precision', 'autocast', 'Autocast', 'set_precision']
+__all__ = ['PRECISIONS', 'device_type', 'resolve_precision', 'autocast', 'DeviceMixedPrecision', 'set_precision']
 
 # %% ../nbs/08_precision.ipynb #44d7ef17
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -52,14 +52,15 @@ def autocast(precision: str | None = "auto",  # one of `PRECISIONS`
     return nullcontext() if p == "fp32" else torch.autocast(device_type(device), dtype=_DTYPES[p])
 
 # %% ../nbs/08_precision.ipynb #e58efa99
-class Autocast(MixedPrecision):
+class DeviceMixedPrecision(MixedPrecision):
     "fastai's `MixedPrecision` on the loaders' device (fastai's own autocasts CUDA only); its scaler is checkpointed"
     def __init__(self,
                  precision: str = "bf16",  # "bf16" or "fp16"
                  device=None,  # default: the device of `learn.dls`
                  **kwargs,  # `GradScaler` options (fp16)
                 ):
-        if precision not in ("bf16", "fp16"): raise ValueError(f"`Autocast` runs bf16 or fp16, not {precision!r}")
+        if precision not in ("bf16", "fp16"):
+            raise ValueError(f"`DeviceMixedPrecision` runs bf16 or fp16, not {precision!r}")
         super().__init__(amp_mode=precision, **kwargs)
         self.device = device
 
@@ -80,9 +81,9 @@ class Autocast(MixedPrecision):
 def set_precision(learn: Learner,
                   precision: str | None = "auto",  # one of `PRECISIONS`
                  ) -> str:  # the resolved precision, for the run's config
-    "Run `learn` in `precision` on its loaders' device: an `Autocast` callback, or none for fp32"
+    "Run `learn` in `precision` on its loaders' device: a `DeviceMixedPrecision` callback, or none for fp32"
     p = resolve_precision(precision, getattr(learn.dls, "device", None))
     learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, MixedPrecision)))
-    if p != "fp32": learn.add_cb(Autocast(p))
+    if p != "fp32": learn.add_cb(DeviceMixedPrecision(p))
     learn.precision = p
     return p
