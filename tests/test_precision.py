@@ -83,8 +83,9 @@ class MultiCrop(Shapes):
         return [v[0] for v in views], [v[1] for v in views]
 
 
-def _dls(ds, bs=8):
-    dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=True, drop_last=True), DataLoader(ds, bs=bs))
+def _dls(ds, bs=8, device=None):
+    dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=True, drop_last=True, device=device),
+                      DataLoader(ds, bs=bs, device=device), device=device)
     dls.n_inp = 2
     return dls
 
@@ -136,6 +137,29 @@ def test_dino_bf16_loss_curve_follows_fp32(tmp_path, sdpa):
                               dynamic_img_size=True))
         runs[p], calls[p] = pretrain_dino(cfg, dls=_dls(MultiCrop(16))), list(sdpa)
     _compare("DINO", runs, calls, DINO_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mae_and_dino_on_cuda(tmp_path, precision):
+    "fp16 (loss scaling; DINO clips the unscaled gradients) and bf16 on CUDA: finite, learning, recorded"
+    mae = dict(epochs=3, out=tmp_path/"mae", lr=2e-3, warmup_epochs=1, progress=False, decoder_embed_dim=32,
+               decoder_depth=1, precision=precision, model=dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                                                depth=2, u_pos_init=1., u_neg_init=-1.))
+    dino = dict(out=str(tmp_path/"dino"), epochs=3, bs=8, lr=5e-4, warmup_epochs=1, out_dim=64, head_hidden_dim=64,
+                head_bottleneck_dim=32, momentum_teacher=0.99, global_size=32, local_size=16, n_local=2,
+                data="synthetic", progress=False, precision=precision,
+                model=dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0,
+                           dynamic_img_size=True))
+    for run in (pretrain_mae(mae, dls=_dls(Shapes(64), device="cuda")),
+                pretrain_dino(dino, dls=_dls(MultiCrop(32), device="cuda"))):
+        losses = _losses(run)
+        assert all(v == v and abs(v) < 1e3 for v in losses), losses  # finite
+        assert json.loads((run/"config.json").read_text())["precision"] == precision
+        ckpt = torch.load(run/"checkpoints"/"last.pth", map_location="cpu", weights_only=False)
+        scaler = ckpt["callbacks"]["DeviceMixedPrecision"]
+        assert (scaler.get("scale", 0) > 0) if precision == "fp16" else scaler == {}  # fp16 resumes its loss scale
+    assert _losses(tmp_path/"mae")[-1] < _losses(tmp_path/"mae")[0]
 
 
 class Items(torch.utils.data.Dataset):
