@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
-import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
+from .precision import set_precision
 import fastai.distributed  # noqa: F401 -- Learner.distrib_ctx
 from .vit import MaskBiasViT, create_vit
 from .mre import TokenRelations
@@ -318,7 +318,7 @@ DINO_DEFAULTS = dict(
     warmup_epochs=None, weight_decay=0.04, weight_decay_end=0.4, bias_lr_mult=10., seed=0, num_workers=None,
     out_dim=65536, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.996,
     clip_grad=3.0, freeze_last_layer=1, norm_last_layer=True, head_hidden_dim=2048, head_bottleneck_dim=256,
-    head_nlayers=3, progress=True)
+    head_nlayers=3, progress=True, precision="auto")
 
 def dino_config(config: dict) -> dict:
     "`config` completed with `DINO_DEFAULTS`, the model arguments and the learning rate"
@@ -387,7 +387,7 @@ def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out
     model = dino_student(c)
     if dls is None: dls = _multicrop_data(c, model.encoder.patch_embed.patch_size[0])
     learn = dino_learner(c, dls, model)
-    if torch.cuda.is_available(): learn.to_bf16()
+    c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
     quiet = not c.get("progress", True)
     bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())

@@ -18,6 +18,7 @@ from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
 from .core import atomic_write
+from .precision import set_precision
 from .vit import create_vit, uses_masks
 from .mae import MAE, MAE_DEFAULTS
 from .dino import DINOStudent, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
@@ -227,7 +228,8 @@ class AttentionGap(Callback):
 # %% ../nbs/20_distill.ipynb #91db36fb
 DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", student_init="teacher", bs=None,
                         lr=None, blr=None, min_lr=None, warmup_epochs=None, weight_decay=None, seed=0, num_workers=None,
-                        student_temp=0.1, teacher_temp=0.04, progress=True)
+                        student_temp=0.1, teacher_temp=0.04, progress=True,
+                        precision="auto")
 STUDENT_INITS = ("teacher", "scratch")
 
 def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dict]:
@@ -339,7 +341,7 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=betas),
                     cbs=[sched, _LogLosses(), gap])
-    if getattr(getattr(dls, "device", None), "type", None) == "cuda": learn.to_bf16()
+    c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
     quiet = not c.get("progress", True)
     bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())

@@ -18,7 +18,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
-import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
+from .precision import set_precision
 from .core import check_shape
 from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, as_relations, create_vit, uses_masks
 from .train import SSLSchedule, fit_run, model_loss, resume_warmup, ssl_splitter, write_init_run
@@ -235,7 +235,7 @@ MAE_DEFAULTS = dict(arch="vit_base_patch16_224", img_size=224, bs=64, blr=1.5e-4
                     warmup_epochs=None, weight_decay=0.05, weight_decay_end=None, bias_lr_mult=10., seed=0,
                     num_workers=None, mask_ratio=0.75, norm_pix_loss=True, decoder_embed_dim=None, decoder_depth=None,
                     decoder_num_heads=None, decoder_bias=False, data=None, masks=None, missing_masks="error",
-                    progress=True)
+                    progress=True, precision="auto")
 
 def mae_config(config: dict,  # run settings; None values mean "the default"
                world_size: int = 1,  # processes: the total batch is `bs * world_size`
@@ -302,7 +302,7 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
                         cfg["bias_lr_mult"])
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=(0.9, 0.95)), cbs=[sched])
-    if getattr(dls.device, "type", None) == "cuda": learn.to_bf16()
+    cfg["precision"] = set_precision(learn, cfg["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     with ExitStack() as stack:
         if not cfg["progress"]: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
         stack.enter_context(learn.distrib_ctx())
