@@ -107,7 +107,8 @@ class LaunchTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` with `LaunchDL` loaders, gloo on CPU, and DDP that allows parameters without grads"
     def __init__(self):
         from accelerate import DistributedDataParallelKwargs
-        # unused by a loss: MAE's encoder `fc_norm` (global_pool="avg"), the bias-free student's head in distillation
+        # a loss may leave parameters without gradients (MAE's encoder `fc_norm` with global_pool="avg", the encoder's
+        # classifier head): DDP must not wait for them
         super().__init__(cpu=not torch.cuda.is_available(),
                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
