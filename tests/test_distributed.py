@@ -1,4 +1,4 @@
-"Multi-process pretraining: 2 CPU processes (gloo) under `accelerate launch`, one run folder, exact resume after a kill."
+"Multi-process pretraining: 2 CPU processes (gloo) under `accelerate launch`, one run folder, exact resume."
 import json
 import os
 import shutil
