@@ -122,14 +122,31 @@ def test_dino_two_processes_and_rank0_eval(tiny_data, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.slow
-def test_launched_without_bias_and_distill(tiny_data, tmp_path):
-    "MAE and DINO without bias, and mgab-distill of a 2-process MAE teacher, each on 2 processes, to the end"
+def test_launched_without_bias_real_kill_and_distill(tiny_data, tmp_path):
+    "Without bias: MAE (also SIGKILLed after epoch 0 and resumed: same losses) and DINO; mgab-distill; 2 processes each"
     data, store = tiny_data
-    for method, extra in (("mae", []), ("dino", ["--out-dim", "64", "--n-local", "2", "--local-size", "32"])):
-        _launch("--method", method, "--data", data, "--no-bias", *TINY, "--epochs", "2", "--blr", "1e-3", *extra,
-                "--out", tmp_path/method)
-        cfg, _ = _check_launched_run(tmp_path/method, 1e-3)
-        assert cfg["model"]["bias"] is None
+    mae = ["--method", "mae", "--data", data, "--no-bias", *TINY, "--epochs", "2", "--blr", "1e-3"]
+    _launch(*mae, "--out", tmp_path/"mae")
+    cfg, full = _check_launched_run(tmp_path/"mae", 1e-3)
+    assert cfg["model"]["bias"] is None
+    killed = tmp_path/"killed"
+    p = subprocess.Popen(LAUNCH + ["-m", "mgab.cli.train", *map(str, mae), "--out", str(killed)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (killed/"checkpoints"/"last.pth").exists() and p.poll() is None and time.time() - t0 < 300:
+            time.sleep(0.005)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both processes
+        p.wait()
+    assert torch.load(killed/"checkpoints"/"last.pth", weights_only=False)["epoch"] == 0
+    assert not (killed/"finished.json").exists()
+    _launch(*mae, "--out", killed, "--resume")
+    assert [r["train_loss"] for r in _rows(killed)] == pytest.approx([r["train_loss"] for r in full], abs=1e-6)
+
+    _launch("--method", "dino", "--data", data, "--no-bias", *TINY, "--epochs", "2", "--blr", "1e-3", "--out-dim", "64",
+            "--n-local", "2", "--local-size", "32", "--out", tmp_path/"dino")
+    assert _check_launched_run(tmp_path/"dino", 1e-3)[0]["model"]["bias"] is None
     _launch("--method", "mae", "--data", data, "--masks", store, *TINY, "--epochs", "1", "--blr", "1e-3",
             "--out", tmp_path/"teacher")
     _launch("distill", "--teacher", tmp_path/"teacher", "--epochs", "2", "--bs", "2", "--blr", "1e-3",
