@@ -21,10 +21,10 @@ from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 from .precision import set_precision
-import fastai.distributed  # noqa: F401 -- Learner.distrib_ctx
+from fastai.distributed import rank0_first
 from .vit import MaskBiasViT, create_vit
 from .mre import TokenRelations
-from .train import SSLSchedule, cosine_schedule, fit_run, resume_warmup, ssl_splitter, unwrap
+from .train import SSLSchedule, cosine_schedule, fit_run, init_processes, resume_warmup, ssl_splitter, unwrap
 
 # %% auto #0
 __all__ = ['DINO_DEFAULTS', 'DINOHead', 'DINOStudent', 'DINOLoss', 'dino_kd_loss', 'ema_update', 'collapse_mode', 'DINO',
@@ -382,14 +382,16 @@ def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out
                  ) -> Path:  # the run folder
     "Pretrain a biased ViT with DINO (Eq. 6) and write a run folder"
     if not config.get("out"): raise ValueError("pretrain_dino needs `out`, the run folder to write")
+    init_processes()  # the processes of `accelerate launch` / `torchrun`, if any: `dino_config` scales the lr
     c = dino_config(dict(config, warmup_epochs=resume_warmup(config.get("warmup_epochs"), config["out"], resume)))
     set_seed(c["seed"])
     model = dino_student(c)
-    if dls is None: dls = _multicrop_data(c, model.encoder.patch_embed.patch_size[0])
+    if dls is None:
+        make = partial(_multicrop_data, c, model.encoder.patch_embed.patch_size[0])
+        dls = rank0_first(make) if num_distrib() > 1 else make()  # rank 0 first: it may generate the embedded dataset
     learn = dino_learner(c, dls, model)
     c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
-    distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
     quiet = not c.get("progress", True)
     bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())
-    with distrib, bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume)
+    with bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume)
     return Path(c["out"])

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/cli_evaluate.html.md"""
 
 # %% ../../nbs/52_cli_evaluate.ipynb #79239165
 from __future__ import annotations
-import argparse, sys, warnings
+import argparse, os, sys, warnings
 from pathlib import Path
 from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
@@ -180,7 +180,12 @@ def eval_cli(argv: list[str] | None = None) -> dict:
 
 @cli_main("mgab-eval")
 def eval_main(argv: list[str] | None = None) -> int:
-    "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message)"
+    "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message); launched, rank 0 evaluates"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # `accelerate launch` / `torchrun`: the features are not sharded, one process evaluates the run
+        if int(os.environ.get("RANK", 0)): return 0
+        os.environ["WORLD_SIZE"] = "1"  # fastai would gather predictions from processes that are not evaluating
+        print(f"mgab-eval: {world} processes launched: rank 0 evaluates alone, the others exit", flush=True)
     eval_cli(argv)
     return 0
 

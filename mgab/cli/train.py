@@ -180,6 +180,8 @@ def pretrain_main(argv: list[str] | None = None):
     _check_model(cfg)
     if cfg["method"] == "mae": from mgab.mae import pretrain_mae as pretrain
     else: from mgab.dino import pretrain_dino as pretrain
+    from mgab.train import init_processes
+    init_processes()  # a launch that started fewer processes than it asked for stops here
     main = os.environ.get("RANK", "0") == "0"  # one banner under `accelerate launch`
     bias = cfg["model"]["bias"] or "no"
     if main: print(f"mgab-pretrain: {cfg['method']} {cfg['arch']} ({bias} bias) on {cfg['data']} for {cfg['epochs']} "
@@ -254,6 +256,8 @@ def distill_main(argv: list[str] | None = None):
     "Entry point of `mgab-distill`"
     cfg, resume = distill_config(argv)
     from mgab.distill import distill_run
+    from mgab.train import init_processes
+    init_processes()
     main = os.environ.get("RANK", "0") == "0"
     if main: print(f"mgab-distill: teacher {cfg['teacher']} -> mask-free student {cfg['out']}"
                    + (" (resuming)" if resume else ""), flush=True)
