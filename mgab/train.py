@@ -390,6 +390,8 @@ def fit_run(learn: Learner,
         old = json.loads(cfg_file.read_text())
         old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
+        if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:
+        # then "auto" ran (bf16 on CUDA, fp32 elsewhere), which is what the same device resolves it to now
         diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
         saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
