@@ -13,7 +13,7 @@ from ..masks import SamMasker, SuperpixelMasker, SAM_CHECKPOINTS_URL
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
-__all__ = ['make_masker', 'shard_args', 'main']
+__all__ = ['launch_device', 'make_masker', 'shard_args', 'main']
 
 # %% ../../nbs/50_cli_masks.ipynb #7c75525f
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     return add_debug_flag(p)
 
 # %% ../../nbs/50_cli_masks.ipynb #da8e32f3
+def launch_device(env=None) -> str | None:
+    "`cuda:LOCAL_RANK` for a process started by a launcher on a GPU machine (one GPU per process), else None"
+    env = os.environ if env is None else env
+    if env.get("LOCAL_RANK") is None: return None
+    import torch
+    r = int(env["LOCAL_RANK"])
+    return f"cuda:{r}" if torch.cuda.is_available() and r < torch.cuda.device_count() else None
+
 def make_masker(a: argparse.Namespace, log=print):
     "The masker the command-line options ask for"
     gen = a.generator or ("sam" if a.checkpoint else "superpixel")
@@ -62,7 +70,7 @@ def make_masker(a: argparse.Namespace, log=print):
         if not a.checkpoint:
             raise ValueError(f"--generator sam needs --checkpoint (official checkpoints: {SAM_CHECKPOINTS_URL}); "
                              "without one, --generator superpixel is the offline stand-in")
-        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device,
+        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device or launch_device(),
                          points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
                          stability_score_thresh=a.stability_score_thresh, crop_n_layers=a.crop_n_layers,
                          min_mask_region_area=a.min_mask_region_area, encoder_bf16=a.encoder_bf16)
