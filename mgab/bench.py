@@ -15,7 +15,8 @@ __all__ = ['BENCHES', 'main']
 # %% ../nbs/54_bench.ipynb #6b5d9904
 BENCHES = {"attention": "biased ViT training step vs vanilla timm (issue: foundation)",
            "masks": "images per second of each mask generator",
-           "data": "image+mask loader vs image-only loader"}
+           "data": "image+mask loader vs image-only loader",
+           "pretrain": "images/s of an MAE pretraining step with the bias vs without"}
 
 @cli_main("mgab-bench")
 def main(argv: list[str] | None = None):
@@ -30,5 +31,6 @@ def main(argv: list[str] | None = None):
     if name not in BENCHES: raise UsageError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
     if name == "attention": from mgab.benches.attention import main as bench  # imported only for the bench run
     elif name == "masks": from mgab.benches.masks import main as bench
-    else: from mgab.benches.data import main as bench
+    elif name == "data": from mgab.benches.data import main as bench
+    else: from mgab.benches.pretrain import main as bench
     return bench(rest)

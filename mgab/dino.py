@@ -20,11 +20,11 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
-import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
-import fastai.distributed  # noqa: F401 -- Learner.distrib_ctx
+from .precision import set_precision
+from fastai.distributed import rank0_first
 from .vit import MaskBiasViT, create_vit
 from .mre import TokenRelations
-from .train import SSLSchedule, cosine_schedule, fit_run, resume_warmup, ssl_splitter, unwrap
+from .train import SSLSchedule, cosine_schedule, fit_run, init_processes, resume_warmup, ssl_splitter, unwrap
 
 # %% auto #0
 __all__ = ['DINO_DEFAULTS', 'DINOHead', 'DINOStudent', 'DINOLoss', 'dino_kd_loss', 'ema_update', 'collapse_mode', 'DINO',
@@ -318,7 +318,7 @@ DINO_DEFAULTS = dict(
     warmup_epochs=None, weight_decay=0.04, weight_decay_end=0.4, bias_lr_mult=10., seed=0, num_workers=None,
     out_dim=65536, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.996,
     clip_grad=3.0, freeze_last_layer=1, norm_last_layer=True, head_hidden_dim=2048, head_bottleneck_dim=256,
-    head_nlayers=3, progress=True)
+    head_nlayers=3, progress=True, precision="auto")
 
 def dino_config(config: dict) -> dict:
     "`config` completed with `DINO_DEFAULTS`, the model arguments and the learning rate"
@@ -382,14 +382,16 @@ def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out
                  ) -> Path:  # the run folder
     "Pretrain a biased ViT with DINO (Eq. 6) and write a run folder"
     if not config.get("out"): raise ValueError("pretrain_dino needs `out`, the run folder to write")
+    init_processes()  # the processes of `accelerate launch` / `torchrun`, if any: `dino_config` scales the lr
     c = dino_config(dict(config, warmup_epochs=resume_warmup(config.get("warmup_epochs"), config["out"], resume)))
     set_seed(c["seed"])
     model = dino_student(c)
-    if dls is None: dls = _multicrop_data(c, model.encoder.patch_embed.patch_size[0])
+    if dls is None:
+        make = partial(_multicrop_data, c, model.encoder.patch_embed.patch_size[0])
+        dls = rank0_first(make) if num_distrib() > 1 else make()  # rank 0 first: it may generate the embedded dataset
     learn = dino_learner(c, dls, model)
-    if torch.cuda.is_available(): learn.to_bf16()
-    distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
+    c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     quiet = not c.get("progress", True)
     bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())
-    with distrib, bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume)
+    with bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume)
     return Path(c["out"])

@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
-from fastai.distributed import rank0_first  # noqa: F401 -- also adds Learner.distrib_ctx
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
 from .core import atomic_write
+from .precision import set_precision
 from .vit import create_vit, uses_masks
 from .mae import MAE, MAE_DEFAULTS
 from .dino import DINOStudent, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
-from .train import (SSLSchedule, encoder_of, fit_run, model_loss, resume_warmup, ssl_splitter, unfinished_reason,
-                        unwrap)
+from .train import (SSLSchedule, encoder_of, fit_run, init_processes, model_loss, resume_warmup, ssl_splitter,
+                        unfinished_reason, unwrap)
 
 # %% auto #0
 __all__ = ['ATTN_LOSSES', 'ATTN_TOKENS', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill',
@@ -227,7 +227,8 @@ class AttentionGap(Callback):
 # %% ../nbs/20_distill.ipynb #91db36fb
 DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", student_init="teacher", bs=None,
                         lr=None, blr=None, min_lr=None, warmup_epochs=None, weight_decay=None, seed=0, num_workers=None,
-                        student_temp=0.1, teacher_temp=0.04, progress=True)
+                        student_temp=0.1, teacher_temp=0.04, progress=True,
+                        precision="auto")
 STUDENT_INITS = ("teacher", "scratch")
 
 def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dict]:
@@ -300,6 +301,7 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     for k in ("teacher", "out", "epochs"):
         if config.get(k) is None: raise ValueError(f"the distillation config needs {k!r}")
     if "from_scratch" in config: raise ValueError("`from_scratch` is gone: use student_init='scratch' or 'teacher'")
+    init_processes()  # the processes of `accelerate launch` / `torchrun`, if any
     c = dict(DISTILL_DEFAULTS); c.update({k: v for k, v in config.items() if v is not None})
     set_seed(c["seed"])  # before the student is built: a "scratch" student is the same for the same seed
     model, tcfg = distill_models(c["teacher"], c["student_init"], c["lam"], c["layers"], c["attn_loss"],
@@ -339,9 +341,8 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=betas),
                     cbs=[sched, _LogLosses(), gap])
-    if getattr(getattr(dls, "device", None), "type", None) == "cuda": learn.to_bf16()
-    distrib = learn.distrib_ctx() if num_distrib() > 1 else nullcontext()
+    c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     quiet = not c.get("progress", True)
     bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())
-    with distrib, bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume, cbs=cbs)
+    with bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume, cbs=cbs)
     return Path(c["out"])

@@ -24,6 +24,7 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, SGD
 from timm.layers import trunc_normal_
 from .vit import MaskBiasViT
+from .precision import autocast, set_precision
 
 # %% auto #0
 __all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'plain_tensor',
@@ -94,11 +95,13 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
                      with_masks: bool = True,  # feed `m` to the model; False: `m=None` (vanilla attention)
                      pool: str | LastBlocks = "cls",  # "cls", "avg" (see `pool_tokens`) or DINO's `LastBlocks`
                      progress: bool = True,  # show a progress bar
+                     precision: str | None = "auto",  # the forward passes' autocast, as in training (`mgab.precision`)
                     ) -> tuple[torch.Tensor, torch.Tensor]:  # (N, C) float features and (N,) int64 labels, on the CPU
     "Pooled features and labels of every item of `dl`, in order (no shuffling, no dropped last batch)"
     _check_pool(pool)
     if hasattr(dl, "new"): dl = dl.new(shuffle=False, drop_last=False)  # fastai: every item once, in order
     device, was_training = next(model.parameters()).device, model.training
+    amp = autocast(precision, device)  # checked before any batch: fp16 on a CPU stops here
     model.eval()
     feats, labels = [], []
     try:
@@ -106,7 +109,7 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
             if len(b) != 3:
                 raise ValueError(f"expected batches (x, m, y) as from mgab.data.labelled_dls, got {len(b)} items")
             x, m, y = (plain_tensor(t) for t in b)
-            f = encoder_features(model, x.to(device), m.to(device) if with_masks else None, pool)  # (B, D)
+            with amp: f = encoder_features(model, x.to(device), m.to(device) if with_masks else None, pool)  # (B, D)
             feats.append(f.float().cpu())
             labels.append(y.long().cpu())
     finally: model.train(was_training)
@@ -244,8 +247,9 @@ class Classifier(nn.Module):
 
 
 # %% ../nbs/30_evaluate.ipynb #8841d253
-def fit_learner(learn: Learner, epochs: int, progress: bool):
+def fit_learner(learn: Learner, epochs: int, progress: bool, precision: str | None = "auto"):
     "Fit `learn` for `epochs` (one cycle of the callbacks' schedule), with or without progress bars; its `Learner`"
+    set_precision(learn, precision)
     if len(learn.dls.train) == 0:
         raise ValueError(f"no training batch: the training set has fewer items than bs={learn.dls.train.bs}; lower bs")
     if progress: learn.fit(epochs)
@@ -254,9 +258,9 @@ def fit_learner(learn: Learner, epochs: int, progress: bool):
     return learn
 
 def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True, pool: str | LastBlocks = "cls",
-                progress: bool = True) -> DataLoaders:
+                progress: bool = True, precision: str | None = "auto") -> DataLoaders:
     "`DataLoaders` of precomputed `(features, label)` pairs for the train and valid sets of `dls`"
-    (ftr, ytr), (fva, yva) = (extract_features(encoder, dl, with_masks, pool, progress)
+    (ftr, ytr), (fva, yva) = (extract_features(encoder, dl, with_masks, pool, progress, precision)
                               for dl in (dls.train, dls.valid))
     fdls = DataLoaders.from_dsets(TensorDataset(ftr, ytr), TensorDataset(fva, yva), bs=min(dls.train.bs, len(ftr)),
                                   device=dls.device, num_workers=0)  # in memory: worker processes only cost time
@@ -282,6 +286,7 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
                  opt: str | None = None,  # "lars" (MAE) or "sgd" (momentum 0.9, DINO)
                  recipe: str = "mae",  # "mae" (`main_linprobe.py`) or "dino" (`eval_linear.py`): the defaults above
                  progress: bool = True,
+                 precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                 ) -> Learner:  # trained; `learn.classifier` is the whole `Classifier`
     "A linear probe on frozen features: MAE's (BatchNorm + Linear, LARS, warmup) or DINO's (Linear, SGD), cosine lr"
     if recipe not in LINEAR_RECIPES: raise ValueError(f"`recipe` must be one of {list(LINEAR_RECIPES)}, got {recipe!r}")
@@ -292,13 +297,14 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
     if dls.device is not None: encoder.to(dls.device)  # features are extracted where the batches are
     head = (linear_head if recipe == "mae" else dino_linear_head)(feature_dim(encoder, pool), len(dls.vocab))
     clf = Classifier(encoder, head, pool, with_masks, freeze_encoder=True)
-    data, model = (feature_dls(encoder, dls, with_masks, pool, progress), clf.head) if precompute else (dls, clf)
+    data, model = ((feature_dls(encoder, dls, with_masks, pool, progress, precision), clf.head) if precompute
+                   else (dls, clf))
     lr = c["blr"] * data.train.bs / 256 if lr is None else lr  # both: the linear scaling rule
     opt_func = partial(LARS, wd=c["wd"]) if c["opt"] == "lars" else partial(SGD, mom=0.9, wd=c["wd"])
     learn = Learner(data, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
                     cbs=WarmupCosine(c["warmup_pct"], c["min_lr"]))  # DINO steps its cosine per epoch, we per batch
     learn.classifier, learn.recipe = clf, recipe
-    return fit_learner(learn, c["epochs"], progress)
+    return fit_learner(learn, c["epochs"], progress, precision)
 
 def top1(learn: Learner) -> float:
     "Top-1 validation accuracy (%) of a `Learner` with the `accuracy` metric"

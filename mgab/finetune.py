@@ -194,6 +194,7 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
               remode: str = MAE_FINETUNE["remode"],
               recount: int = MAE_FINETUNE["recount"],
               progress: bool = True,
+              precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
              ) -> Learner:  # trained; `learn.model` is the `Classifier`, `learn.augs` the augmentations used
     "MAE's `main_finetune.py`: AdamW, layer-wise lr decay, warmup + cosine, drop path, mixup/CutMix, RandAugment, RE"
     masked = bool(with_masks) and uses_masks(encoder) and bool(getattr(dls, "has_masks", True))
@@ -213,5 +214,5 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
     learn = Learner(dls, clf, loss_func=MixedTargetLoss(label_smoothing), opt_func=opt_func,
                     splitter=lambda m: [g["params"] for g in groups], lr=lr, metrics=accuracy, cbs=cbs)
     learn.param_groups, learn.augs, learn.recipe = groups, augs, "mae"
-    return fit_learner(learn, epochs, progress)
+    return fit_learner(learn, epochs, progress, precision)
 

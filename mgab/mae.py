@@ -6,7 +6,6 @@ Docs: https://mgab-dev.github.io/mgab/mae.html.md"""
 
 # %% ../nbs/11_mae.ipynb #9c7e73a1
 from __future__ import annotations
-import os
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -17,11 +16,11 @@ from timm.models.vision_transformer import Block
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import num_distrib, rank_distrib, set_seed
-import fastai.callback.fp16  # noqa: F401 -- Learner.to_bf16
+from fastai.torch_core import set_seed
+from .precision import set_precision
 from .core import check_shape
 from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, as_relations, create_vit, uses_masks
-from .train import SSLSchedule, fit_run, model_loss, resume_warmup, ssl_splitter, write_init_run
+from .train import SSLSchedule, fit_run, init_processes, model_loss, resume_warmup, ssl_splitter, write_init_run
 
 # %% auto #0
 __all__ = ['MAE_DEFAULTS', 'sincos_pos_embed', 'random_masking', 'decoder_defaults', 'MAE', 'mae_config', 'mae_model',
@@ -235,7 +234,7 @@ MAE_DEFAULTS = dict(arch="vit_base_patch16_224", img_size=224, bs=64, blr=1.5e-4
                     warmup_epochs=None, weight_decay=0.05, weight_decay_end=None, bias_lr_mult=10., seed=0,
                     num_workers=None, mask_ratio=0.75, norm_pix_loss=True, decoder_embed_dim=None, decoder_depth=None,
                     decoder_num_heads=None, decoder_bias=False, data=None, masks=None, missing_masks="error",
-                    progress=True)
+                    progress=True, precision="auto")
 
 def mae_config(config: dict,  # run settings; None values mean "the default"
                world_size: int = 1,  # processes: the total batch is `bs * world_size`
@@ -281,10 +280,8 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
                  cbs: list | None = None,  # extra fastai callbacks for the fit
                 ) -> Path:  # the run folder
     "MAE pretraining of a biased ViT (Eq. 7) as a fastai Learner, into a resumable run folder"
-    from fastai.distributed import rank0_first  # also patches in Learner.distrib_ctx (a no-op on one process)
-    world = max(num_distrib(), 1)
-    if world > 1 and torch.cuda.is_available():  # fastai puts loaders on the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank_distrib())))
+    from fastai.distributed import rank0_first
+    world = init_processes()  # 1, or the processes of `accelerate launch` / `torchrun`
     config = dict(config, warmup_epochs=resume_warmup(config.get("warmup_epochs"), config.get("out"), resume))
     cfg = mae_config(config, world)
     model = mae_model(cfg)
@@ -302,9 +299,8 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
                         cfg["bias_lr_mult"])
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=(0.9, 0.95)), cbs=[sched])
-    if getattr(dls.device, "type", None) == "cuda": learn.to_bf16()
+    cfg["precision"] = set_precision(learn, cfg["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
     with ExitStack() as stack:
         if not cfg["progress"]: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
-        stack.enter_context(learn.distrib_ctx())
         fit_run(learn, cfg["epochs"], cfg["out"], cfg, resume=resume, cbs=cbs)
     return Path(cfg["out"])

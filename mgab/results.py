@@ -171,6 +171,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  recipe: str | None = None,  # the reference followed (`RECIPES`): default mae, for kNN dino
                  save: bool = True,  # append the row to `run_dir/results.csv` and keep the per-image outcomes
                  progress: bool = True,
+                 precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                  seed: int = 0,  # seeds the head's initialisation and the loaders' shuffling: same run, same score
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
                 ) -> dict:  # the results row
@@ -190,7 +191,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     fit_kw = {} if epochs is None else dict(epochs=epochs)
     if protocol == "knn":
         if dls.device is not None: encoder.to(dls.device)
-        (ftr, ytr), (fva, label) = (extract_features(encoder, dl, with_masks, pool, progress)
+        (ftr, ytr), (fva, label) = (extract_features(encoder, dl, with_masks, pool, progress, precision)
                                     for dl in (dls.train, dls.valid))
         pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
     else:
@@ -198,7 +199,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
         for dl in dls.loaders: dl.rng.seed(seed)  # fastai's loaders shuffle with their own RNG, made when built
         fit = partial(linear_probe, recipe=recipe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
         pred, label = valid_predictions(fit(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
-                                            **kwargs))
+                                            precision=precision, **kwargs))
     value = 100. * (pred == label).float().mean().item()  # top-1, from the very outcomes that are saved
     frac = 1. if fraction is None else float(fraction)
     name = predictions_name(protocol, with_masks, frac, which) if save else ""

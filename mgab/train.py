@@ -6,22 +6,26 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import csv, json, random, time
+import csv, hashlib, json, os, random, time
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from fastai.callback.core import Callback, CancelValidException
-import fastai.callback.progress  # noqa: F401 -- progress bars for every Learner (and Learner.no_bar)
+from fastai.callback.progress import ProgressCallback  # also progress bars for every Learner (and Learner.no_bar)
+from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
-from fastai.torch_core import rank_distrib, find_bs
+from fastai.torch_core import find_bs, num_distrib, rank_distrib, set_seed
 from .core import RunFailed, UsageError, atomic_path, atomic_write
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'SSLSchedule', 'model_loss', 'SSLTarget',
-           'resume_warmup', 'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state',
-           'RunCheckpoint', 'StopOnNonFinite', 'SkipValidation', 'fit_run', 'write_init_run']
+__all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
+           'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup',
+           'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint',
+           'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -50,6 +54,81 @@ def encoder_of(model: nn.Module) -> nn.Module:
 def ssl_splitter(model: nn.Module) -> list[list]:
     "fastai splitter: the non-empty groups of `mgab.vit.split_params` (decayed, undecayed, bias)"
     return [g for g in split_params(unwrap(model)) if g]
+
+# %% ../nbs/09_train.ipynb #09eb1ff6
+def _launcher_processes() -> int:
+    "N of a parent `accelerate launch --cpu --num_processes N` (accelerate starts one process for it without MPI)"
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1", "yes"): return 0
+    try: argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
+    except (OSError, UnicodeDecodeError): return 0
+    if "launch" not in argv: return 0
+    for i, a in enumerate(argv):
+        if a.startswith("--num_processes=") and a[16:].isdigit(): return int(a[16:])
+        if a == "--num_processes" and i + 1 < len(argv) and argv[i + 1].isdigit(): return int(argv[i + 1])
+    return 0
+
+def init_processes() -> int:
+    "Processes of this launch (`accelerate launch`, `torchrun`; 1 without); starts their process group (gloo on CPU)"
+    asked = _launcher_processes()
+    if asked > 1 and num_distrib() <= 1 and not os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE")):
+        raise UsageError(f"`accelerate launch --cpu --num_processes {asked}` started one process (accelerate needs MPI "
+                         f"for several CPU processes): use `accelerate launch --multi_gpu --num_processes {asked}`, "
+                         f"which runs {asked} CPU processes (gloo) on a machine without GPUs, or `torchrun "
+                         f"--nproc_per_node {asked} -m mgab.cli.train ...`")
+    world = max(num_distrib(), 1)
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        from accelerate import PartialState
+        cuda = torch.cuda.is_available()
+        if cuda: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank_distrib())))  # fastai's loaders follow it
+        PartialState(cpu=not cuda)  # before any `Accelerator()`: it would pick no backend for CPU processes
+    return world
+
+def gather_objects(obj) -> list:
+    "`obj` of every process, by rank; `[obj]` on one process"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+# %% ../nbs/09_train.ipynb #032bce19
+class LaunchDL(DistributedDL):
+    "fastai's `DistributedDL` on any backend (gloo broadcasts CPU tensors), exposing the wrapped loader's `rng`"
+    def _broadcast(self, t, rank):
+        t = torch.tensor(t, dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+    @property
+    def rng(self): return self.dl.rng  # rank 0's shuffle orders every process's batches (`get_idxs` broadcasts it)
+    @rng.setter
+    def rng(self, v): self.dl.rng = v
+
+class LaunchTrainer(DistributedTrainer):
+    "fastai's `DistributedTrainer` with `LaunchDL` loaders, gloo on CPU, and DDP that allows parameters without grads"
+    def __init__(self):
+        from accelerate import DistributedDataParallelKwargs
+        # a loss may leave parameters without gradients (MAE's encoder `fc_norm` with global_pool="avg", the encoder's
+        # classifier head): DDP must not wait for them
+        super().__init__(cpu=not torch.cuda.is_available(),
+                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+    def _wrap_dl(self, dl): return dl if isinstance(dl, DistributedDL) else LaunchDL(dl, device=self.learn.model.device)
+
+@contextmanager
+def distributed(learn: Learner):
+    "Train `learn` on every process of the launch (DDP through accelerate, progress bar on rank 0); a no-op on one"
+    if num_distrib() <= 1:
+        yield learn
+        return
+    init_processes()
+    cb = LaunchTrainer()
+    learn.add_cb(cb)
+    bar = next((c for c in learn.cbs if isinstance(c, ProgressCallback)), None) if rank_distrib() else None
+    if bar is not None: learn.remove_cb(bar)
+    try: yield learn
+    finally:
+        learn.remove_cb(cb)
+        if bar is not None: learn.add_cb(bar)
 
 # %% ../nbs/09_train.ipynb #faa4ca95
 class SSLSchedule(Callback):
@@ -153,8 +232,9 @@ class RunLogger(Callback):
 
     def after_epoch(self):
         if self.n == 0: return  # an epoch skipped on resume
-        n, self.n = self.n, 0
-        row = dict(epoch=self.epoch, train_loss=self.tot / n, lr=float(self.opt.hypers[0]["lr"]),
+        parts = gather_objects((self.tot, self.n))  # the mean over every process's batches
+        tot, n, self.n = sum(t for t, _ in parts), sum(k for _, k in parts), 0
+        row = dict(epoch=self.epoch, train_loss=tot / n, lr=float(self.opt.hypers[0]["lr"]),
                    time_s=round(time.time() - self.t0, 2))
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
         enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
@@ -201,16 +281,22 @@ class RunCheckpoint(Callback):
         self.opt.load_state_dict(s["opt"])
         for name, cb in self._extra().items():
             if name in s["callbacks"]: cb.load_checkpoint_state(s["callbacks"][name])
-        set_rng_state(s["rng"], self.learn)
+        rngs = s.get("rng_ranks") or [s["rng"]]  # one state per process of a multi-process run
+        if len(rngs) != max(num_distrib(), 1):
+            raise ValueError(f"the checkpoint holds the RNG states of {len(rngs)} processes, this launch has "
+                             f"{max(num_distrib(), 1)}: resume with as many processes as the run had")
+        set_rng_state(rngs[rank_distrib()], self.learn)
         self.resume_state = None
 
     def after_epoch(self):
         if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        rngs = gather_objects(rng_state(self.learn))  # each process's loader, augmentation and masking-noise RNGs
         if not _is_main(): return
         model = unwrap(self.learn.model)
         (self.run/"checkpoints").mkdir(parents=True, exist_ok=True)
-        state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rng_state(self.learn),
+        state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rngs[0],
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
+        if len(rngs) > 1: state["rng_ranks"] = rngs
         _atomic_save(state, self.run/"checkpoints"/"last.pth")
         for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
         self.saved_epoch = self.epoch
@@ -236,6 +322,40 @@ class StopOnNonFinite(Callback):
         if not all(bool(torch.isfinite(p).all()) for p in self.learn.model.parameters()):
             self._fail("the weights became non-finite", step=False)
 
+# %% ../nbs/09_train.ipynb #eccf8dd8
+def _tensor_items(o, prefix=""):
+    if isinstance(o, dict):
+        for k in sorted(o, key=str): yield from _tensor_items(o[k], f"{prefix}{k}.")
+    elif isinstance(o, (list, tuple)):
+        for i, v in enumerate(o): yield from _tensor_items(v, f"{prefix}{i}.")
+    else: yield prefix, o
+
+def state_digest(*states) -> str:
+    "SHA-1 of (nested) state dicts: names, dtypes, shapes and bytes of every tensor; equal digests, equal states"
+    h = hashlib.sha1()
+    for s in states:
+        for k, v in _tensor_items(s):
+            h.update(k.encode())
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu().contiguous()
+                h.update(f"{v.dtype}{tuple(v.shape)}".encode()); h.update(v.reshape(-1).view(torch.uint8).numpy())
+            else: h.update(repr(v).encode())
+    return h.hexdigest()
+
+class CheckReplicas(Callback):
+    "After every epoch of a multi-process run: the same model and callback states (DINO's teacher, centre) everywhere"
+    order = 93  # after the epoch's last step and EMA update, before the logger writes the row
+    def after_epoch(self):
+        skipped = getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0)
+        if num_distrib() <= 1 or skipped: return
+        extra = {type(cb).__name__: cb.checkpoint_state() for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
+        digests = gather_objects(state_digest(unwrap(self.learn.model).state_dict(), extra))
+        if len(set(digests)) > 1:
+            raise RunFailed(f"the {len(digests)} processes hold different states after epoch {self.epoch} (digests by "
+                            f"rank: {', '.join(d[:12] for d in digests)}): their replicas diverged; nothing of this "
+                            "epoch is saved")
+        self.learn.run_metrics["replicas"] = len(digests)  # processes whose states were compared, and equal
+
 # %% ../nbs/09_train.ipynb #ccf36fc6
 class SkipValidation(Callback):
     "Skip the validation pass (SSL losses need no validation set)"
@@ -259,12 +379,19 @@ def fit_run(learn: Learner,
         raise UsageError(f"no training images in {config.get('data') or 'the training loader'!r}: give a folder with "
                          "images in train/<class>/" if not n else f"{n} training images make no full batch: lower --bs")
     cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
-    config = json.loads(json.dumps(dict(config, epochs=epochs)))  # normalise tuples etc.
+    world = max(num_distrib(), 1)
+    config = dict(config, epochs=epochs, world_size=world)
+    if "bs" in config: config["total_bs"] = config["bs"] * world  # what the learning rate was scaled by
+    config = json.loads(json.dumps(config))  # normalise tuples etc.
     state, start = None, 0
     if resume:
         if not ckpt.is_file():
             raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
         old = json.loads(cfg_file.read_text())
+        old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
+        if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
+        if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:
+        # then "auto" ran (bf16 on CUDA, fp32 elsewhere), which is what the same device resolves it to now
         diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
         saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
@@ -287,12 +414,16 @@ def fit_run(learn: Learner,
         atomic_write(cfg_file, json.dumps(config, indent=1))
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
+    if world > 1 and config.get("seed") is not None:  # each process its own augmentations and MAE masks (as MAE's
+        set_seed(config["seed"] + rank_distrib())  # seed + rank); the models were built alike, DDP also syncs them
     ckpt_cb = RunCheckpoint(run, state)
     ckpt_cb._start = start
     guard = StopOnNonFinite(run)
     guard._start = start
-    extra = [SSLTarget(), guard, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
-    learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
+    replicas = CheckReplicas()
+    replicas._start = start
+    extra = [SSLTarget(), guard, replicas, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
+    with distributed(learn): learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
         atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=epochs)))
     return learn

@@ -29,3 +29,20 @@ def test_bench_help_and_unknown_name():
     assert out.returncode == 0 and re.search(r"^\s+attention\s+biased ViT", out.stdout, re.M), out.stdout
     out = subprocess.run(["mgab-bench", "nope"], capture_output=True, text=True, timeout=60, env=ENV)
     assert out.returncode == 2 and "unknown benchmark 'nope'" in out.stderr
+
+
+def test_bench_pretrain_cli_format(capsys):
+    "`mgab-bench pretrain` prints images/s of both MAEs, and a last line whose ratio is those numbers'"
+    out = subprocess.run(["mgab-bench", "pretrain", "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--bs", "2",
+                          "--seconds", "0.5", "--device", "cpu"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr
+    ips = {k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+([\d.]+) images/s", out.stdout, re.M)}
+    assert set(ips) == {"vanilla", "biased"}, out.stdout
+    r = re.fullmatch(r"pretrain: ratio=(\d+\.\d+) images_per_s=([\d.]+)", out.stdout.strip().splitlines()[-1])
+    assert r and float(r[2]) == ips["biased"], out.stdout
+    assert abs(float(r[1]) - ips["vanilla"] / ips["biased"]) <= 2e-3 * float(r[1]) + 1e-3, out.stdout
+    from mgab.bench import main  # the same entry function, in this process: a usage error exits 2 with one line
+    try: main(["pretrain", "--seconds", "0"]); code = 0
+    except SystemExit as e: code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--seconds" in err[-1], err

@@ -40,7 +40,7 @@ def test_mae_config_from_flags(folders):
                     epochs=400, bs=128,
                     blr=1e-4, lr=1e-4 * 128 / 256, min_lr=0., warmup_epochs=40., weight_decay=0.1, weight_decay_end=0.1,
                     bias_lr_mult=3., seed=7, num_workers=2, progress=False, mask_ratio=0.6, norm_pix_loss=False,
-                    decoder_embed_dim=256, decoder_depth=3, decoder_num_heads=8, decoder_bias=True)
+                    decoder_embed_dim=256, decoder_depth=3, decoder_num_heads=8, decoder_bias=True, precision="auto")
     assert {k: v for k, v in cfg.items() if k != "model"} == expected
 
 

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/cli_evaluate.html.md"""
 
 # %% ../../nbs/52_cli_evaluate.ipynb #79239165
 from __future__ import annotations
-import argparse, sys, warnings
+import argparse, os, sys, warnings
 from pathlib import Path
 from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
@@ -17,6 +17,7 @@ with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on imp
     from mgab.report import report
     from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, find_runs, read_run_config
     from mgab.finetune import MAE_FINETUNE, finetune_augs
+    from mgab.precision import PRECISIONS, resolve_precision
     from mgab.train import unfinished_reason
 
 # %% auto #0
@@ -88,6 +89,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     f.add_argument("--remode", choices=("pixel", "rand", "const"), default=M["remode"],
                    help="random erasing fill (default: %(default)s)")
     f.add_argument("--recount", type=int, default=M["recount"], help="random erasing count (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of feature extraction and "
+                   "training: auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16, or fp16 (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="evaluate a run that has no finished.json (stopped before its last epoch)")
@@ -113,6 +116,8 @@ def eval_cli(argv: list[str] | None = None) -> dict:
         _fail("--n-last-blocks and --avgpool-patchtokens choose the features of --protocol linear --recipe dino")
     if args.fraction is not None and not 0 < args.fraction <= 1:
         _fail(f"--fraction must be in (0, 1], got {args.fraction}")
+    try: resolve_precision(args.precision)  # fp16 on a CPU: refused before any data is read
+    except ValueError as e: _fail(str(e))
     try:
         cfg = read_run_config(run)
         img_size = args.img_size or cfg["model"].get("img_size", 224)
@@ -167,14 +172,20 @@ def eval_cli(argv: list[str] | None = None) -> dict:
                   remode=args.remode, recount=args.recount)
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
-                       epochs=args.epochs, pool=pool, which=which, recipe=recipe, progress=not args.no_progress, **kw)
+                       epochs=args.epochs, pool=pool, which=which, recipe=recipe, progress=not args.no_progress,
+                       precision=args.precision, **kw)
     print(",".join(RESULT_COLUMNS))
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
 
 @cli_main("mgab-eval")
 def eval_main(argv: list[str] | None = None) -> int:
-    "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message)"
+    "Entry point of `mgab-eval`: exit status 0 (bad input exits 2 with a one-line message); launched, rank 0 evaluates"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # `accelerate launch` / `torchrun`: the features are not sharded, one process evaluates the run
+        if int(os.environ.get("RANK", 0)): return 0
+        os.environ["WORLD_SIZE"] = "1"  # fastai would gather predictions from processes that are not evaluating
+        print(f"mgab-eval: {world} processes launched: rank 0 evaluates alone, the others exit", flush=True)
     eval_cli(argv)
     return 0
 

@@ -6,15 +6,15 @@ Docs: https://mgab-dev.github.io/mgab/cli_masks.html.md"""
 
 # %% ../../nbs/50_cli_masks.ipynb #2a872139
 from __future__ import annotations
-import argparse, importlib, sys
+import argparse, importlib, os, sys
 from pathlib import Path
-from ..core import add_debug_flag, cli_main
+from ..core import UsageError, add_debug_flag, cli_main
 from ..masks import SuperpixelMasker
 from ..sam import SamMasker, SAM_CHECKPOINTS_URL
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
-__all__ = ['make_masker', 'main']
+__all__ = ['launch_device', 'make_masker', 'shard_args', 'main']
 
 # %% ../../nbs/50_cli_masks.ipynb #7c75525f
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("superpixel stand-in")
     s.add_argument("--method", default="felzenszwalb", choices=SuperpixelMasker.methods)
     w = p.add_argument_group("work")
-    w.add_argument("--shard", type=int, default=0, help="this process's shard, 0..num_shards-1")
-    w.add_argument("--num-shards", type=int, default=1)
+    w.add_argument("--shard", type=int, help="this process's shard, 0..num_shards-1 (default: $RANK under "
+                   "`accelerate launch`/`torchrun`, else 0)")
+    w.add_argument("--num-shards", type=int, help="processes filling the store (default: $WORLD_SIZE, else 1)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.add_argument("--repair", action="store_true", help="hash every image, as --verify does, and recompute every "
                    "entry it would flag (also images changed with their size and modification time kept)")
     return add_debug_flag(p)
 
 # %% ../../nbs/50_cli_masks.ipynb #da8e32f3
+def launch_device(env=None) -> str | None:
+    "`cuda:LOCAL_RANK` for a process started by a launcher on a GPU machine (one GPU per process), else None"
+    env = os.environ if env is None else env
+    if env.get("LOCAL_RANK") is None: return None
+    import torch
+    r = int(env["LOCAL_RANK"])
+    return f"cuda:{r}" if torch.cuda.is_available() and r < torch.cuda.device_count() else None
+
 def make_masker(a: argparse.Namespace, log=print):
     "The masker the command-line options ask for"
     gen = a.generator or ("sam" if a.checkpoint else "superpixel")
@@ -62,7 +71,7 @@ def make_masker(a: argparse.Namespace, log=print):
         if not a.checkpoint:
             raise ValueError(f"--generator sam needs --checkpoint (official checkpoints: {SAM_CHECKPOINTS_URL}); "
                              "without one, --generator superpixel is the offline stand-in")
-        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device,
+        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device or launch_device(),
                          points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
                          stability_score_thresh=a.stability_score_thresh, crop_n_layers=a.crop_n_layers,
                          min_mask_region_area=a.min_mask_region_area, encoder_bf16=a.encoder_bf16)
@@ -95,11 +104,20 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
 def _summary(store: MaskStore, log=print):
     log(coverage_line(store_stats(store, limit=5000)))
 
+def shard_args(shard: int | None, num_shards: int | None, env=None) -> tuple[int, int]:
+    "`--shard`/`--num-shards`, defaulting to a launcher's `RANK`/`WORLD_SIZE` (one store filled by every process)"
+    env = os.environ if env is None else env
+    n = num_shards if num_shards is not None else int(env.get("WORLD_SIZE", 1))
+    i = shard if shard is not None else (int(env.get("RANK", 0)) if num_shards is None else 0)
+    if n < 1 or not 0 <= i < n: raise UsageError(f"--shard must be in 0..{n - 1} for --num-shards {n}, got {i}")
+    return i, n
+
 @cli_main("mgab-masks")
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `mgab-masks`"
     p = _parser()
     a = p.parse_args(argv)
+    a.shard, a.num_shards = shard_args(a.shard, a.num_shards)  # a usage error (exit 2), outside the try below
     try:
         if a.summary:
             _summary(MaskStore(a.summary))
@@ -127,3 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     for k, e in list(errs.items())[:20]: print(f"  unreadable: {k}: {e['error']}")
     _summary(store)
     return 0
+
+# %% ../../nbs/50_cli_masks.ipynb #49cc64ee
+if __name__ == "__main__": sys.exit(main())  # python -m mgab.cli.masks (e.g. under accelerate launch)

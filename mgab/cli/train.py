@@ -37,6 +37,21 @@ def _resolve(config: dict) -> dict:
     from mgab.dino import dino_config
     return dino_config(config)
 
+# %% ../../nbs/51_cli_train.ipynb #bab5c230
+def _add_precision_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "`--precision`, the same in every training command (names: `mgab.precision.PRECISIONS`)"
+    p.add_argument("--precision", help="autocast of the training steps: auto (default: bf16 on CUDA, fp32 elsewhere), "
+                   "fp32, bf16, or fp16 (CUDA only); config.json records the one used")
+    return p
+
+def _precision(p: argparse.ArgumentParser, a: argparse.Namespace) -> str | None:
+    "`--precision` checked on this machine: a bad name or fp16 without CUDA exits 2 with one line; None: the default"
+    if a.precision is None: return None
+    from mgab.precision import resolve_precision  # torch: imported once the flags are parsed
+    try: resolve_precision(a.precision)
+    except ValueError as e: p.exit(2, f"{p.prog}: error: {e}\n")  # one line, as `_check_numbers`
+    return a.precision
+
 # %% ../../nbs/51_cli_train.ipynb #d5d2ef65
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -98,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--momentum-teacher", type=float, help="default 0.996")
     d.add_argument("--clip-grad", type=float, help="default 3.0 (0: no clipping)")
     d.add_argument("--freeze-last-layer", type=int, help="epochs with a frozen last head layer (default 1)")
-    return add_debug_flag(p)
+    return add_debug_flag(_add_precision_flag(p))
 
 # %% ../../nbs/51_cli_train.ipynb #2638fa2e
 def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace):
@@ -155,7 +170,7 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
                weight_decay=a.weight_decay, weight_decay_end=a.weight_decay_end, bias_lr_mult=a.bias_lr_mult,
                seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress, model=model,
                **{k: getattr(a, k) for k in _OWN[a.method]})
-    return _resolve(cfg), a.resume
+    return _resolve(dict(cfg, precision=_precision(p, a))), a.resume
 
 # %% ../../nbs/51_cli_train.ipynb #8d6dab1f
 @cli_main("mgab-pretrain")
@@ -165,6 +180,8 @@ def pretrain_main(argv: list[str] | None = None):
     _check_model(cfg)
     if cfg["method"] == "mae": from mgab.mae import pretrain_mae as pretrain
     else: from mgab.dino import pretrain_dino as pretrain
+    from mgab.train import init_processes
+    init_processes()  # a launch that started fewer processes than it asked for stops here
     main = os.environ.get("RANK", "0") == "0"  # one banner under `accelerate launch`
     bias = cfg["model"]["bias"] or "no"
     if main: print(f"mgab-pretrain: {cfg['method']} {cfg['arch']} ({bias} bias) on {cfg['data']} for {cfg['epochs']} "
@@ -205,7 +222,7 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="distil a teacher run that has no finished.json (stopped before its last epoch)")
-    return add_debug_flag(p)
+    return add_debug_flag(_add_precision_flag(p))
 
 def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     "Parse and check `mgab-distill` arguments into a `mgab.distill.distill_run` config; bad input exits with a message"
@@ -232,13 +249,15 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
                student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
                warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress,
                allow_unfinished=a.allow_unfinished)
-    return cfg, a.resume
+    return dict(cfg, precision=_precision(p, a)), a.resume
 
 @cli_main("mgab-distill")
 def distill_main(argv: list[str] | None = None):
     "Entry point of `mgab-distill`"
     cfg, resume = distill_config(argv)
     from mgab.distill import distill_run
+    from mgab.train import init_processes
+    init_processes()
     main = os.environ.get("RANK", "0") == "0"
     if main: print(f"mgab-distill: teacher {cfg['teacher']} -> mask-free student {cfg['out']}"
                    + (" (resuming)" if resume else ""), flush=True)
