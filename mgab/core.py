@@ -13,8 +13,8 @@ from typing import Callable
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 
 # %% auto #0
-__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'tmp_path', 'atomic_path', 'atomic_write', 'UsageError',
-           'RunFailed', 'error_line', 'cli_main', 'add_debug_flag']
+__all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'tmp_path', 'atomic_path', 'atomic_write', 'clean_tmp',
+           'UsageError', 'RunFailed', 'error_line', 'cli_main', 'add_debug_flag']
 
 # %% ../nbs/00_core.ipynb #55a8513e
 def data_dir(*parts: str,  # sub-folders below the data folder
@@ -69,6 +69,21 @@ def atomic_write(path,  # the file to (re)place
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+def clean_tmp(root,  # a folder written through `atomic_path` (a run folder, a mask store)
+             ):
+    "Remove temporary files left by killed processes of this host (their pid no longer runs)"
+    host = socket.gethostname()
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            if not (f.startswith(".") and f.endswith(".tmp")): continue
+            stem, _, pid = f[:-4].rpartition(".")  # .<entry>.<host>.<pid>.tmp
+            if not pid.isdigit() or not stem.endswith("." + host): continue
+            pid = int(pid)
+            if pid == os.getpid(): continue
+            try: os.kill(pid, 0)
+            except ProcessLookupError: Path(dirpath, f).unlink(missing_ok=True)
+            except PermissionError: pass  # alive, someone else's
 
 # %% ../nbs/00_core.ipynb #e7a1c002
 class UsageError(ValueError):

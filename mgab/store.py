@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/store.html.md"""
 
 # %% ../nbs/02_store.ipynb #466a6f3c
 from __future__ import annotations
-import hashlib, io, json, os, random, socket, struct, zlib
+import hashlib, io, json, os, random, struct, zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
-from .core import atomic_write, tmp_path
+from .core import atomic_write, clean_tmp, tmp_path
 from .masks import SAM_PAPER_COVERAGE, UnreadableImages, decode_image, list_images, masker_info, mask_ratio
 
 
@@ -230,20 +230,6 @@ def _same_generator(a: dict, b: dict) -> bool:
     pick = lambda d: json.loads(json.dumps({k: d.get(k) for k in ("format", "generator", "settings", "image_dir")}))
     return pick(a) == pick(b)
 
-def _clean_tmp(root: Path):
-    "Remove temporary files left by killed processes of this host (their pid no longer runs)"
-    host = socket.gethostname()
-    for dirpath, _, filenames in os.walk(root):
-        for f in filenames:
-            if not (f.startswith(".") and f.endswith(".tmp")): continue
-            stem, _, pid = f[:-4].rpartition(".")  # .<entry>.<host>.<pid>.tmp
-            if not pid.isdigit() or not stem.endswith("." + host): continue
-            pid = int(pid)
-            if pid == os.getpid(): continue
-            try: os.kill(pid, 0)
-            except ProcessLookupError: Path(dirpath, f).unlink(missing_ok=True)
-            except PermissionError: pass  # alive, someone else's
-
 def _prefetch(fn: Callable, items: list, ahead: int = 4):
     "Yield `fn(item)` in order, computing up to `ahead` items in a background thread"
     with ThreadPoolExecutor(1) as ex:
@@ -304,7 +290,7 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
         raise ValueError(f"mask store {out} was built with {old.get('generator')} {old.get('settings')} from "
                          f"{old.get('image_dir')}; this run asks for {info['generator']} {info['settings']} from "
                          f"{image_dir}. Use another --out for other masks.")
-    _clean_tmp(out)
+    clean_tmp(out)
     mine = [k for k in keys if shard_of(k, num_shards) == shard]
     err_f = out/"errors"/f"shard-{shard}-of-{num_shards}.json"
     errors = json.loads(err_f.read_text()) if err_f.is_file() else {}

@@ -18,7 +18,7 @@ from fastai.callback.progress import ProgressCallback  # also progress bars for 
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import find_bs, num_distrib, rank_distrib, set_seed
-from .core import RunFailed, UsageError, atomic_path, atomic_write
+from .core import clean_tmp, RunFailed, UsageError, atomic_path, atomic_write
 from .vit import split_params
 
 # %% auto #0
@@ -388,6 +388,7 @@ def fit_run(learn: Learner,
         if not ckpt.is_file():
             raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
         old = json.loads(cfg_file.read_text())
+        if rank_distrib() == 0: clean_tmp(run)  # what a killed run was writing
         old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
         if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:

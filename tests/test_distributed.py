@@ -1,7 +1,6 @@
 "Multi-process pretraining: 2 CPU processes (gloo) under `accelerate launch`, one run folder, exact resume."
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,28 +56,35 @@ def _check_launched_run(run, blr, epochs=2):
     return cfg, rows
 
 
-def _snapshot_at_first_checkpoint(argv, run, copy):
-    "Launch a run; the moment epoch 0's checkpoint lands, copy the run folder: what a kill then leaves on disk"
-    p = subprocess.Popen(LAUNCH + ["-m", "mgab.cli.train", *map(str, argv)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+def _popen(argv):
+    return subprocess.Popen(LAUNCH + ["-m", "mgab.cli.train", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+
+
+def _kill_at_first_checkpoint(p, run):
+    "SIGKILL a launched run (the launcher and its processes) the moment epoch 0's checkpoint lands"
     try:
         t0 = time.time()
         while not (run/"checkpoints"/"last.pth").exists() and p.poll() is None and time.time() - t0 < 300:
             time.sleep(0.005)
-        # atomic writes: each file is epoch 0's or epoch 1's whole (checked below); temporary files come and go
-        shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".*.tmp"))
-        out, _ = p.communicate(timeout=300)  # the run goes on to the end: the uninterrupted reference
-    finally:
-        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 0, out[-3000:]
+    finally:  # the launcher and every process it started (torchrun gives its workers their own sessions)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", f"out {run}( |$)"])
+        p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed: the test is invalid"
+    assert subprocess.run(["pgrep", "-f", f"out {run}( |$)"], capture_output=True).stdout == b""  # all gone
 
 
 def test_mae_two_processes_kill_and_exact_resume(tiny_data, tmp_path):
-    "MAE with bias on 2 processes; the run folder as a kill after epoch 0 leaves it, resumed, logs the same losses"
+    "MAE with bias on 2 processes, killed after epoch 0 and resumed: the same losses as the uninterrupted run"
     data, store = tiny_data
     full, killed = tmp_path/"full", tmp_path/"killed"
     args = ["--method", "mae", "--data", data, "--masks", store, *TINY, "--epochs", "2", "--blr", "1e-3"]
-    _snapshot_at_first_checkpoint(args + ["--out", full], full, killed)
+    ref = _popen(args + ["--out", full])  # the uninterrupted reference, alongside the run that is killed
+    _kill_at_first_checkpoint(_popen(args + ["--out", killed]), killed)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
     cfg, rows = _check_launched_run(full, 1e-3)
     assert cfg["model"]["bias"] == "learnable" and rows[-1]["u_pos_mean"] != 0
     ckpt = torch.load(full/"checkpoints"/"last.pth", weights_only=False)

@@ -15,7 +15,6 @@ from mgab.mae import pretrain_mae
 from mgab.precision import DeviceMixedPrecision, autocast, resolve_precision
 from mgab.vit import create_vit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 BF16 = torch.bfloat16
 CUDA = torch.cuda.is_available()
 
