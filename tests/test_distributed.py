@@ -136,15 +136,7 @@ def test_launched_without_bias_real_kill_and_distill(tiny_data, tmp_path):
     cfg, full = _check_launched_run(tmp_path/"mae", 1e-3)
     assert cfg["model"]["bias"] is None
     killed = tmp_path/"killed"
-    p = subprocess.Popen(LAUNCH + ["-m", "mgab.cli.train", *map(str, mae), "--out", str(killed)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
-    try:
-        t0 = time.time()
-        while not (killed/"checkpoints"/"last.pth").exists() and p.poll() is None and time.time() - t0 < 300:
-            time.sleep(0.005)
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both processes
-        p.wait()
+    _kill_at_first_checkpoint(_popen(mae + ["--out", killed]), killed)  # the launcher and both processes
     assert torch.load(killed/"checkpoints"/"last.pth", weights_only=False)["epoch"] == 0
     assert not (killed/"finished.json").exists()
     _launch(*mae, "--out", killed, "--resume")
