@@ -16,9 +16,9 @@ from .masks import label_map, list_images
 
 
 # %% auto #0
-__all__ = ['EMBEDDED_PALETTE', 'EMBEDDED_CLASSES', 'EMBEDDED_DISTRACTORS', 'EMBEDDED_CONFIG', 'check_split', 'embedded_image',
-           'pixel_digest', 'make_embedded', 'folder_digest', 'embedded_dataset', 'EmbeddedMasker', 'imagenette',
-           'imagenet100_classes', 'imagenet100', 'resolve_data']
+__all__ = ['EMBEDDED_PALETTE', 'EMBEDDED_CLASSES', 'EMBEDDED_DISTRACTORS', 'EMBEDDED_CONFIG', 'EMBEDDED_OBJECT_AREA',
+           'check_split', 'embedded_image', 'pixel_digest', 'make_embedded', 'folder_digest', 'embedded_dataset',
+           'EmbeddedMasker', 'imagenette', 'imagenet100_classes', 'imagenet100', 'resolve_data']
 
 # %% ../nbs/05_datasets.ipynb #0c51d31a
 def check_split(path: Path,  # an ImageFolder root
@@ -38,7 +38,8 @@ EMBEDDED_CLASSES = [(s, c) for s, cs in [("circle", ("red", "blue")), ("square",
                                           ("triangle", ("green", "yellow")), ("cross", ("yellow", "magenta")),
                                           ("star", ("magenta", "red"))] for c in cs]
 EMBEDDED_DISTRACTORS = ("bar", "ring", "crescent", "ell")
-EMBEDDED_CONFIG = dict(version=2, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
+EMBEDDED_CONFIG = dict(version=3, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
+EMBEDDED_OBJECT_AREA = (0.11, 0.25)  # an object's drawn area, share of the image: 7-16 tokens of an 8x8 grid
 
 def _shape_polygon(kind: str, r: float, angle: float) -> np.ndarray | None:
     "(K, 2) vertices of a polygon shape of radius `r` rotated by `angle`, None for round shapes"
@@ -86,39 +87,57 @@ def _texture(side: int, rng: np.random.Generator) -> np.ndarray:
         t = np.clip(np.asarray(lo.resize((side, side), Image.Resampling.BICUBIC, box=(1, 1, n + 1, n + 1))), 0, 1)
     return c1 * t[..., None] + c2 * (1 - t[..., None])
 
+def _shape_area(kind: str, n: int = 512) -> float:
+    "Drawn area of a shape of radius 1 (circle pi, star 1.34, bar 0.89, ...): objects are sized by area, not radius"
+    return float((np.asarray(_shape_mask(kind, n / 2, n / 2, n / 4, 0.3, n)) > 127).sum()) / (n / 4) ** 2
+
+def _two_part_background(side: int, rng: np.random.Generator) -> np.ndarray:
+    "(side, side) bool: the background region (True) on one side of a wavy line at a random angle, 40-75% of the image"
+    yy, xx = np.mgrid[:side, :side].astype(np.float32) / side - 0.5
+    a = rng.uniform(0, 2 * np.pi)
+    u, v = xx * np.cos(a) + yy * np.sin(a), yy * np.cos(a) - xx * np.sin(a)
+    return u > rng.uniform(-0.25, 0.1) + 0.06 * np.sin(rng.uniform(4, 10) * v + rng.uniform(0, 2 * np.pi))
+
 def embedded_image(cls: int,  # class index into `EMBEDDED_CLASSES`
                    rng: np.random.Generator,
                    size: int = 64,
                    regions: bool = False,  # also return the drawn regions (see below)
+                   object_area: tuple[float, float] = EMBEDDED_OBJECT_AREA,  # each object's area, share of the image
                   ):  # (size, size, 3) uint8; with `regions`: `(image, owner, visible)`
-    """One synthetic image of class `cls`: its objects and some distractors on a textured background.
-    With `regions`, also `owner` (size, size) uint8 (0 background, k the k-th object drawn, later ones on top) and
-    `visible` (k,) float: the fraction of each object's drawn area that stays visible"""
+    """One synthetic image of class `cls`: 1-2 objects of its class and 1-2 distractors on a two-part textured
+    background. With `regions`, also `owner` (size, size) uint8 (0 the background part no mask covers, 1 the
+    background region, k >= 2 the (k-1)-th object drawn, later ones on top) and `visible` (k,) float: the fraction
+    of each object's drawn area that stays visible"""
     shape, colour = EMBEDDED_CLASSES[cls]
     side = 2 * size  # drawn at 2x, reduced for smooth edges
-    img = Image.fromarray(np.clip(_texture(side, rng), 0, 255).astype(np.uint8))
+    region = _two_part_background(side, rng)
+    bg = np.where(region[..., None], _texture(side, rng), _texture(side, rng))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     colours = list(EMBEDDED_PALETTE.values())
-    objs = [(shape, EMBEDDED_PALETTE[colour])] * int(rng.integers(1, 4))
+    objs = [(shape, EMBEDDED_PALETTE[colour])] * int(rng.integers(1, 3))
     objs += [(EMBEDDED_DISTRACTORS[rng.integers(len(EMBEDDED_DISTRACTORS))], colours[rng.integers(len(colours))])
-             for _ in range(int(rng.integers(1, 4)))]
-    placed, owner, areas = [], np.zeros((side, side), np.uint8), []
+             for _ in range(int(rng.integers(1, 3)))]  # at most 4 objects + the background: all within c = 5
+    placed, owner, areas = [], region.astype(np.uint8), []
     for j in rng.permutation(len(objs)):
         kind, col = objs[j]
-        r = rng.uniform(0.11, 0.2) * side
-        for _ in range(20):  # avoid heavy overlaps
-            cx, cy = rng.uniform(r, side - r, 2)
-            if all((cx - px) ** 2 + (cy - py) ** 2 > (0.8 * (r + pr)) ** 2 for px, py, pr in placed): break
+        r = np.sqrt(rng.uniform(*object_area) * side * side / _SHAPE_AREA[kind])
+        for _ in range(30):  # avoid heavy overlaps (large objects still overlap at times: occlusion)
+            cx, cy = rng.uniform(0.6 * r, side - 0.6 * r, 2)
+            if all((cx - px) ** 2 + (cy - py) ** 2 > (0.9 * (r + pr)) ** 2 for px, py, pr in placed): break
         placed.append((cx, cy, r))
         col = tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, 12, 3), 0, 255))
         mask = _shape_mask(kind, cx, cy, r, rng.uniform(0, 2 * np.pi), side)
         img.paste(col, (0, 0), mask)
         inside = np.asarray(mask) > 127
-        owner[inside] = len(placed); areas.append(inside.sum())
+        owner[inside] = len(placed) + 1; areas.append(inside.sum())
     out = np.asarray(img.reduce(2)).astype(np.int16) + rng.integers(-6, 7, (size, size, 3))
     out = np.clip(out, 0, 255).astype(np.uint8)
     if not regions: return out
-    visible = np.bincount(owner.ravel(), minlength=len(areas) + 1)[1:] / np.maximum(areas, 1)
+    visible = np.bincount(owner.ravel(), minlength=len(areas) + 2)[2:] / np.maximum(areas, 1)
     return out, owner[::2, ::2].copy(), visible.astype(np.float32)  # owner at the image's resolution
+
+_SHAPE_AREA = {k: _shape_area(k) for k in [s for s, _ in EMBEDDED_CLASSES] + list(EMBEDDED_DISTRACTORS)}
+
 
 # %% ../nbs/05_datasets.ipynb #4bd70e20
 def pixel_digest(img: np.ndarray) -> str:
@@ -148,7 +167,7 @@ def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/
         owners.append(owner); visible[n, :len(vis)] = vis
     # what the generator knows of every image: for `EmbeddedMasker`, the ideal segmenter of this data
     np.savez_compressed(dest/"regions.npz", keys=np.array(keys), digests=np.array(digests), owner=np.stack(owners),
-                        visible=visible)
+                        visible=visible, version=EMBEDDED_CONFIG["version"])  # the drawing that `owner` describes
     return dest
 
 def folder_digest(folder) -> str:
@@ -182,7 +201,7 @@ class EmbeddedMasker:
     def __init__(self,
                  root=None,  # the embedded dataset (holding `regions.npz`); default `embedded_dataset()`
                  c: int = 5,  # masks kept, most confident first (`c` of Eq. 3)
-                 background: bool = True,  # the background is a region too, ranked below every object
+                 background: bool = True,  # the background region is a mask too, ranked below every object
                  min_area: int = 16,  # regions with fewer visible pixels are dropped
                 ):
         root = embedded_dataset(progress=False) if root is None else Path(root)
@@ -192,6 +211,10 @@ class EmbeddedMasker:
                                     "(`mgab.datasets.embedded_dataset()`); use SuperpixelMasker or SamMasker for other "
                                     "images")
         z = np.load(f)
+        version = int(z["version"]) if "version" in z.files else 2  # version 2 did not record it
+        if version != EMBEDDED_CONFIG["version"]:
+            raise ValueError(f"{f} describes an older drawing of the embedded dataset (owner labels differ): generate "
+                             "it again (`mgab.datasets.embedded_dataset()` does so when its folder is out of date)")
         self.index = {str(d): i for i, d in enumerate(z["digests"])}
         self.owner, self.visible = z["owner"], z["visible"]
         self.c, self.background, self.min_area = c, background, min_area
@@ -208,12 +231,12 @@ class EmbeddedMasker:
             raise ValueError(f"a {img.shape} image that is not in the embedded dataset's regions.npz: EmbeddedMasker "
                              "only knows the images it drew; use SuperpixelMasker or SamMasker for other images")
         owner, vis, anns = self.owner[i], self.visible[i], []
-        for k in range(int(owner.max()) + 1):
+        for k in range(1, int(owner.max()) + 1):  # owner 0: the background part no mask covers (as SAM leaves some)
             seg = owner == k
-            if seg.sum() < self.min_area or (k == 0 and not self.background): continue
-            conf = 0.86 if k == 0 else 0.88 + 0.1 * float(vis[k - 1])  # background below every object
+            if seg.sum() < self.min_area or (k == 1 and not self.background): continue
+            conf = 0.86 if k == 1 else 0.88 + 0.1 * float(vis[k - 2])  # the background below every object
             anns.append(dict(segmentation=seg, area=int(seg.sum()), predicted_iou=conf,
-                             stability_score=1. if k == 0 else float(vis[k - 1])))
+                             stability_score=1. if k == 1 else float(vis[k - 2])))
         return anns
 
     def __call__(self, img: np.ndarray) -> np.ndarray:

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.schedule import ParamScheduler
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Optimizer, SGD
+from fastai.optimizer import Optimizer, OptimWrapper, SGD
 from timm.layers import trunc_normal_
 from .vit import MaskBiasViT
 from .precision import autocast, set_precision
@@ -29,7 +29,8 @@ from .precision import autocast, set_precision
 # %% auto #0
 __all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'plain_tensor',
            'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS',
-           'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1']
+           'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1',
+           'Standardize', 'LBFGSStep', 'logreg_probe']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -270,6 +271,7 @@ def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True,
 LINEAR_RECIPES = {  # the defaults of each reference's linear evaluation
     "mae": dict(epochs=90, blr=0.1, wd=0., warmup_pct=10 / 90, min_lr=0., opt="lars", pool="cls"),  # main_linprobe.py
     "dino": dict(epochs=100, blr=1e-3, wd=0., warmup_pct=0., min_lr=0., opt="sgd", pool=None),  # eval_linear.py
+    "logreg": dict(wd=1e-4, pool="avg"),  # mgab's converged probe (`logreg_probe`): not a reference recipe
 }
 
 def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameters stop requiring grad)
@@ -284,12 +286,20 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
                  with_masks: bool = True,  # feed the masks to a biased encoder
                  precompute: bool = False,  # extract features once and train the head on them (no augmentation)
                  opt: str | None = None,  # "lars" (MAE) or "sgd" (momentum 0.9, DINO)
-                 recipe: str = "mae",  # "mae" (`main_linprobe.py`) or "dino" (`eval_linear.py`): the defaults above
+                 recipe: str = "mae",  # "mae" (`main_linprobe.py`), "dino" (`eval_linear.py`) or "logreg" (below)
                  progress: bool = True,
                  precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                 ) -> Learner:  # trained; `learn.classifier` is the whole `Classifier`
-    "A linear probe on frozen features: MAE's (BatchNorm + Linear, LARS, warmup) or DINO's (Linear, SGD), cosine lr"
+    "A linear probe on frozen features: MAE's (BatchNorm + Linear, LARS, warmup), DINO's (Linear, SGD) or `logreg`"
     if recipe not in LINEAR_RECIPES: raise ValueError(f"`recipe` must be one of {list(LINEAR_RECIPES)}, got {recipe!r}")
+    if recipe == "logreg":  # features once, then the converged head (`logreg_probe`); no epochs, lr or optimiser
+        if dls.device is not None: encoder.to(dls.device)
+        pool = pool or LINEAR_RECIPES["logreg"]["pool"]
+        feats = [extract_features(encoder, dl, with_masks, pool, progress, precision) for dl in (dls.train, dls.valid)]
+        learn = logreg_probe(*feats, len(dls.vocab), **({} if wd is None else dict(wd=wd)))
+        learn.classifier = Classifier(encoder, learn.model, pool, with_masks, freeze_encoder=True)
+        learn.recipe = recipe
+        return learn
     given = dict(epochs=epochs, blr=blr, wd=wd, warmup_pct=warmup_pct, min_lr=min_lr, opt=opt, pool=pool)
     c = LINEAR_RECIPES[recipe] | {k: v for k, v in given.items() if v is not None}
     if c["opt"] not in ("lars", "sgd"): raise ValueError(f"`opt` must be 'lars' or 'sgd', got {c['opt']!r}")
@@ -309,3 +319,44 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
 def top1(learn: Learner) -> float:
     "Top-1 validation accuracy (%) of a `Learner` with the `accuracy` metric"
     with learn.no_bar(), learn.no_logging(): return 100. * float(learn.validate()[1])
+
+# %% ../nbs/30_evaluate.ipynb #9ae12bdb
+class Standardize(nn.Module):
+    "`(x - mean) / std` with fixed statistics (buffers): features on a common scale for the L2 penalty"
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean); self.register_buffer("std", std)
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return (x - self.mean) / self.std
+
+class LBFGSStep(Callback):
+    "Replace the optimiser step by `torch.optim.LBFGS`'s iterations over the batch, loss + `wd * |W|^2` of the last layer"
+    def __init__(self, wd: float = 1e-4): self.wd = wd
+    def before_step(self):
+        opt, w = self.opt.opt, self.model[-1].weight
+        def closure():
+            opt.zero_grad()
+            loss = self.loss_func(self.model(*self.xb), *self.yb) + self.wd * (w ** 2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        raise CancelStepException  # the step is done: fastai's own `opt.step()` is skipped
+
+def logreg_probe(train: tuple[torch.Tensor, torch.Tensor],  # (N, C) features and (N,) labels
+                 valid: tuple[torch.Tensor, torch.Tensor],  # (M, C) and (M,)
+                 num_classes: int,
+                 wd: float = 1e-4,  # L2 penalty on the standardised weights (scikit-learn's C = 1 is 1 / (2 N))
+                 max_iter: int = 1000,  # L-BFGS iterations, at most (it stops when converged)
+                ) -> Learner:  # fitted; `learn.model` is `Standardize` + `Linear`
+    "Multinomial logistic regression on fixed features, fitted to convergence: a deterministic linear probe"
+    (ftr, ytr), (fva, yva) = train, valid
+    fc = nn.Linear(ftr.shape[1], num_classes)
+    nn.init.zeros_(fc.weight); nn.init.zeros_(fc.bias)  # a convex problem: the start does not change the optimum
+    model = nn.Sequential(Standardize(ftr.mean(0), ftr.std(0) + 1e-6), fc)
+    dls = DataLoaders.from_dsets(TensorDataset(ftr, ytr.long()), TensorDataset(fva, yva.long()), bs=len(ftr),
+                                 shuffle=False, num_workers=0)  # one batch: the whole training set
+    lbfgs = partial(torch.optim.LBFGS, max_iter=max_iter, tolerance_grad=1e-5, tolerance_change=1e-9, history_size=20,
+                    line_search_fn="strong_wolfe")
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=partial(OptimWrapper, opt=lbfgs), lr=1.,
+                    metrics=accuracy, cbs=LBFGSStep(wd))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    return learn

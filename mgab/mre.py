@@ -6,6 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/mre.html.md"""
 
 # %% ../nbs/03_mre.ipynb #edfe5c85
 from __future__ import annotations
+import math
 from functools import cached_property
 import numpy as np
 import torch
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from .core import check_shape
 
 # %% auto #0
-__all__ = ['as_label_maps', 'patch_centres', 'labels2tokens', 'show_tokens', 'TokenRelations', 'mask_bias', 'relation_matrix',
-           'relation_factors', 'factor_weights']
+__all__ = ['as_label_maps', 'patch_centres', 'labels2tokens', 'show_tokens', 'partner_probability', 'token_stats', 'token_line',
+           'TokenRelations', 'mask_bias', 'relation_matrix', 'relation_factors', 'factor_weights']
 
 # %% ../nbs/03_mre.ipynb #bab92f43
 def as_label_maps(label_map) -> torch.Tensor:
@@ -82,6 +83,49 @@ def show_tokens(label_map, grid_size, axs=None, cmap="tab10"):
         ax.set_title(f"m, {mode} ({gh}x{gw})")
     for ax in axs: ax.set_xticks([]); ax.set_yticks([])
     return axs
+
+# %% ../nbs/03_mre.ipynb #dadd6c0c
+def partner_probability(k: int,  # tokens of one mask
+                        n: int,  # tokens of the image
+                        keep: int,  # tokens MAE keeps visible: `int(n * (1 - mask_ratio))`
+                       ) -> float:
+    "Probability that a visible token of a `k`-token mask has at least one visible token of the same mask"
+    if keep < 1 or k < 2: return 0.
+    return 1. - math.comb(n - k, keep - 1) / math.comb(n - 1, keep - 1)
+
+def token_stats(label_maps,  # iterable of (H, W) integer label maps, 0 = no mask
+                grid_size: int | tuple[int, int],  # the token grid, e.g. 8 for 64 px / 8, 14 for 224 px / 16
+                mask_ratio: float = 0.75,  # MAE's share of masked tokens
+               ) -> dict:
+    "Tokens per mask, lost masks, unlabelled tokens and the visible same-mask partner rate of `label_maps`"
+    sizes, lost, unknown, n = [], 0, [], None
+    for lm in label_maps:
+        m = labels2tokens(lm, grid_size)[0]  # (N,)
+        n = m.numel()
+        counts = torch.bincount(m, minlength=int(np.max(lm, initial=0)) + 1)[1:]  # tokens of each label 1..k
+        present = np.unique(np.asarray(lm)); present = present[present > 0]
+        lost += int((counts[torch.as_tensor(present - 1, dtype=torch.long)] == 0).sum())
+        sizes += counts[counts > 0].tolist(); unknown.append(float((m == 0).float().mean()))
+    if n is None: raise ValueError("`label_maps` is empty: no label map to measure")
+    sizes, keep = np.array(sizes, int), int(n * (1 - mask_ratio))
+    p = {k: partner_probability(k, n, keep) for k in np.unique(sizes)}
+    partner = float(sum(k * p[k] for k in sizes) / sizes.sum()) if sizes.sum() else 0.  # per labelled token
+    per_mask = float(np.mean([p[k] for k in sizes])) if len(sizes) else 0.  # per mask: small masks count as much
+    return dict(images=len(unknown), tokens=n, masks=len(sizes), tokens_per_mask=sizes, lost_masks=lost,
+                median_tokens=float(np.median(sizes)) if len(sizes) else 0., unknown=float(np.mean(unknown)),
+                single_token=float((sizes == 1).mean()) if len(sizes) else 0., mask_ratio=mask_ratio, keep=keep,
+                partner_rate=partner, partner_rate_masks=per_mask)
+
+def token_line(s: dict,  # `token_stats`
+              ) -> str:
+    "One line: how the masks reach the tokens (tokens per mask, lost masks, MAE's visible partners)"
+    g = math.isqrt(s["tokens"])
+    grid = f"{g}x{g}" if g * g == s["tokens"] else f"{s['tokens']}-token"
+    q = np.percentile(s["tokens_per_mask"], [10, 90]) if s["masks"] else (0, 0)
+    return (f"at the {grid} token grid: {s['median_tokens']:g} tokens per mask (median; 10-90%: {q[0]:g}-{q[1]:g}), "
+            f"{s['single_token']:.0%} of masks on 1 token, {s['lost_masks']} masks on none, {s['unknown']:.0%} of "
+            f"tokens unlabelled; under {s['mask_ratio']:.0%} masking a visible in-mask token keeps a visible token "
+            f"of its own mask with p {s['partner_rate']:.2f} (per token; per mask {s['partner_rate_masks']:.2f})")
 
 # %% ../nbs/03_mre.ipynb #20f3f73a
 def _as_u(u, like: torch.Tensor) -> torch.Tensor:

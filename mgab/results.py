@@ -32,10 +32,12 @@ RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epoc
                   "encoder", "predictions", "recipe")
 _RESULT_DEFAULTS = dict(encoder="encoder", predictions="", recipe="")  # columns added later: older files lack them
 PROTOCOLS = ("linear", "knn", "finetune")
-RECIPES = dict(linear=("mae", "dino"), knn=("dino",), finetune=("mae",))  # per protocol, the default first
+RECIPES = dict(linear=("mae", "dino", "logreg"), knn=("dino",), finetune=("mae",))  # per protocol, the default first
 RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footnotes cite these
     ("linear", "mae"): "MAE's linear probe (facebookresearch/mae main_linprobe.py: BatchNorm + Linear, LARS)",
     ("linear", "dino"): "DINO's linear evaluation (facebookresearch/dino eval_linear.py: last blocks' CLS tokens, SGD)",
+    ("linear", "logreg"): "mgab's converged probe, not a reference recipe (`mgab.evaluate.logreg_probe`: multinomial "
+                          "logistic regression on standardised frozen features, L2 1e-4, L-BFGS to convergence)",
     ("knn", "dino"): "DINO's weighted k-NN (facebookresearch/dino eval_knn.py)",
     ("finetune", "mae"): "MAE's fine-tuning (facebookresearch/mae main_finetune.py: mixup, CutMix, RandAugment, "
                          "random erasing; with masks only the loader's aligned crops, flips, colour jitter)",
