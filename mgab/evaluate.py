@@ -27,10 +27,10 @@ from .vit import MaskBiasViT
 from .precision import autocast, set_precision
 
 # %% auto #0
-__all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'plain_tensor',
-           'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS',
-           'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1',
-           'Standardize', 'LBFGSStep', 'logreg_probe']
+__all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'pool_name',
+           'plain_tensor', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine',
+           'lars_step', 'LARS', 'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls',
+           'linear_probe', 'top1', 'Standardize', 'LBFGSStep', 'logreg_probe']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -82,6 +82,12 @@ def feature_dim(encoder: MaskBiasViT, pool: str | LastBlocks = "cls") -> int:
     "Width of `encoder_features`"
     return pool.dim(encoder.embed_dim) if isinstance(pool, LastBlocks) else encoder.embed_dim
 
+def pool_name(pool: str | LastBlocks) -> str:
+    "How results record a pooling: `cls`, `avg`, or DINO's last blocks as `last4` / `last1+avg`"
+    if isinstance(pool, LastBlocks): return f"last{pool.n}" + ("+avg" if pool.avgpool else "")
+    _check_pool(pool)
+    return pool
+
 def _check_pool(pool):
     if not (isinstance(pool, LastBlocks) or pool in POOLS):
         raise ValueError(f"`pool` must be one of {POOLS} or a `LastBlocks`, got {pool!r}")
@@ -94,32 +100,39 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor: return t.as_subclass(torch.Te
 def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
                      dl,  # a DataLoader of `(x, m, y)` batches (contract 3)
                      with_masks: bool = True,  # feed `m` to the model; False: `m=None` (vanilla attention)
-                     pool: str | LastBlocks = "cls",  # "cls", "avg" (see `pool_tokens`) or DINO's `LastBlocks`
+                     pool: str | LastBlocks | tuple = "cls",  # "cls", "avg", DINO's `LastBlocks`, or a tuple of them
                      progress: bool = True,  # show a progress bar
                      precision: str | None = "auto",  # the forward passes' autocast, as in training (`mgab.precision`)
-                    ) -> tuple[torch.Tensor, torch.Tensor]:  # (N, C) float features and (N,) int64 labels, on the CPU
+                    ) -> tuple:  # (N, C) float features (a tuple of pools: {pool: (N, C)}) and (N,) int64 labels, CPU
     "Pooled features and labels of every item of `dl`, in order (no shuffling, no dropped last batch)"
-    _check_pool(pool)
+    pools = pool if isinstance(pool, tuple) else (pool,)  # several poolings of one forward pass
+    for p in pools: _check_pool(p)
     if hasattr(dl, "new"): dl = dl.new(shuffle=False, drop_last=False)  # fastai: every item once, in order
     device, was_training = next(model.parameters()).device, model.training
     amp = autocast(precision, device)  # checked before any batch: fp16 on a CPU stops here
     model.eval()
-    feats, labels = [], []
+    feats, labels = {p: [] for p in pools}, []
     try:
         for b in (progress_bar(dl, leave=False) if progress else dl):
             if len(b) != 3:
                 raise ValueError(f"expected batches (x, m, y) as from mgab.data.labelled_dls, got {len(b)} items")
             x, m, y = (plain_tensor(t) for t in b)
-            with amp: f = encoder_features(model, x.to(device), m.to(device) if with_masks else None, pool)  # (B, D)
-            feats.append(f.float().cpu())
+            x, m = x.to(device), m.to(device) if with_masks else None
+            with amp:
+                tokens = model.forward_features(x, m) if any(isinstance(p, str) for p in pools) else None  # (B, T, C)
+                for p in pools:
+                    f = (pool_tokens(tokens, p, model.num_prefix_tokens) if isinstance(p, str)
+                         else encoder_features(model, x, m, p))  # (B, D)
+                    feats[p].append(f.float().cpu())
             labels.append(y.long().cpu())
     finally: model.train(was_training)
-    if not feats: raise ValueError("the DataLoader yielded no batch: is the dataset empty?")
-    feats = torch.cat(feats)
-    if not torch.isfinite(feats).all():  # a NaN encoder would still get a plausible kNN score
-        raise ValueError(f"the encoder gives non-finite features for {int((~torch.isfinite(feats).all(1)).sum())} of "
-                         f"{len(feats)} images: its weights hold NaN or inf (a failed run?); retrain it")
-    return feats, torch.cat(labels)
+    if not labels: raise ValueError("the DataLoader yielded no batch: is the dataset empty?")
+    feats = {p: torch.cat(f) for p, f in feats.items()}
+    for f in feats.values():
+        if not torch.isfinite(f).all():  # a NaN encoder would still get a plausible kNN score
+            raise ValueError(f"the encoder gives non-finite features for {int((~torch.isfinite(f).all(1)).sum())} of "
+                             f"{len(f)} images: its weights hold NaN or inf (a failed run?); retrain it")
+    return (feats if isinstance(pool, tuple) else feats[pool]), torch.cat(labels)
 
 # %% ../nbs/30_evaluate.ipynb #074f93a0
 @torch.no_grad()

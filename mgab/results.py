@@ -16,7 +16,8 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from .vit import MaskBiasViT, RUN_ENCODERS, load_run_encoder
-from .evaluate import LastBlocks, dino_pool, extract_features, knn_scores, linear_probe
+from .evaluate import (LastBlocks, dino_pool, extract_features, knn_scores, linear_probe, logreg_probe,
+                           pool_name)
 from .vit import uses_masks
 from .finetune import fine_tune
 from .core import atomic_write
@@ -29,8 +30,8 @@ __all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'read_run
 
 # %% ../nbs/32_results.ipynb #961d8cd7
 RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
-                  "encoder", "predictions", "recipe")
-_RESULT_DEFAULTS = dict(encoder="encoder", predictions="", recipe="")  # columns added later: older files lack them
+                  "encoder", "predictions", "recipe", "pool")
+_RESULT_DEFAULTS = dict(encoder="encoder", predictions="", recipe="", pool="")  # added later: older files lack them
 PROTOCOLS = ("linear", "knn", "finetune")
 RECIPES = dict(linear=("mae", "dino", "logreg"), knn=("dino",), finetune=("mae",))  # per protocol, the default first
 RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footnotes cite these
@@ -175,6 +176,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  progress: bool = True,
                  precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                  seed: int = 0,  # seeds the head's initialisation and the loaders' shuffling: same run, same score
+                 features: dict | None = None,  # kNN or `logreg`: {"train": (f, y), "valid": (f, y)} of this pool
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
                 ) -> dict:  # the results row
     "Evaluate a run's encoder with one protocol; record the top-1 accuracy and each validation image's outcome"
@@ -191,11 +193,17 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     if pool is None and (protocol, recipe) == ("linear", "dino"): pool = dino_pool(encoder)
     pool = pool or ("avg" if protocol == "finetune" else "cls")
     fit_kw = {} if epochs is None else dict(epochs=epochs)
-    if protocol == "knn":
-        if dls.device is not None: encoder.to(dls.device)
-        (ftr, ytr), (fva, label) = (extract_features(encoder, dl, with_masks, pool, progress, precision)
-                                    for dl in (dls.train, dls.valid))
-        pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
+    if features is not None and not (protocol == "knn" or recipe == "logreg"):
+        raise ValueError(f"precomputed `features` serve kNN and the logreg probe, not {protocol} with {recipe!r}")
+    if protocol == "knn" or (features is not None and recipe == "logreg"):
+        if features is None:
+            if dls.device is not None: encoder.to(dls.device)
+            features = {s: extract_features(encoder, dl, with_masks, pool, progress, precision)
+                        for s, dl in (("train", dls.train), ("valid", dls.valid))}
+        (ftr, ytr), (fva, label) = features["train"], features["valid"]
+        if protocol == "knn": pred = knn_scores(ftr, ytr, fva, k, T, num_classes=len(dls.vocab)).argmax(1).cpu()
+        else: pred, label = valid_predictions(logreg_probe(features["train"], features["valid"], len(dls.vocab),
+                                                           **{k: v for k, v in kwargs.items() if k == "wd"}))
     else:
         set_seed(seed)  # otherwise the score depends on what this process ran before (up to ~1.5 points here)
         for dl in dls.loaders: dl.rng.seed(seed)  # fastai's loaders shuffle with their own RNG, made when built
@@ -208,7 +216,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     row = dict(protocol=protocol, fraction=frac, with_masks=with_masks, metric="top1", value=round(value, 4),
                epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"], method=cfg.get("method", ""),
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name,
-               recipe=recipe)
+               recipe=recipe, pool=pool_name(pool))
     if save:
         save_predictions(Path(run_dir)/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
                          protocol=protocol, with_masks=with_masks, fraction=frac, which=which, value=value)
