@@ -97,13 +97,14 @@ def test_unpaired_seeds_give_welch():
     ours = np.stack([rng.random(N) < p for p in (0.6, 0.9, 0.75)])  # three seeds far apart
     base = np.stack([rng.random(N) < p for p in (0.7, 0.72)])  # two other seeds
     c = compare_outcomes(ours, base, paired=False)
-    (va, ma, ra), (vb, mb, rb) = ((x.var(ddof=1) / len(X), x, r) for X in (ours * 1., base * 1.)
-                                  for x, _, r in [_anova(X)])
+    (da, _, ra), (db, _, rb) = _anova(ours * 1.), _anova(base * 1.)
+    va, vb = da.var(ddof=1) / 3, db.var(ddof=1) / 2  # each side's seed means
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)  # Welch-Satterthwaite
     shared = max((ours.mean(0) - base.mean(0)).var(ddof=1) / N - ra / (3 * N) - rb / (2 * N), 0.)
     assert (c.method, c.paired, c.n_seeds, c.n_seeds_base) == ("t", False, 3, 2) and c.df == pytest.approx(df)
     assert c.delta == pytest.approx(100 * (ours.mean() - base.mean()))
-    assert c.margin == pytest.approx(100 * np.sqrt(t_dist.ppf(0.975, df) ** 2 * (va + vb) + norm.ppf(0.975) ** 2 * shared))
+    t, z = t_dist.ppf(0.975, df), norm.ppf(0.975)
+    assert c.margin == pytest.approx(100 * np.sqrt(t ** 2 * (va + vb) + z ** 2 * shared))
     assert c.margin > 20 and within_noise(c.lo, c.hi)  # the seed spread dominates
     pooled = compare_outcomes(ours.reshape(-1)[:800], base.reshape(-1))  # seeds ignored: 800 outcomes as images
     assert pooled.margin < 5
