@@ -14,8 +14,8 @@ import torch
 from .masks import load_image
 from .vit import MaskBiasViT, load_run_encoder
 from .data import MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder, token_labels
-from .results import (PROTOCOLS, RECIPES, RECIPE_SOURCES, hierarchical_bootstrap, load_predictions,
-                          paired_outcomes, read_results, read_run_config, within_noise)
+from .results import (CI_LEVEL, MDE_POWER, PROTOCOLS, RECIPES, RECIPE_SOURCES, compare_outcomes,
+                          load_predictions, paired_outcomes, read_results, read_run_config, within_noise)
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import torch.nn as nn
@@ -23,8 +23,8 @@ import torch.nn as nn
 # %% auto #0
 __all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'CELL_CSV', 'FIG4_TITLES', 'DISTILL_COLUMNS', 'arch_name', 'arch_label',
            'arch_details', 'run_kind', 'replicate_key', 'load_runs', 'Cell', 'recipe_notes', 'variants', 'table1',
-           'table2', 'format_cell', 'to_markdown', 'write_table_csv', 'bias_stats', 'draw_fig4', 'plot_bias_stats',
-           'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
+           'table2', 'format_cell', 'to_markdown', 'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4',
+           'plot_bias_stats', 'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
 
 # %% ../nbs/33_report.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
@@ -99,10 +99,16 @@ class Cell(NamedTuple):
     "A table cell: accuracy (mean over seeds), its difference to the baseline with an interval, the seeds' spread"
     value: float  # top-1 (%), the mean over the variant's seeds
     delta: float | None = None  # value minus the baseline's (points)
-    lo: float | None = None  # the delta's interval (`hierarchical_bootstrap`), None without per-image outcomes
+    lo: float | None = None  # the delta's interval (`compare_outcomes`), None without per-image outcomes
     hi: float | None = None
     std: float | None = None  # standard deviation across seeds (ddof 1), None for one seed
     n: int = 1  # seeds
+    mde: float | None = None  # the design's minimum detectable effect (points), with the interval
+    margin: float | None = None  # the interval's half-width: deltas beyond ±margin are called outside noise
+    paired: bool | None = None  # seeds paired with the baseline's (the same seed values)
+    seed_noise_measured: bool | None = None  # False with one seed on either side
+    n_images: int | None = None  # validation images of the interval
+    n_base: int | None = None  # the baseline's seeds
 
 def _latest(results: list[dict], protocol: str, fraction: float, with_masks: bool | None,
             which: str = "encoder", recipe: str | None = None) -> dict | None:
@@ -160,6 +166,12 @@ def _outcomes(found: list[tuple[dict, dict]]) -> list[dict] | None:
     files = [Path(run["run"])/row["predictions"] if row.get("predictions") else None for run, row in found]
     return [load_predictions(f) for f in files] if all(f is not None and f.is_file() for f in files) else None
 
+def _seed_order(a_runs: list[dict], b_runs: list[dict]) -> list[int] | None:
+    "Indices into `b_runs` that pair them with `a_runs` seed by seed; None unless both ran the same distinct seeds"
+    sa, sb = [repr(r.get("seed")) for r in a_runs], [repr(r.get("seed")) for r in b_runs]
+    if "None" in sa or len(set(sa)) != len(sa) or sorted(sa) != sorted(sb): return None
+    return [sb.index(s) for s in sa]
+
 def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: bool | None, which: str,
           recipe: str | None = None) -> Cell | None:
     "One variant's result in one column, with its difference to `base` and, given per-image outcomes, its interval"
@@ -175,11 +187,14 @@ def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: boo
     cell = cell._replace(delta=cell.value - float(np.mean([row["value"] for _, row in bfound])))
     a, b = _outcomes(found), _outcomes(bfound)
     if a is None or b is None: return cell  # evaluated before outcomes were kept: no interval
-    try: _, lo, hi = hierarchical_bootstrap(*paired_outcomes(a, b))
+    order = _seed_order([r for r, _ in found], [r for r, _ in bfound])
+    try: c = compare_outcomes(*paired_outcomes(a, b if order is None else [b[j] for j in order]),
+                              paired=order is not None)
     except ValueError as e:
         warnings.warn(f"{proto} {frac:g}: no interval for {var['run']} against {base['run']}: {e}")
         return cell
-    return cell._replace(lo=lo, hi=hi)
+    return cell._replace(lo=c.lo, hi=c.hi, mde=c.mde, margin=c.margin, paired=c.paired,
+                         seed_noise_measured=c.seed_noise_measured, n_images=c.n_images, n_base=c.n_seeds_base)
 
 def _row(run: dict, base: dict | None, with_masks: bool | None, cols: list, which: str = "encoder", **text) -> dict:
     "A table row: text cells, then a `Cell` (or None) per column"
@@ -246,7 +261,9 @@ def format_cell(cell) -> str:
     s = f"{c.value:.1f}" + (f" ± {c.std:.1f}" if c.std is not None else "")
     if c.delta is None: return s
     if c.lo is None: return f"{s} ({c.delta:+.1f})"
-    return f"{s} ({c.delta:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}]{', within noise' if within_noise(c.lo, c.hi) else ''})"
+    notes = [n for n, on in (("within noise", within_noise(c.lo, c.hi)), ("unpaired", c.paired is False),
+                             ("one seed: seed noise not measured", c.seed_noise_measured is False)) if on]
+    return f"{s} ({c.delta:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}]{', ' + '; '.join(notes) if notes else ''})"
 
 def to_markdown(columns: list[str], rows: list[dict]) -> str:
     "A Markdown table of formatted cells"
@@ -254,12 +271,29 @@ def to_markdown(columns: list[str], rows: list[dict]) -> str:
     lines += ["| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
-CELL_CSV = ("", " diff", " lo", " hi", " std", " n")  # suffixes of a result column's CSV columns (Cell's fields)
+def design_notes(columns: list[str], rows: list[dict]) -> str:  # Markdown, one line per result column; "" if none
+    "Each result column's design: seeds (paired or not), images, and the largest MDE of its rows with its margin"
+    lines = []
+    for col in columns:
+        cells = [(r, r[col]) for r in rows if isinstance(r.get(col), Cell) and r[col].mde is not None]
+        if not cells: continue
+        r, c = max(cells, key=lambda rc: rc[1].mde)
+        seeds = (f"{c.n} paired seeds" if c.n > 1 else "1 seed") if c.paired else f"{c.n} vs {c.n_base} unpaired seeds"
+        label = next((r[t] for t in TEXT_COLUMNS[:2] if r.get(t)), "?")
+        lines.append(f"- {col}: {seeds} x {c.n_images} validation images"
+                     + ("" if c.seed_noise_measured else " (seed noise not measured)")
+                     + f". MDE {c.mde:.1f} points ({MDE_POWER:.0%} power, α = {1 - CI_LEVEL:.2g}); deltas beyond "
+                     f"±{c.margin:.1f} are called outside noise ({label}"
+                     + (f", the largest MDE of {len(cells)} rows)." if len(cells) > 1 else ")."))
+    return "Design:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+CELL_CSV = ("", " diff", " lo", " hi", " std", " n", " mde", " margin", " paired", " seed noise measured",
+            " images")  # suffixes of a result column's CSV columns (Cell's fields)
 
 def write_table_csv(columns: list[str], rows: list[dict], fname: str | Path) -> Path:
     "The table as CSV: the run folder(s), text columns as they are, each result as `<title>`, `<title> diff`, ..."
     header = ["run"] + [h for c in columns for h in ([c] if c in TEXT_COLUMNS else [c + s for s in CELL_CSV])]
-    def _num(x): return "" if x is None else round(x, 4)
+    def _num(x): return "" if x is None else x if isinstance(x, (bool, int)) else round(x, 4)
     with open(fname, "w", newline="") as fh:
         w = csv.writer(fh); w.writerow(header)
         for r in rows:
@@ -267,9 +301,7 @@ def write_table_csv(columns: list[str], rows: list[dict], fname: str | Path) -> 
             for c in columns:
                 if c in TEXT_COLUMNS: out.append(r.get(c, ""))
                 elif r.get(c) is None: out += [""] * len(CELL_CSV)
-                else:
-                    cell = r[c] if isinstance(r[c], Cell) else Cell(*r[c])
-                    out += [_num(x) for x in cell[:5]] + [cell.n]
+                else: out += [_num(x) for x in (r[c] if isinstance(r[c], Cell) else Cell(*r[c]))[:len(CELL_CSV)]]
             w.writerow(out)
     return Path(fname)
 
@@ -433,7 +465,7 @@ def report(run_dirs: list,  # run folders
            data: str | Path | None = None,  # ImageFolder root of the runs: with `masks`, draws `attention.png`
            masks=None,  # the mask store of `data` (a `MaskStore` or its folder)
           ) -> dict[str, Path]:  # file name -> path of each file written
-    "Tables 1-2 (Markdown with the recipes as footnote, CSV), Fig. 4, attention of biased runs, distillation gaps"
+    "Tables 1-2 (Markdown with design and recipe footnotes, CSV), Fig. 4, attention of biased runs, distillation gaps"
     import matplotlib.pyplot as plt
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
@@ -441,7 +473,9 @@ def report(run_dirs: list,  # run folders
     for name, (cols, rows), protos in (("table1", table1(runs), PROTOCOLS),
                                        ("table2", table2(runs), ("linear", "knn"))):
         if not rows: continue
-        (out/f"{name}.md").write_text(to_markdown(cols, rows) + "\nRecipes:\n\n" + recipe_notes(runs, protos))
+        design = design_notes(cols, rows)  # before the recipes: what the intervals can tell apart
+        (out/f"{name}.md").write_text(to_markdown(cols, rows) + ("\n" + design if design else "") + "\nRecipes:\n\n"
+                                      + recipe_notes(runs, protos))
         written[f"{name}.md"], written[f"{name}.csv"] = out/f"{name}.md", write_table_csv(cols, rows, out/f"{name}.csv")
     trained = [v for v in variants(runs) if v["kind"] == "biased" and v["bias"] == "learnable"]  # no random init
     stats = {f"{r['run'].name}: {r['name']}{r['variant']} {arch_label(r['arch'])} {r['epochs']} ep":

@@ -1,4 +1,4 @@
-"""Stage 6, evaluation results: run discovery, `evaluate_run` (any protocol on a run folder), `results.csv`, per-image predictions, and the bootstrap intervals every comparison carries.
+"""Stage 6, evaluation results: run discovery, `evaluate_run` (any protocol on a run folder), `results.csv`, per-image predictions, and the paired statistics every comparison carries (interval, minimum detectable effect).
 
 Docs: https://mgab-dev.github.io/mgab/results.html.md"""
 
@@ -10,8 +10,11 @@ import csv, hashlib, io, json, os
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np
 import torch
+from scipy.optimize import brentq
+from scipy.stats import norm, t as t_dist
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
@@ -23,10 +26,10 @@ from .finetune import fine_tune
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'read_run_config', 'find_runs', 'append_result',
-           'read_results', 'items_digest', 'predictions_name', 'save_predictions', 'load_predictions',
-           'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise', 'hierarchical_bootstrap',
-           'paired_bootstrap']
+__all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'CI_LEVEL', 'MDE_POWER', 'read_run_config', 'find_runs',
+           'append_result', 'read_results', 'items_digest', 'predictions_name', 'save_predictions', 'load_predictions',
+           'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise', 'Comparison', 'compare_outcomes',
+           'SimulatedStudy']
 
 # %% ../nbs/32_results.ipynb #961d8cd7
 RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
@@ -224,41 +227,114 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     return row
 
 # %% ../nbs/32_results.ipynb #ec4a0fcd
+CI_LEVEL, MDE_POWER = 0.95, 0.8  # every comparison's interval, and the power its minimum detectable effect is for
+
 def within_noise(lo: float, hi: float) -> bool:
     "Whether an interval of a difference holds 0: the difference is within noise"
     return lo <= 0 <= hi
 
-def hierarchical_bootstrap(correct_a,  # (Sa, N) or (N,) bool: image i right for seed s of variant a
-                           correct_b,  # (Sb, N) or (N,): the same N images for variant b
-                           n_boot: int = 2000,  # bootstrap replicates
-                           seed: int = 0,  # of the resampling: tables are reproducible
-                           level: float = 0.95,  # interval coverage
-                          ) -> tuple[float, float, float]:  # (delta, lo, hi) in accuracy points
-    "Mean accuracy of `a` minus `b` and a percentile interval that resamples seeds (each side), then images (paired)"
+class Comparison(NamedTuple):
+    "Accuracy of a variant minus its baseline's on the same images (points), its interval, and what the design detects"
+    delta: float  # mean accuracy over seeds of `a` minus that of `b`
+    lo: float  # the interval of `delta` (`level`)
+    hi: float
+    method: str  # what set the interval, the wider one: "t" (over seeds, plus the images they share) or "bootstrap"
+    n_seeds: int  # seeds of `a`
+    n_seeds_base: int  # seeds of `b` (as many when paired)
+    n_images: int  # validation images, the same for both
+    se: float  # standard error of `delta`
+    df: float | None  # degrees of freedom of the t over seeds; None: the bootstrap, normal quantiles
+    mde: float  # minimum detectable effect: a true difference this large is called outside noise with prob. `power`
+    margin: float  # half-width of the interval: deltas beyond ±margin are called outside noise
+    paired: bool  # seeds paired across the variants (same seed: same init, data order and masking noise)
+    seed_noise_measured: bool  # False with one seed on either side: the interval holds the images' noise only
+
+def _weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:  # (size, n) counts, each row summing to n
+    "Multinomial bootstrap weights: how often each of `n` items is drawn in `n` draws with replacement, `size` times"
+    idx = rng.integers(0, n, (size, n)) + n * np.arange(size)[:, None]
+    return np.bincount(idx.ravel(), minlength=size * n).reshape(size, n)
+
+def _seed_stats(X: np.ndarray) -> tuple[np.ndarray, float, float]:
+    "Of an (S, N) array: each seed's mean, their variance (ddof 1), and the seed x image residual mean square"
+    r, c = X.mean(1), X.mean(0)
+    res = X - r[:, None] - c + X.mean()  # two-way ANOVA residual
+    return r, float(r.var(ddof=1)), float((res ** 2).sum()) / ((len(X) - 1) * (X.shape[1] - 1))
+
+def compare_outcomes(correct_a,  # (S, N) or (N,) bool: image i right for seed s of variant a
+                     correct_b,  # (S, N) bool: the same N images for the baseline, row s from the same seed s
+                     paired: bool = True,  # rows paired by seed; False: different seeds (any count on each side)
+                     n_boot: int = 2000,  # bootstrap replicates
+                     seed: int = 0,  # of the resampling: tables are reproducible
+                     level: float = CI_LEVEL,  # interval coverage (the MDE's two-sided alpha is 1 - level)
+                     power: float = MDE_POWER,  # the MDE's power
+                    ) -> Comparison:  # in accuracy points
+    "`a` minus `b`: the wider of a t over seeds (plus the shared images) and a hierarchical paired bootstrap, the MDE"
     A, B = (np.atleast_2d(np.asarray(c, dtype=bool)) for c in (correct_a, correct_b))
-    if A.ndim != 2 or A.shape[1] != B.shape[1] or not A.shape[1]:
-        raise ValueError(f"outcomes must be (seeds, N) with the same N > 0 images, got {A.shape} and {B.shape}")
-    if not 0 < level < 1: raise ValueError(f"`level` must be in (0, 1), got {level}")
-    rng, N = np.random.default_rng(seed), A.shape[1]
-    delta = 100. * (A.mean() - B.mean())  # every seed has all N images: the mean over seeds of their accuracies
-    chunk, boots = max(1, 2 ** 22 // (N * (len(A) + len(B)))), []  # bounded memory: ~4M outcomes per step
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1] or A.shape[1] < 2 or not len(A) * len(B):
+        raise ValueError(f"outcomes must be (seeds, N) with the same N >= 2 images, got {A.shape} and {B.shape}")
+    if paired and len(A) != len(B):
+        raise ValueError(f"paired outcomes need one row per seed on both sides, got {len(A)} and {len(B)} seeds")
+    for name, p in (("level", level), ("power", power)):
+        if not 0 < p < 1: raise ValueError(f"`{name}` must be in (0, 1), got {p}")
+    (Sa, N), Sb = A.shape, len(B)
+    sides = [(A * 1. - B, 1.)] if paired else [(A * 1., 1.), (B * 1., -1.)]  # (S, N) arrays and their sign
+    m = sum(sign * X.mean(0) for X, sign in sides)  # (N,) each image's mean difference over seeds
+    delta, measured = float(m.mean()), min(Sa, Sb) > 1
+    shared, v_seeds, effects = float(m.var(ddof=1)), [], []
+    for X, sign in sides:
+        if len(X) == 1: continue
+        r, s2, msr = _seed_stats(X)
+        v_seeds.append((s2 / len(X), len(X) - 1))  # the seeds' means carry the seed x image noise already:
+        shared -= msr / len(X)  # what is left of the images' variance is what all seeds share
+        shrink = np.sqrt(max(s2 - msr / N, 0.) / s2) if s2 > 0 else 0.  # the bootstrap counts that noise in images
+        effects.append((sign * shrink * (r - r.mean()), len(X)))
+    rng, reps, b = np.random.default_rng(seed), [], m - delta
+    chunk = max(1, 2 ** 21 // N)  # bounded memory: ~2M weights per step
     for start in range(0, n_boot, chunk):
         c = min(chunk, n_boot - start)
-        idx = rng.integers(0, N, (c, N))  # one resample of the images, the same for both sides: paired
-        acc = []
-        for X in (A, B):
-            per_seed = X[:, idx].mean(-1).T  # (c, S) each seed's accuracy on each resample
-            s = rng.integers(0, len(X), (c, len(X))) if len(X) > 1 else np.zeros((c, 1), dtype=int)
-            acc.append(np.take_along_axis(per_seed, s, 1).mean(1))  # the seeds resampled with replacement
-        boots.append(acc[0] - acc[1])
-    lo, hi = np.quantile(np.concatenate(boots), [(1 - level) / 2, (1 + level) / 2])
-    return float(delta), float(100 * lo), float(100 * hi)
+        rep = delta + _weights(rng, N, c) @ b / N  # the same image weights for both variants: paired
+        for eff, S in effects: rep = rep + _weights(rng, S, c) @ eff / S  # paired: the same seed weights for both
+        reps.append(rep)
+    lo, hi = (float(x) for x in np.quantile(np.concatenate(reps), [(1 - level) / 2, (1 + level) / 2]))
+    za, zp = float(norm.ppf((1 + level) / 2)), float(norm.ppf(power))
+    method, df, se = "bootstrap", None, (hi - lo) / 2 / za
+    mde = (za + zp) * se
+    if measured:
+        vs, vi = sum(v for v, _ in v_seeds), max(shared, 0.) / N
+        dfs = (vs ** 2 / sum(v ** 2 / d for v, d in v_seeds)) if vs > 0 else min(d for _, d in v_seeds)  # Welch
+        ta, tp = float(t_dist.ppf((1 + level) / 2, dfs)), float(t_dist.ppf(power, dfs))
+        h = float(np.sqrt(ta ** 2 * vs + za ** 2 * vi))  # t over seeds; the shared images' part with normal quantiles
+        if 2 * h >= hi - lo:
+            method, df, lo, hi, se = "t", float(dfs), delta - h, delta + h, float(np.sqrt(vs + vi))
+            mde = float(np.sqrt((ta + tp) ** 2 * vs + (za + zp) ** 2 * vi))
+    return Comparison(100 * delta, 100 * lo, 100 * hi, method, Sa, Sb, N, 100 * se, df, 100 * float(mde),
+                      50 * (hi - lo), paired, measured)
 
-def paired_bootstrap(correct_a,  # (N,) bool: image i classified right by a
-                     correct_b,  # (N,) bool, the same images in the same order
-                     n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                    ) -> tuple[float, float, float]:  # (delta, lo, hi) in accuracy points
-    "Accuracy of `a` minus `b` with a paired bootstrap interval: images resampled with replacement, same for both"
-    a, b = np.asarray(correct_a), np.asarray(correct_b)
-    if a.ndim != 1 or a.shape != b.shape: raise ValueError(f"need two (N,) vectors, got {a.shape} and {b.shape}")
-    return hierarchical_bootstrap(a[None], b[None], n_boot, seed, level)
+# %% ../nbs/32_results.ipynb #2bc0566f
+class SimulatedStudy(NamedTuple):
+    "Simulated variant-vs-baseline studies with a known truth: logit p = effect[a] + d_i + c_vi + u_s + v_vs"
+    image_sd: float = 3.  # d_i: each image's difficulty (logit), drawn from the image population
+    seed_sd: float = 0.  # u_s: a seed's effect shared by the paired variants (same init, data order, masking noise)
+    variant_seed_sd: float = 0.  # v_vs: each variant's own part of a seed's effect
+    image_effect_sd: float = 0.  # c_vi: how much each image favours one variant, beyond the effect
+
+    def truth(self, effect: float) -> float:  # accuracy points
+        "The population difference a study estimates: p_a - p_b expected over images AND seeds"
+        x, w = np.polynomial.hermite_e.hermegauss(101)  # logit = effect + N(0, tau^2) over the populations
+        tau = float(np.sqrt(sum(s ** 2 for s in self)))
+        acc = lambda mu: float(w @ (1 / (1 + np.exp(-mu - tau * x)))) / float(w.sum())
+        return 100 * (acc(effect) - acc(0.))
+
+    def effect_for(self, points: float) -> float:
+        "The logit `effect` whose `truth` is `points`"
+        return float(brentq(lambda e: self.truth(e) - points, -50., 50.))
+
+    def simulate(self, n_studies: int, n_seeds: int, n_images: int, effect: float = 0., seed: int = 0,
+                ) -> tuple[np.ndarray, np.ndarray]:  # (n_studies, n_seeds, n_images) bool for a and for b
+        "Per-image outcomes of independent studies, each with fresh images and seeds; seed s of a and b paired"
+        rng, R, S, N = np.random.default_rng(seed), n_studies, n_seeds, n_images
+        logit = (rng.normal(0, self.image_sd, (R, 1, 1, N)) + rng.normal(0, self.image_effect_sd, (R, 2, 1, N))
+                 + rng.normal(0, self.seed_sd, (R, 1, S, 1)) + rng.normal(0, self.variant_seed_sd, (R, 2, S, 1)))
+        logit[:, 0] += effect
+        y = rng.random(logit.shape) < 1 / (1 + np.exp(-logit))  # Bernoulli outcomes
+        return y[:, 0], y[:, 1]

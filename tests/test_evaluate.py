@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
+from scipy.stats import norm, t as t_dist
 
 from mgab.evaluate import (LARS, Classifier, LastBlocks, dino_pool, encoder_features, extract_features, knn_accuracy,
                            knn_scores, linear_head, linear_probe, top1, warmup_cosine)
-from mgab.report import (Cell, bias_stats, load_runs, plot_attention, plot_bias_stats, recipe_notes, report, table1,
-                         table2, to_markdown)
-from mgab.results import (RESULT_COLUMNS, append_result, evaluate_run, hierarchical_bootstrap, items_digest,
-                          load_predictions, paired_bootstrap, paired_outcomes, predictions_name, read_results,
-                          save_predictions, valid_predictions, within_noise)
+from mgab.report import (Cell, bias_stats, design_notes, load_runs, plot_attention, plot_bias_stats, recipe_notes,
+                         report, table1, table2, to_markdown)
+from mgab.results import (RESULT_COLUMNS, append_result, compare_outcomes, evaluate_run, items_digest,
+                          load_predictions, paired_outcomes, predictions_name, read_results, save_predictions,
+                          valid_predictions)
 from mgab.finetune import (MAE_FINETUNE, UNALIGNED, MixupErase, MixedTargetLoss, fine_tune, finetune_augs,
                            lrd_param_groups, mae_train_dls)
 from mgab.vit import create_vit
@@ -507,38 +508,6 @@ def test_items_digest_names_files_relative_to_root(tmp_path):
     assert items_digest(Files(tmp_path/"x", names)) != items_digest(Files(tmp_path/"x", names[:1]))
 
 
-# ---------------------------------------------------------------- bootstrap intervals
-def test_paired_bootstrap_constructed_outcomes():
-    rng = np.random.default_rng(0)
-    a = rng.random(500) < 0.7
-    assert paired_bootstrap(a, a) == (0., 0., 0.)
-    b = a.copy()
-    b[np.flatnonzero(a)[:40]] = False  # b misses 40 images that a gets: +8 points exactly
-    d, lo, hi = paired_bootstrap(a, b)
-    assert d == pytest.approx(8.) and lo < 8 < hi and not within_noise(lo, hi)
-    # the difference is 40 one-sided disagreements out of 500: the interval is about +-2.4 points wide, not +-4
-    assert 5 < lo < 7 and 9 < hi < 11
-    assert paired_bootstrap(a, b, seed=1) != (d, lo, hi)  # a different resampling, same point estimate
-    assert paired_bootstrap(a, b, seed=1)[0] == d
-    assert paired_bootstrap(a, b, level=0.5)[1] > lo  # a narrower interval for a lower level
-    d, lo, hi = paired_bootstrap([True, False, True], [False, True, False])  # 3 images
-    assert d == pytest.approx(100 / 3) and within_noise(lo, hi)
-
-
-def test_hierarchical_bootstrap_counts_seeds():
-    rng = np.random.default_rng(1)
-    N = 1000
-    ours = np.stack([rng.random(N) < p for p in (0.6, 0.9)])  # two seeds far apart
-    base = np.stack([rng.random(N) < p for p in (0.7, 0.7)])
-    d, lo, hi = hierarchical_bootstrap(ours, base)
-    assert d == pytest.approx(100 * (ours.mean() - base.mean()))
-    pooled = paired_bootstrap(ours.reshape(-1), base.reshape(-1))  # seeds ignored: all 2000 outcomes as images
-    assert hi - lo > 20 > 10 > pooled[2] - pooled[1]  # the seed spread dominates
-    assert within_noise(lo, hi) and lo < d < hi
-    steady = np.stack([ours[1], ours[1]])  # two identical seeds: no seed noise, the image-level interval
-    assert hierarchical_bootstrap(steady, base[:1]) == pytest.approx(paired_bootstrap(ours[1], base[0]), abs=0.5)
-
-
 # ---------------------------------------------------------------- seeds, random init, distillation gaps
 def make_seed_run(root, name, seed, correct, bias=None, epochs=100, labels=None, **extra):
     "A run folder of one seed with a linear result and its per-image outcomes written by hand"
@@ -555,38 +524,62 @@ def make_seed_run(root, name, seed, correct, bias=None, epochs=100, labels=None,
     return d
 
 
-def test_seeds_aggregate_into_one_row_with_a_hierarchical_interval(tmp_path):
+def test_seeds_aggregate_into_one_row_paired_by_seed(tmp_path):
     rng = np.random.default_rng(0)
     N = 400
-    outs = {k: np.stack([rng.random(N) < p for p in ps]) for k, ps in
-            dict(base=(0.70, 0.72), ours=(0.76, 0.80), lr=(0.5,)).items()}
-    dirs = [make_seed_run(tmp_path, f"base{s}", s, outs["base"][s]) for s in range(2)]
-    dirs += [make_seed_run(tmp_path, f"ours{s}", 10 + s, outs["ours"][s], bias="learnable") for s in range(2)]
+    base = np.stack([rng.random(N) < p for p in (0.60, 0.75)])  # seeds 0 and 1, far apart
+    ours = base.copy()
+    for s, k in enumerate((14, 10)):  # seed s of our variant: k more images right than seed s of the baseline
+        ours[s, np.flatnonzero(~base[s])[:k]] = True
+    outs = dict(base=base, ours=ours, lr=(rng.random((1, N)) < 0.5))
+    dirs = [make_seed_run(tmp_path, f"base{s}", s, base[s]) for s in range(2)]
+    # folders named against their seeds: the report pairs by seed value, not by folder order
+    dirs += [make_seed_run(tmp_path, f"ours{s}", 1 - s, ours[1 - s], bias="learnable") for s in range(2)]
     dirs.append(make_seed_run(tmp_path, "ours_lr", 0, outs["lr"][0], bias="learnable", bias_lr_mult=10))
     cols, rows = table1(load_runs(dirs))
     assert [r["Method"] for r in rows] == ["MAE", "MAE + our method", "MAE + our method"]  # other config: own row
     acc = {k: 100 * v.mean(1) for k, v in outs.items()}
-    base, ours, lr = (r["Linear"] for r in rows)
-    assert base == Cell(pytest.approx(acc["base"].mean()), std=pytest.approx(acc["base"].std(ddof=1)), n=2)
-    assert ours.n == 2 and ours.value == pytest.approx(acc["ours"].mean())
-    assert ours.std == pytest.approx(acc["ours"].std(ddof=1))
-    d, lo, hi = hierarchical_bootstrap(outs["ours"], outs["base"])
-    assert ours.delta == pytest.approx(d, abs=1e-3) and (ours.lo, ours.hi) == pytest.approx((lo, hi))
-    assert lr.n == 1 and lr.std is None  # one seed against the two of the baseline
-    assert (lr.lo, lr.hi) == pytest.approx(hierarchical_bootstrap(outs["lr"], outs["base"])[1:])
+    b, o, lr = (r["Linear"] for r in rows)
+    assert b == Cell(pytest.approx(acc["base"].mean()), std=pytest.approx(acc["base"].std(ddof=1)), n=2)
+    assert o.n == 2 and o.value == pytest.approx(acc["ours"].mean()) and o.std == pytest.approx(acc["ours"].std(ddof=1))
+    assert o.delta == pytest.approx(3., abs=1e-3)  # +3.5 and +2.5 points
+    # paired by seed: a t over the 2 seeds' differences (1 df) and the images they share, recomputed here
+    D = ours * 1. - base
+    d, m = D.mean(1), D.mean(0)
+    msr = ((D - d[:, None] - m + D.mean()) ** 2).sum() / (N - 1)
+    t, z = t_dist.ppf(0.975, 1), norm.ppf(0.975)  # 12.71 and 1.96
+    margin = 100 * np.sqrt(t ** 2 * d.var(ddof=1) / 2 + z ** 2 * max(m.var(ddof=1) / N - msr / (2 * N), 0.))
+    assert o.margin == pytest.approx(margin) and (o.lo, o.hi) == pytest.approx((100 * d.mean() - margin,
+                                                                                100 * d.mean() + margin))
+    assert (o.paired, o.seed_noise_measured, o.n_images, o.n_base) == (True, True, N, 2)
+    assert (o.lo, o.hi, o.mde) == pytest.approx(compare_outcomes(ours, base)[1:3] + (compare_outcomes(ours, base).mde,))
+    wrong = compare_outcomes(ours, base[::-1])  # seed 0 against seed 1: the seeds' spread swamps the +3
+    assert wrong.margin > 3 * o.margin
+    # one seed (seed 0) against the baseline's two: not the same seeds, so unpaired, and its seed noise unmeasured
+    assert lr.n == 1 and lr.std is None and (lr.paired, lr.seed_noise_measured, lr.n_base) == (False, False, 2)
+    assert (lr.lo, lr.hi) == pytest.approx(compare_outcomes(outs["lr"], base, paired=False)[1:3])
     md = to_markdown(cols, rows).splitlines()
-    assert md[3].startswith(f"| MAE + our method | ViT-Ti/16 | 100 | {ours.value:.1f} ± {ours.std:.1f} "
-                            f"({ours.delta:+.1f} [{lo:+.1f}, {hi:+.1f}]")
-    assert md[4].endswith(f"({lr.delta:+.1f} [{lr.lo:+.1f}, {lr.hi:+.1f}]) | - | - | - |")  # clearly worse
+    assert md[3].startswith(f"| MAE + our method | ViT-Ti/16 | 100 | {o.value:.1f} ± {o.std:.1f} "
+                            f"(+3.0 [{o.lo:+.1f}, {o.hi:+.1f}], within noise) |")  # two seeds say little
+    assert md[4].endswith(f"({lr.delta:+.1f} [{lr.lo:+.1f}, {lr.hi:+.1f}], unpaired; one seed: seed noise not "
+                          "measured) | - | - | - |") and lr.hi < 0  # clearly worse
     assert rows[1]["run"] == f"{dirs[2]}; {dirs[3]}"
+    assert design_notes(cols, rows).splitlines()[2] == (
+        f"- Linear: 1 vs 2 unpaired seeds x {N} validation images (seed noise not measured). MDE {lr.mde:.1f} points "
+        f"(80% power, α = 0.05); deltas beyond ±{lr.margin:.1f} are called outside noise (MAE + our method, the "
+        "largest MDE of 2 rows).") and lr.mde > o.mde
     report(dirs, tmp_path/"rep")
+    table = (tmp_path/"rep"/"table1.md").read_text()
+    assert table.index(design_notes(cols, rows)) < table.index("Recipes:")  # the design, then the recipes
     with open(tmp_path/"rep"/"table1.csv", newline="") as fh: csv_rows = list(csv.DictReader(fh))
     r = csv_rows[1]
     assert (float(r["Linear"]), float(r["Linear std"]), int(r["Linear n"])) == pytest.approx(
-        (ours.value, ours.std, 2), abs=1e-4)
-    assert (float(r["Linear diff"]), float(r["Linear lo"]), float(r["Linear hi"])) == pytest.approx(
-        (ours.delta, lo, hi), abs=1e-4)
-    assert csv_rows[0]["Linear lo"] == "" and csv_rows[0]["Linear diff"] == ""
+        (o.value, o.std, 2), abs=1e-4)
+    assert [float(r[f"Linear {k}"]) for k in ("diff", "lo", "hi", "mde", "margin")] == pytest.approx(
+        [o.delta, o.lo, o.hi, o.mde, o.margin], abs=1e-4)
+    assert (r["Linear paired"], r["Linear seed noise measured"], r["Linear images"]) == ("True", "True", str(N))
+    assert csv_rows[2]["Linear paired"] == "False" and csv_rows[2]["Linear seed noise measured"] == "False"
+    assert csv_rows[0]["Linear lo"] == "" and csv_rows[0]["Linear diff"] == "" and csv_rows[0]["Linear mde"] == ""
 
 
 def test_unpaired_outcomes_give_no_interval(tmp_path):
