@@ -21,14 +21,15 @@ from matplotlib.ticker import MaxNLocator
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'CELL_CSV', 'FIG4_TITLES', 'DISTILL_COLUMNS', 'arch_name', 'arch_label',
-           'arch_details', 'run_kind', 'replicate_key', 'load_runs', 'Cell', 'recipe_notes', 'variants', 'table1',
-           'table2', 'format_cell', 'to_markdown', 'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4',
-           'plot_bias_stats', 'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
+__all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'POOL_ORDER', 'POOL_LABELS', 'POOL_NOTES', 'CELL_CSV', 'FIG4_TITLES',
+           'DISTILL_COLUMNS', 'arch_name', 'arch_label', 'arch_details', 'run_kind', 'replicate_key', 'load_runs',
+           'Cell', 'recipe_notes', 'variants', 'table1', 'baseline_of', 'table2', 'format_cell', 'to_markdown',
+           'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4', 'plot_bias_stats', 'attention_layers',
+           'query_token', 'plot_attention', 'distill_table', 'report']
 
 # %% ../nbs/33_report.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
-KINDS = ("random", "baseline", "biased", "distilled")  # a group's order in the tables
+KINDS = ("random", "control", "baseline", "biased", "continued", "distilled")  # a group's order in the tables
 # run configs equal but for these are seeds of one variant (progress bars and loader workers change no result)
 REPLICATE_KEYS = ("seed", "out", "progress", "num_workers")
 _SIZES = dict(tiny="Ti", small="S", base="B", large="L", huge="H", giant="g")
@@ -52,8 +53,10 @@ def arch_details(model: dict) -> str:
     return f"{name} ({', '.join(changed)})" if changed else name
 
 def run_kind(cfg: dict) -> str:
-    "'random', 'baseline', 'biased' or 'distilled' (see above)"
-    if "teacher" in cfg or "distill" in cfg or "distill" in str(cfg.get("method", "")).lower(): return "distilled"
+    "'random', 'control', 'baseline', 'biased', 'continued' or 'distilled' (see above)"
+    if "teacher" in cfg or "distill" in cfg or "distill" in str(cfg.get("method", "")).lower():
+        return "continued" if cfg.get("lam", 1.) == 0 else "distilled"  # λ = 0: the post-processing, nothing distilled
+    if cfg.get("u_from"): return "control"  # an untrained encoder with the `u` of a trained one
     if str(cfg.get("epochs", "")) == "0" or cfg.get("init") == "random": return "random"
     return "baseline" if cfg["model"].get("bias", "learnable") is None else "biased"
 
@@ -64,9 +67,9 @@ def _variant(model_cfg: dict) -> str:
     parts += [s.replace("_", " ") for s in ("share_heads", "share_layers") if model_cfg.get(s)]
     return f" [{', '.join(parts)}]" if parts else ""
 
-def _teacher_dir(cfg: dict, run_dir: Path) -> Path | None:
-    "The run folder of a distilled run's teacher named by `cfg['teacher']` (relative to the run, cwd, or beside it)"
-    t = cfg.get("teacher")
+def _teacher_dir(cfg: dict, run_dir: Path, key: str = "teacher") -> Path | None:
+    "The run folder a run names in `cfg[key]`: a distilled run's teacher, a control's `u_from` (relative, cwd, beside)"
+    t = cfg.get(key)
     if not isinstance(t, str): return None
     cands = (Path(run_dir)/t, Path(t), Path(run_dir).parent/Path(t).name)  # the last: a study read from elsewhere
     return next((p for p in cands if (p/"config.json").is_file()), None)
@@ -74,7 +77,8 @@ def _teacher_dir(cfg: dict, run_dir: Path) -> Path | None:
 def replicate_key(cfg: dict, run_dir: str | Path) -> str:
     "The config without `REPLICATE_KEYS` (a teacher folder replaced by its own key): equal for the seeds of a variant"
     c = {k: v for k, v in cfg.items() if k not in REPLICATE_KEYS}
-    if (t := _teacher_dir(cfg, run_dir)) is not None: c["teacher"] = json.loads(replicate_key(read_run_config(t), t))
+    for k in ("teacher", "u_from"):  # the seeds of a variant name different runs of one variant
+        if (t := _teacher_dir(cfg, run_dir, k)) is not None: c[k] = json.loads(replicate_key(read_run_config(t), t))
     return json.dumps(c, sort_keys=True, default=str)
 
 def load_runs(run_dirs: list) -> list[dict]:
@@ -83,14 +87,15 @@ def load_runs(run_dirs: list) -> list[dict]:
     for d in run_dirs:
         cfg = read_run_config(d)
         kind, key = run_kind(cfg), replicate_key(cfg, d)
-        if kind == "distilled":  # compare the student with its teacher's pretraining: method and epochs from there
+        if kind in ("distilled", "continued"):  # the method from the teacher; epochs: the teacher's + its own
             t = _teacher_dir(cfg, d)
             teacher = {} if t is None else read_run_config(t)
-            cfg = dict(cfg, **{k: teacher[k] for k in ("method", "epochs") if k in teacher})
+            epochs = f"{teacher['epochs']} + {cfg.get('epochs', '?')}" if "epochs" in teacher else cfg.get("epochs", "")
+            cfg = dict(cfg, epochs=epochs, **{k: teacher[k] for k in ("method",) if k in teacher})
         method = re.sub(r"[_+\- ]*distill(ed|ation)?", "", str(cfg.get("method", "?")), flags=re.I).lower() or "?"
         runs.append(dict(run=Path(d), method=method, name=_METHODS.get(method, method), arch=arch_name(cfg["model"]),
                          epochs=str(cfg.get("epochs", "")), kind=kind, results=read_results(d),
-                         variant=_variant(cfg["model"]) if kind == "biased" else "",
+                         variant=_variant(cfg["model"]) if kind in ("biased", "control") else "",
                          bias=cfg["model"].get("bias", "learnable"), seed=cfg.get("seed"), key=key))
     return runs
 
@@ -111,24 +116,34 @@ class Cell(NamedTuple):
     n_base: int | None = None  # the baseline's seeds
 
 def _latest(results: list[dict], protocol: str, fraction: float, with_masks: bool | None,
-            which: str = "encoder", recipe: str | None = None) -> dict | None:
-    "The last row for a protocol and fraction (and masks setting, recipe, unless None) of the `which` weights"
+            which: str = "encoder", recipe: str | None = None, pool: str | None = None) -> dict | None:
+    "The last row for a protocol and fraction (and masks setting, recipe, pooling, unless None) of the `which` weights"
     rows = [r for r in results if r["protocol"] == protocol and math.isclose(r["fraction"], fraction)
             and (with_masks is None or r["with_masks"] == with_masks) and r.get("encoder", "encoder") == which
-            and (recipe is None or r.get("recipe", "") == recipe)]
+            and (recipe is None or r.get("recipe", "") == recipe) and (pool is None or r.get("pool", "") == pool)]
     return rows[-1] if rows else None
 
-def _recipes(runs: list[dict], protocol: str) -> list[str]:
-    "The recipes of `protocol` among the results, in `RECIPES` order; '' for rows from before recipes were recorded"
-    order = list(RECIPES[protocol]) + [""]
-    seen = {r.get("recipe", "") for run in runs for r in run["results"] if r["protocol"] == protocol}
-    return sorted(seen, key=lambda x: order.index(x) if x in order else len(order)) or [order[0]]
+POOL_ORDER = ("avg", "cls")  # the primary pooling first ('' : rows from before mgab recorded it)
+POOL_LABELS = dict(avg="avg", cls="CLS")
+POOL_NOTES = dict(avg="the mean of the patch tokens", cls="the CLS token")
 
-def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, str]]:
-    "(title, protocol, fraction, recipe) columns: Linear, the paper's 1/10/100% fine-tuning, kNN, other fractions"
-    def _per_recipe(title, proto, frac):  # one column per recipe: numbers of two recipes are never compared
-        recs = _recipes(runs, proto)
-        return [(title if len(recs) == 1 else f"{title} ({r or 'unrecorded'})", proto, frac, r) for r in recs]
+def _recipes(runs: list[dict], protocol: str) -> list[tuple[str, str]]:
+    "The (recipe, pool) pairs of `protocol` among the results, in `RECIPES` then `POOL_ORDER` order"
+    order, porder = list(RECIPES[protocol]) + [""], list(POOL_ORDER)
+    rank = lambda x, o: o.index(x) if x in o else len(o)
+    seen = {(r.get("recipe", ""), r.get("pool", "")) for run in runs for r in run["results"] if r["protocol"] == protocol}
+    return sorted(seen, key=lambda rp: (rank(rp[0], order), rank(rp[1], porder), rp[1])) or [(order[0], "")]
+
+def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, str, str]]:
+    "(title, protocol, fraction, recipe, pool) columns: Linear, the paper's 1/10/100% fine-tuning, kNN, other fractions"
+    def _per_recipe(title, proto, frac):  # one column per recipe and pooling: two of them are never compared
+        combos = _recipes(runs, proto)
+        recs, pools = {r for r, _ in combos}, {p for _, p in combos}
+        def _title(r, p):
+            parts = ([r or "unrecorded"] if len(recs) > 1 else []) + ([POOL_LABELS.get(p, p or "pool unrecorded")]
+                                                                      if len(pools) > 1 else [])
+            return f"{title} ({', '.join(parts)})" if parts else title
+        return [(_title(r, p), proto, frac, r, p) for r, p in combos]
     cols = _per_recipe("Linear", "linear", 1.) if "linear" in protocols else []
     if "finetune" in protocols:
         seen = {r["fraction"] for run in runs for r in run["results"] if r["protocol"] == "finetune"}
@@ -140,13 +155,14 @@ def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, 
 
 def recipe_notes(runs: list[dict],  # from `load_runs`
                  protocols: tuple = PROTOCOLS,  # the table's protocols
-                ) -> str:  # Markdown lines, one per recipe
-    "The footnote of a table: which reference recipe each result column followed (`RECIPE_SOURCES`)"
+                ) -> str:  # Markdown lines, one per recipe and pooling
+    "The footnote of a table: which recipe each result column followed (`RECIPE_SOURCES`), on which features"
     groups = {}
-    for title, proto, _, rec in _columns(runs, protocols): groups.setdefault((proto, rec), []).append(title)
+    for title, proto, _, rec, pool in _columns(runs, protocols): groups.setdefault((proto, rec, pool), []).append(title)
+    def _on(pool): return f"; features: {POOL_NOTES.get(pool, pool)}" if pool else ""
     return "\n".join(f"- {', '.join(titles)}: `{rec or '?'}` recipe, " + RECIPE_SOURCES.get(
-        (proto, rec), "not recorded (results.csv written before mgab recorded recipes)")
-        for (proto, rec), titles in groups.items()) + "\n"
+        (proto, rec), "not recorded (results.csv written before mgab recorded recipes)") + _on(pool)
+        for (proto, rec, pool), titles in groups.items()) + "\n"
 
 def _key(run: dict) -> tuple: return run["method"], run["arch"], run["epochs"]
 
@@ -173,16 +189,16 @@ def _seed_order(a_runs: list[dict], b_runs: list[dict]) -> list[int] | None:
     return [sb.index(s) for s in sa]
 
 def _cell(var: dict, base: dict | None, proto: str, frac: float, with_masks: bool | None, which: str,
-          recipe: str | None = None) -> Cell | None:
+          recipe: str | None = None, pool: str | None = None) -> Cell | None:
     "One variant's result in one column, with its difference to `base` and, given per-image outcomes, its interval"
     found = [(r, row) for r in var.get("members", [var])
-             if (row := _latest(r["results"], proto, frac, with_masks, which, recipe))]
+             if (row := _latest(r["results"], proto, frac, with_masks, which, recipe, pool))]
     if not found: return None
     v = np.array([row["value"] for _, row in found])
     cell = Cell(float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
     if base is None or base is var: return cell
     bfound = [(r, row) for r in base.get("members", [base])
-              if (row := _latest(r["results"], proto, frac, None, recipe=recipe))]
+              if (row := _latest(r["results"], proto, frac, None, recipe=recipe, pool=pool))]
     if not bfound: return cell
     cell = cell._replace(delta=cell.value - float(np.mean([row["value"] for _, row in bfound])))
     a, b = _outcomes(found), _outcomes(bfound)
@@ -200,7 +216,7 @@ def _row(run: dict, base: dict | None, with_masks: bool | None, cols: list, whic
     "A table row: text cells, then a `Cell` (or None) per column"
     members = run.get("members", [run])
     row = dict(text, Arch=arch_label(run["arch"]), Epochs=run["epochs"], run="; ".join(str(m["run"]) for m in members))
-    for title, proto, frac, recipe in cols: row[title] = _cell(run, base, proto, frac, with_masks, which, recipe)
+    for title, proto, frac, recipe, pool in cols: row[title] = _cell(run, base, proto, frac, with_masks, which, recipe, pool)
     return row
 
 def _rows_of(run: dict) -> list[tuple[str, bool | None, str]]:
@@ -212,7 +228,10 @@ def _rows_of(run: dict) -> list[tuple[str, bool | None, str]]:
         if which != "encoder" and not have: continue
         sfx = "" if which == "encoder" else f" ({which})"
         if run["kind"] == "random": out.append((f"{run['name']} (random init){sfx}", None, which))
+        elif run["kind"] == "control": out.append((f"{run['name']} (random init) + trained u{run['variant']}{sfx}",
+                                                   True, which))
         elif run["kind"] == "baseline": out.append((run["name"] + sfx, None, which))
+        elif run["kind"] == "continued": out.append((f"{run['name']} (continued, no distillation){sfx}", None, which))
         elif run["kind"] == "distilled": out.append((f"{ours} (distilled){sfx}", None, which))
         else: out += [(lbl + sfx, w, which) for lbl, w in ((ours, True), (f"{ours} (no masks)", False))
                       if w in (have or {True})]
@@ -223,33 +242,51 @@ def table1(runs: list[dict],  # from `load_runs`
           ) -> tuple[list[str], list[dict]]:  # column titles; rows of {title: text, or `Cell`, or None}
     "The paper's Table 1: Method, Arch, Epochs, Linear, 1%, 10%, 100%, each with its difference to the baseline"
     cols, vs = _columns(runs, protocols), variants(runs)
-    baselines = {}
-    for v in vs:
-        if v["kind"] == "baseline": baselines.setdefault(_key(v), v)  # the first of several baseline variants
-    rows = [_row(v, None if v["kind"] == "random" else baselines.get(_key(v)), wm, cols, which, Method=label)
-            for v in vs for label, wm, which in _rows_of(v)]
+    rows = [_row(v, base, wm, cols, which, Method=label + _unmatched(v, base))
+            for v in vs for base in [baseline_of(v, vs)] for label, wm, which in _rows_of(v)]
     return ["Method", "Arch", "Epochs"] + [c[0] for c in cols], rows
 
+def baseline_of(v: dict, vs: list[dict]) -> dict | None:
+    "What a variant (of `variants`) is compared with in the tables, at the same compute (see above)"
+    kind = dict(biased="baseline", control="random", continued="baseline", distilled="continued").get(v["kind"])
+    if kind is None: return None  # the floor and the baseline themselves
+    same = lambda w, k: w["kind"] == k and w["method"] == v["method"] and w["arch"] == v["arch"]
+    if kind == "random": return next((w for w in vs if same(w, kind)), None)
+    pre = v["epochs"].split(" + ")[0]  # a distilled or continued run's teacher's epochs
+    if v["kind"] == "continued": return next((w for w in vs if same(w, kind) and w["epochs"] == pre), None)
+    found = next((w for w in vs if same(w, kind) and w["epochs"] == v["epochs"]), None)  # the first of several
+    if found is None and v["kind"] == "distilled":  # no continued run: the teacher's baseline, with fewer epochs
+        found = next((w for w in vs if same(w, "baseline") and w["epochs"] == pre), None)
+    return found
+
+def _unmatched(v: dict, base: dict | None) -> str:
+    "A row label's warning when its baseline trained fewer epochs (a distilled run without a continued baseline)"
+    return "" if base is None or base["epochs"] == v["epochs"] or v["kind"] == "continued" else (
+        f" [compute not matched: against {base['epochs']} epochs]")
+
 def table2(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    "The post-processing ablation (Table 2): baseline, biased with and without masks, distilled; Linear (and kNN)"
-    cols = _columns(runs, ("linear", "knn"))
+    "The post-processing ablation (Table 2): baseline, biased with and without masks, continued, distilled"
+    cols, vs = _columns(runs, ("linear", "knn")), variants(runs)
     groups = {}
-    for v in variants(runs): groups.setdefault(_key(v), []).append(v)
+    for v in vs: groups.setdefault((v["method"], v["arch"], v["epochs"].split(" + ")[0]), []).append(v)
     rows = []
     for members in groups.values():
-        base = next((r for r in members if r["kind"] == "baseline"), None)
-        entries = [(base, None, base["name"], "-", "-")] if base else []
+        entries = []
         for r in members:
             ours = f"{r['name']} + our method{r['variant']}"
             have = {x["with_masks"] for x in r["results"]}
+            if r["kind"] == "baseline": entries.append((r, None, r["name"], "-", "-"))
             if r["kind"] == "biased":
                 entries += [(r, w, f"{ours} (1st phase{s})", "✓" if w else "-", "-")
                             for w, s in ((True, ""), (False, ", no masks")) if w in have]
+            if r["kind"] == "continued": entries.append((r, None, f"{r['name']} (continued)", "-", "λ = 0"))
             if r["kind"] == "distilled": entries.append((r, None, f"{ours} (2nd phase)", "-", "✓"))
         if not any(e[0]["kind"] == "distilled" or e[1] is False for e in entries): continue  # nothing to ablate
-        rows += [_row(run, base, wm, cols, **{"SSL method": label, "Mask-guided attention bias": mg,
-                                              "Post-processing": pp}) for run, wm, label, mg, pp in entries]
+        rows += [_row(run, base, wm, cols, **{"SSL method": label + _unmatched(run, base),
+                                              "Mask-guided attention bias": mg, "Post-processing": pp})
+                 for run, wm, label, mg, pp in entries for base in [baseline_of(run, vs)]]
     return list(TEXT_COLUMNS[1:]) + [c[0] for c in cols], rows
+
 
 # %% ../nbs/33_report.ipynb #1d55686a
 def format_cell(cell) -> str:
