@@ -7,30 +7,36 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import argparse, json, time
+import argparse, json, math, time
 from pathlib import Path
-from .core import add_debug_flag, cli_main
 import torch
 from fastai.torch_core import rank_distrib, set_seed
+from .core import add_debug_flag, cli_main
 from .masks import SuperpixelMasker
 from .sam import SamMasker
 from .store import MaskStore, coverage_line, make_mask_store, store_stats
+from .mre import token_line, token_stats
 from .data import labelled_dls
-from .datasets import resolve_data
-from .datasets import EmbeddedMasker
+from .datasets import EmbeddedMasker, resolve_data
 from .train import unfinished_reason, write_init_run
-from .report import report
-from .results import evaluate_run, read_results
+from .vit import load_run_encoder
+from .evaluate import extract_features
+from .report import Cell, load_runs, report, table1, table_columns
+from .results import CI_LEVEL, MDE_POWER, evaluate_run, read_results, read_run_config
+
 
 # %% auto #0
-__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'demo_masker', 'demo_masks', 'bias_reach', 'run_demo', 'main']
+__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks', 'bias_reach', 'demo_evaluations', 'plan_budget',
+           'run_demo', 'primary_endpoint', 'parse_budget', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
-                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=6, img_size=64, epochs=14,
-                     distill_epochs=5, distill_init="scratch", bs=32, lr=1.5e-3, distill_lr=1.5e-3, warmup_epochs=2,
-                     distill_warmup=1., bias_lr_mult=100., pool="cls", protocols=("linear", "knn"), seed=0, seeds=1,
-                     num_workers=None, progress=True)
+                     method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=4, embed_dim=128, num_heads=4,
+                     decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, img_size=64, epochs=15, bs=128,
+                     lr=1.5e-3, warmup_epochs=2, bias_lr_mult=100., seeds=5, seed=0, distill_epochs=2,
+                     distill_lr=5e-4, distill_warmup=0.5, distill_init="teacher", probe="logreg",
+                     pools=("avg", "cls"), protocols=("linear", "knn"), controls=True, budget=None, num_workers=None,
+                     progress=True)
 
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
@@ -61,6 +67,18 @@ def _random_init(run: Path, method: str, config: dict) -> Path:
     set_seed(cfg["seed"])  # as pretrain_dino builds its student
     return write_init_run(dino_student(cfg).encoder, run, cfg)
 
+def _control(run: Path, floor: Path, biased: Path) -> Path:
+    "The control: the floor's untrained weights with the trained `u` of `biased` (same seed), to be read with masks"
+    if (run/"config.json").is_file() and (run/"encoder.pth").is_file():
+        _say(f"{run.name}: done, skipped"); return run
+    _say(f"{run.name}: the untrained encoder with {biased.name}'s trained u (control)")
+    enc = load_run_encoder(biased)  # the biased architecture, with its trained `u`
+    u = {k: v for k, v in enc.state_dict().items() if k.rsplit(".", 1)[-1] in ("u_pos", "u_neg")}
+    enc.load_state_dict(dict(load_run_encoder(floor).state_dict(), **u))  # strict: the floor has all but `u`
+    cfg = read_run_config(floor)
+    return write_init_run(enc, run, dict(cfg, model=read_run_config(biased)["model"], u_from=str(biased)))
+
+
 # %% ../nbs/53_demo.ipynb #d943d831
 def demo_masker(path: Path, checkpoint=None, model_type="vit_h", points_per_side=32) -> tuple:
     "The study's masker and a line naming it: SAM with a checkpoint, else an offline stand-in (said so)"
@@ -74,8 +92,8 @@ def demo_masker(path: Path, checkpoint=None, model_type="vit_h", points_per_side
             "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM")
 
 def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
-               progress=True) -> Path:
-    "The mask store of the study: `masks` if given, else built into `out/masks`; says which masks and their coverage"
+               progress=True, grid: int | None = None, mask_ratio: float = 0.75) -> Path:
+    "The study's mask store (`masks`, or built into `out/masks`): which masks, their coverage, how they reach `grid`"
     if masks is not None:
         store = MaskStore(masks)  # fails early, naming the folder, if it is not a store
         _say(f"masks: the store {masks} ({store.info.get('description') or store.info.get('generator')})")
@@ -84,6 +102,10 @@ def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="v
         _say(f"masks: {what}")
         store = make_mask_store(path, out/"masks", masker, progress=progress)
     _say("masks: " + coverage_line(store_stats(store, limit=2000)))
+    if grid:  # what the bias can act on: masks at the token grid, and their visible partners under MAE's masking
+        keys = list(store.keys())
+        keys = keys[::max(1, len(keys) // 2000)]  # an evenly spaced sample of a large store
+        _say("masks: " + token_line(token_stats((store[k] for k in keys), grid, mask_ratio)))
     return store.root
 
 # %% ../nbs/53_demo.ipynb #d3a0b001
@@ -99,78 +121,171 @@ def bias_reach(run: Path) -> dict | None:
                 u_pos=[round(float(v), 2) for v in u[0].mean(-1)], u_neg=[round(float(v), 2) for v in u[1].mean(-1)])
 
 # %% ../nbs/53_demo.ipynb #01bf13bd
-def _evaluate(run: Path, dls, protocol: str, with_masks: bool, pool: str, progress: bool) -> dict:
-    "Evaluate a run once per protocol and masks setting (a rerun reads results.csv)"
-    done = [r for r in read_results(run) if r["protocol"] == protocol and r["with_masks"] == with_masks
-            and r["fraction"] in (None, 1.)]
-    if done: return done[-1]
-    kw = dict(precompute=True, opt="sgd") if protocol == "linear" else {}  # features once; SGD for few small steps
-    row = evaluate_run(run, dls, protocol, with_masks=with_masks, pool=pool, progress=progress, **kw)
-    _say(f"{run.name} {protocol} ({'with' if with_masks else 'without'} masks): {row['value']:.1f}%")
-    return row
+def demo_evaluations(protocols=("linear", "knn"), probe: str = "logreg", pools=("avg", "cls"),
+                    ) -> list[tuple[str, str, str]]:
+    "(protocol, recipe, pool) of every evaluation: the linear probe on every pooling, kNN and fine-tuning on the first"
+    out = []
+    for proto in protocols:
+        if proto == "linear": out += [("linear", probe, p) for p in pools]
+        elif proto == "knn": out.append(("knn", "dino", pools[0]))
+        else: out.append((proto, "mae", pools[0]))
+    return out
+
+def _evaluate(run: Path, dls, with_masks: bool, evals: list, progress: bool):
+    "Evaluate a run with each (protocol, recipe, pool) not yet in its results.csv; the features extracted once"
+    def done(proto, rec, pool):
+        return any(r["protocol"] == proto and r["with_masks"] == with_masks and r["fraction"] == 1.
+                   and r["recipe"] == rec and r["pool"] == pool for r in read_results(run))
+    todo = [e for e in evals if not done(*e)]
+    if not todo: return
+    enc = load_run_encoder(run, num_classes=0)
+    shared = [e for e in todo if e[0] == "knn" or e[1] == "logreg"]  # these read fixed features
+    feats = {}
+    if shared:
+        pools = tuple(dict.fromkeys(p for *_, p in shared))
+        feats = {s: extract_features(enc, dl, with_masks, pools, progress) for s, dl in (("train", dls.train),
+                                                                                         ("valid", dls.valid))}
+    for proto, rec, pool in todo:
+        f = {s: (x[pool], y) for s, (x, y) in feats.items()} if (proto, rec, pool) in shared else None
+        kw = dict(precompute=True) if proto == "linear" and f is None else {}  # a reference probe: features once
+        row = evaluate_run(run, dls, proto, with_masks=with_masks, encoder=enc, pool=pool, recipe=rec,
+                           progress=progress, features=f, **kw)
+        _say(f"{run.name} {proto} ({rec}, {pool}, {'with' if with_masks else 'without'} masks): {row['value']:.1f}%")
+
 
 # %% ../nbs/53_demo.ipynb #c6d79c72
-VARIANTS = (("random", False), ("vanilla", False), ("biased", True), ("biased", False), ("distilled", False))
+VARIANTS = (("random", False), ("control", True), ("vanilla", False), ("biased", False), ("biased", True),
+            ("continued", False), ("distilled", False))  # (run, with masks) evaluated, in the tables' order
+MAX_SEEDS = 10  # a budget buys seeds up to this many, then epochs
 
 def _seed_name(name: str, seed: int, first: int) -> str: return name if seed == first else f"{name}-seed{seed}"
+
+def _model(c: dict) -> dict:
+    "The encoder's `create_vit` settings of the study"
+    model = dict(name=c["arch"], img_size=c["img_size"], num_classes=0)
+    model.update({k: c[k] for k in ("patch_size", "depth", "embed_dim", "num_heads") if c.get(k)})
+    if c["method"] == "dino": model["dynamic_img_size"] = True
+    return model
+
+def _step_times(c: dict, path: Path, store: Path, steps: int = 8) -> tuple[float, float]:
+    "Seconds per biased pretraining step and per image of feature extraction, timed on this machine and data"
+    from mgab.data import pretrain_dls
+    from mgab.mae import mae_config, mae_model
+    cfg = mae_config(dict(_base(c, path, store), epochs=1, out="(timing)", model=dict(_model(c), bias="learnable")))
+    model, patch = mae_model(cfg), _patch(c)
+    dls = pretrain_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=patch, bs=c["bs"], valid=False,
+                       **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    it, times = iter(dls.train), []
+    for i in range(steps + 2):  # the first two steps warm up the allocator and the loader's workers
+        t = time.perf_counter(); x, m = next(it)
+        model(x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)).backward()  # MAE's forward: its loss
+        opt.step(); opt.zero_grad()
+        if i >= 2: times.append(time.perf_counter() - t)
+    x = x.as_subclass(torch.Tensor)
+    with torch.no_grad():
+        model.encoder.eval(); t = time.perf_counter(); model.encoder.forward_features(x, m.as_subclass(torch.Tensor))
+    return float(sorted(times)[len(times) // 2]), (time.perf_counter() - t) / len(x)
+
+def _patch(c: dict) -> int: return c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
+
+def _base(c: dict, path: Path, store: Path) -> dict:
+    "Pretraining settings shared by the study's runs"
+    base = dict(method=c["method"], data=str(path), masks=str(store), arch=c["arch"], img_size=c["img_size"],
+                bs=c["bs"], lr=c["lr"], warmup_epochs=c["warmup_epochs"], bias_lr_mult=c["bias_lr_mult"],
+                num_workers=c["num_workers"], progress=c["progress"])
+    if c["method"] == "mae": base.update({k: c[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")})
+    else:  # small images: local crops at 3/7 of the global size, fewer prototypes
+        base.update(global_size=c["img_size"], local_size=max(c["img_size"] * 3 // 7 // 8 * 8, 16), n_local=4,
+                    out_dim=c.get("out_dim") or 1024)
+    return base
+
+def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
+                path: Path, store: Path,  # the data and its mask store
+                minutes: float,  # what the whole study may take from now
+               ) -> dict:  # `c` with `seeds` and `epochs` that fit
+    "Paired seeds, then epochs, that fit `minutes` on this machine: a few timed steps, then the study's arithmetic"
+    if c["method"] != "mae": raise ValueError("--budget plans MAE studies (the default method); give --seeds instead")
+    step, per_image = _step_times(c, path, store)
+    dls = labelled_dls(path, None, img_size=c["img_size"], patch_size=_patch(c), bs=1, num_workers=0)
+    n_train, n_eval = len(dls.train_ds), len(dls.train_ds) + len(dls.valid_ds)
+    spe, D = max(1, n_train // c["bs"]), c["distill_epochs"]
+    passes = 3 + 2 * c["controls"] + 2 * bool(D)  # feature passes per seed: vanilla, biased x2, floor, control, ...
+    train = lambda E: (2 * E + 3.5 * D) * spe * step  # two pretrainings; distillation ~2.5 steps + its control 1
+    per_seed = lambda E: train(E) + passes * n_eval * per_image
+    usable = 60 * minutes * 0.85 - 30  # margins: the report, loaders starting, a busy machine
+    E = c["epochs"]
+    seeds = int(usable // per_seed(E))
+    if seeds < 3:  # fewer epochs, not fewer than 3 seeds: 3 is the least that measures seed noise with some power
+        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * spe * step) // (2 * spe * step))
+        if E < 1:
+            raise ValueError(f"--budget {minutes:g}m is too small for 3 paired seeds of one epoch on {n_train} images "
+                             f"here (a step {step:.2f} s): give more time or fewer images")
+    elif seeds > MAX_SEEDS:  # enough seeds: the rest buys epochs
+        seeds = MAX_SEEDS
+        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * spe * step) // (2 * spe * step)))
+    _say(f"budget {minutes:g} min: {seeds} paired seeds x {E} epochs ({spe} steps each) fit, planned "
+         f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, features {1e3 * per_image:.1f} ms per "
+         f"image, {n_train} training images)")
+    return dict(c, seeds=seeds, epochs=E)
 
 def run_demo(out: str | Path = "runs/demo",  # the study folder
              **kwargs,  # see `DEMO_DEFAULTS`
             ) -> dict:
-    "The whole study: masks -> random init, vanilla and biased pretraining -> distillation -> evaluation -> report"
+    "The whole study: masks -> paired seeds of vanilla and biased pretraining -> distillation -> evaluation -> report"
     c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None})
     if c["method"] not in ("mae", "dino"): raise ValueError(f"`method` must be 'mae' or 'dino', got {c['method']!r}")
     if c["seeds"] < 1: raise ValueError(f"`seeds` must be >= 1, got {c['seeds']}")
-    out, t0 = Path(out), time.time()
+    out, t0, method = Path(out), time.time(), c["method"]
     path = resolve_data(str(c["data"]))
     out.mkdir(parents=True, exist_ok=True)
     _say(f"data: {path}")
-    store = demo_masks(path, out, c["masks"], c["checkpoint"], c["model_type"], c["points_per_side"], c["progress"])
-    method = c["method"]
+    store = demo_masks(path, out, c["masks"], c["checkpoint"], c["model_type"], c["points_per_side"], c["progress"],
+                       grid=c["img_size"] // _patch(c), mask_ratio=0.75 if method == "mae" else 0.)
+    if c["budget"]: c = plan_budget(c, path, store, c["budget"] - (time.time() - t0) / 60)
     if method == "mae": from mgab.mae import pretrain_mae as pretrain
     else: from mgab.dino import pretrain_dino as pretrain
     from mgab.distill import distill_run
-    model = dict(name=c["arch"], img_size=c["img_size"], num_classes=0)
-    if c["patch_size"]: model["patch_size"] = c["patch_size"]
-    if c["depth"]: model["depth"] = c["depth"]
-    if method == "dino": model["dynamic_img_size"] = True
-    base = dict(method=method, data=str(path), masks=str(store), arch=c["arch"], img_size=c["img_size"], bs=c["bs"],
-                lr=c["lr"], warmup_epochs=c["warmup_epochs"], bias_lr_mult=c["bias_lr_mult"],
-                num_workers=c["num_workers"], progress=c["progress"])
-    if method == "dino":  # small images: local crops at 3/7 of the global size, fewer prototypes
-        base.update(global_size=c["img_size"], local_size=max(c["img_size"] * 3 // 7 // 8 * 8, 16), n_local=4,
-                    out_dim=c.get("out_dim") or 1024)
-    studies = []
-    for seed in range(c["seed"], c["seed"] + c["seeds"]):
+    model, base, studies = _model(c), _base(c, path, store), []
+    for seed in range(c["seed"], c["seed"] + c["seeds"]):  # seed s of every variant: same init, data order, masking
         name = lambda v: out/_seed_name(f"{method}-{v}", seed, c["seed"])
         vanilla = dict(base, seed=seed, model=dict(model, bias=None))
-        runs = dict(random=_random_init(name("random"), method, vanilla),
-                    vanilla=_train(name("vanilla"), c["epochs"], pretrain, vanilla))
-        biased = dict(vanilla, model=dict(model, bias="learnable"))
-        runs["biased"] = _train(name("biased"), c["epochs"], pretrain, biased)
-        runs["distilled"] = _train(name("distilled"), c["distill_epochs"], distill_run,
-                                   dict(teacher=str(runs["biased"]), bs=c["bs"], lr=c["distill_lr"], seed=seed,
-                                        student_init=c["distill_init"], warmup_epochs=c["distill_warmup"],
-                                        num_workers=c["num_workers"], progress=c["progress"]))
+        runs = dict(vanilla=_train(name("vanilla"), c["epochs"], pretrain, vanilla))
+        runs["biased"] = _train(name("biased"), c["epochs"], pretrain, dict(vanilla, model=dict(model, bias="learnable")))
+        if c["distill_epochs"]:
+            d = dict(bs=c["bs"], lr=c["distill_lr"], seed=seed, student_init=c["distill_init"],
+                     warmup_epochs=c["distill_warmup"], num_workers=c["num_workers"], progress=c["progress"])
+            runs["distilled"] = _train(name("distilled"), c["distill_epochs"], distill_run,
+                                       dict(d, teacher=str(runs["biased"])))
+            if method == "mae" and c["distill_init"] == "teacher":  # its compute-matched control: nothing distilled
+                runs["continued"] = _train(name("continued"), c["distill_epochs"], distill_run,
+                                           dict(d, teacher=str(runs["vanilla"]), lam=0.))
+        if c["controls"]:
+            runs["random"] = _random_init(name("random"), method, vanilla)
+            runs["control"] = _control(name("control"), runs["random"], runs["biased"])
         studies.append(runs)
     if rank_distrib() != 0: return dict(runs=studies)
-    patch = c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
-    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=patch, bs=max(c["bs"], 128),
+    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
                        augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
+    evals = demo_evaluations(c["protocols"], c["probe"], c["pools"])
     for runs in studies:
-        for protocol in c["protocols"]:
-            for name, with_masks in VARIANTS: _evaluate(runs[name], dls, protocol, with_masks, c["pool"], c["progress"])
+        for name, with_masks in VARIANTS:
+            if name in runs: _evaluate(runs[name], dls, with_masks, evals, c["progress"])
     run_dirs = [r for runs in studies for r in runs.values()]
     written = report(run_dirs, out/"report", data=path, masks=store)
     for name in ("table1.md", "table2.md", "distill.md"):
         if name in written: print(written[name].read_text())
+    primary = primary_endpoint(run_dirs)
+    if primary: _say(primary["line"])
     reach = {runs["biased"].name: bias_reach(runs["biased"]) for runs in studies}
     for name, r in reach.items():
-        if r: _say(f"{name}: max |u| {r['max_abs_u']:.2f} = {r['ratio']:.0%} of the {r['travel']:.2f} AdamW allowed "
-                   f"(bias_lr_mult {c['bias_lr_mult']:g}); u_pos - u_neg per layer: "
+        if r: _say(f"{name}: max |u| {r['max_abs_u']:.2f}"
+                   + (f" = {r['ratio']:.0%} of the {r['travel']:.2f} AdamW allowed" if r["ratio"] is not None else "")
+                   + f" (bias_lr_mult {c['bias_lr_mult']:g}); u_pos - u_neg per layer: "
                    + " ".join(f"{p - n:+.1f}" for p, n in zip(r["u_pos"], r["u_neg"])))
     stand_in = MaskStore(store).stand_in
-    summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in, bias_reach=reach,
+    summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in, seeds=c["seeds"],
+                   epochs=c["epochs"], primary=primary, bias_reach=reach,
                    runs=[{k: str(v) for k, v in runs.items()} for runs in studies],
                    report={k: str(v) for k, v in written.items()},
                    minutes=round((time.time() - t0) / 60, 1), threads=torch.get_num_threads(),
@@ -180,7 +295,38 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
          + (" -- masks from an offline stand-in, not SAM" if stand_in else ""))
     return summary
 
+
+# %% ../nbs/53_demo.ipynb #9e1f0a01
+def primary_endpoint(run_dirs: list,  # the study's run folders
+                    ) -> dict | None:  # delta, lo, hi, mde, margin, seeds, images, and `line`; None without its runs
+    "The study's declared primary comparison: the biased encoder without masks against vanilla, avg-pooled linear probe"
+    runs = load_runs(run_dirs)
+    cols, rows = table1(runs, ("linear",))
+    col = next((t for t, _, _, _, pool in table_columns(runs, ("linear",)) if pool == "avg"), None)
+    names = {r["name"] for r in runs if r["kind"] == "biased" and not r["variant"]}
+    row = next((r for r in rows for n in names if r["Method"] == f"{n} + our method (no masks)"), None)
+    cell = None if row is None or col is None else row.get(col)
+    if not isinstance(cell, Cell) or cell.lo is None: return None
+    noise = "within noise" if cell.lo <= 0 <= cell.hi else "outside noise"
+    seeds = f"{cell.n} paired seeds" if cell.paired else f"{cell.n} vs {cell.n_base} unpaired seeds"
+    line = (f"primary endpoint: {row['Method']} minus {row['Method'].split(' + ')[0]}, linear probe on average-pooled "
+            f"features ({col}): "
+            f"{cell.delta:+.1f} points [{cell.lo:+.1f}, {cell.hi:+.1f}], {noise}"
+            + ("" if cell.seed_noise_measured else " (one seed: seed noise not measured)")
+            + f"; this design detects {cell.mde:.1f} points (MDE, {MDE_POWER:.0%} power, alpha {1 - CI_LEVEL:.2g}) "
+            f"with {seeds} x {cell.n_images} validation images")
+    return dict(delta=cell.delta, lo=cell.lo, hi=cell.hi, mde=cell.mde, margin=cell.margin, seeds=cell.n,
+                images=cell.n_images, column=col, line=line)
+
+
 # %% ../nbs/53_demo.ipynb #4f7f6f09
+def parse_budget(text: str) -> float:
+    "Minutes of a `--budget`: `60m`, `1.5h`, `3600s` or a plain number of minutes"
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
+    if not m or float(m[1]) <= 0: raise ValueError(f"--budget {text!r}: give a time such as 60m, 1.5h or 3600s")
+    return float(m[1]) * dict(s=1 / 60, m=1., min=1., h=60.)[m[2] or "m"]
+
 @cli_main("mgab-demo")
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-demo`"
@@ -196,38 +342,53 @@ def main(argv: list[str] | None = None):
     p.add_argument("--points-per-side", type=int, default=d["points_per_side"])
     p.add_argument("--method", choices=("mae", "dino"), default=d["method"])
     p.add_argument("--arch", default=d["arch"], help="timm ViT name")
-    p.add_argument("--patch-size", type=int, default=d["patch_size"], help="0: the architecture's own")
-    p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks (0: the architecture's)")
-    p.add_argument("--img-size", type=int, default=d["img_size"])
+    for k, h in (("patch_size", "0: the architecture's own"), ("depth", "transformer blocks (0: the architecture's)"),
+                 ("embed_dim", "width (0: the architecture's)"), ("num_heads", "heads (0: the architecture's)"),
+                 ("decoder_embed_dim", "MAE decoder width"), ("decoder_depth", "MAE decoder blocks"),
+                 ("decoder_num_heads", "MAE decoder heads"), ("img_size", "image side in pixels")):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=d[k], help=h)
     p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
-    p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"])
-    p.add_argument("--distill-init", choices=("scratch", "teacher"), default=d["distill_init"],
-                   help="the distilled student's initial weights (mgab-distill --student-init)")
+    p.add_argument("--seeds", type=int, default=d["seeds"], help="paired seeds: every variant once per seed")
+    p.add_argument("--seed", type=int, default=d["seed"], help="the first seed")
+    p.add_argument("--budget", help="plan seeds and epochs to fit this time on this machine (e.g. 60m, 1.5h); "
+                   "overrides --seeds and may change --epochs")
     p.add_argument("--bs", type=int, default=d["bs"])
     p.add_argument("--lr", type=float, default=d["lr"], help="absolute peak learning rate of pretraining")
-    p.add_argument("--distill-lr", type=float, default=d["distill_lr"], help="absolute peak lr of distillation")
     p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
-    p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u")
-    p.add_argument("--pool", choices=("cls", "avg"), default=d["pool"], help="features of the linear probe and kNN")
+    p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u "
+                   "(this project's choice; the paper gives none)")
+    p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"], help="post-processing epochs (0: none)")
+    p.add_argument("--distill-init", choices=("teacher", "scratch"), default=d["distill_init"],
+                   help="the distilled student's initial weights (mgab-distill --student-init)")
+    p.add_argument("--distill-lr", type=float, default=d["distill_lr"], help="absolute peak lr of distillation")
+    p.add_argument("--distill-warmup", type=float, default=d["distill_warmup"], help="warmup epochs of distillation")
+    p.add_argument("--probe", choices=("logreg", "mae", "dino"), default=d["probe"], help="the linear probe's recipe")
+    p.add_argument("--pools", default=",".join(d["pools"]), help="comma-separated features of the probe: avg, cls "
+                   "(the first is also kNN's)")
     p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
-    p.add_argument("--seed", type=int, default=d["seed"], help="the first seed")
-    p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds of every variant (mean and spread reported)")
+    p.add_argument("--no-controls", action="store_true", help="skip the random-init floor and its control")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     a = add_debug_flag(p).parse_args(argv)
-    protocols = tuple(o for o in a.protocols.split(",") if o)
+    protocols, pools = (tuple(o for o in s.split(",") if o) for s in (a.protocols, a.pools))
     bad = [o for o in protocols if o not in ("linear", "knn", "finetune")]
     if bad: p.error(f"--protocols: unknown {bad}; choose from linear, knn, finetune")
-    for flag, v in (("--epochs", a.epochs), ("--distill-epochs", a.distill_epochs), ("--bs", a.bs),
-                    ("--seeds", a.seeds)):
+    bad = [o for o in pools if o not in ("avg", "cls")]
+    if bad or not pools: p.error(f"--pools: unknown {bad or pools}; choose from avg, cls")
+    for flag, v in (("--epochs", a.epochs), ("--bs", a.bs), ("--seeds", a.seeds)):
         if v < 1: p.error(f"{flag} must be >= 1, got {v}")
+    if a.distill_epochs < 0: p.error(f"--distill-epochs must be >= 0, got {a.distill_epochs}")
     if a.lr <= 0: p.error(f"--lr must be > 0, got {a.lr}")
+    try: budget = None if a.budget is None else parse_budget(a.budget)
+    except ValueError as e: p.error(str(e))
     run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
              points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
-             depth=a.depth or None, img_size=a.img_size, epochs=a.epochs, distill_epochs=a.distill_epochs,
-             distill_init=a.distill_init, bs=a.bs,
-             lr=a.lr, distill_lr=a.distill_lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
-             pool=a.pool,
-             protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
-             progress=not a.no_progress)
+             depth=a.depth or None, embed_dim=a.embed_dim or None, num_heads=a.num_heads or None,
+             decoder_embed_dim=a.decoder_embed_dim, decoder_depth=a.decoder_depth,
+             decoder_num_heads=a.decoder_num_heads, img_size=a.img_size, epochs=a.epochs, seeds=a.seeds, seed=a.seed,
+             budget=budget, bs=a.bs, lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
+             distill_epochs=a.distill_epochs, distill_init=a.distill_init, distill_lr=a.distill_lr,
+             distill_warmup=a.distill_warmup, probe=a.probe, pools=pools, protocols=protocols,
+             controls=not a.no_controls, num_workers=a.num_workers, progress=not a.no_progress)
     return 0
+

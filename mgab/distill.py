@@ -98,6 +98,11 @@ class MAEDistill(nn.Module):
         "Eq. 10 on images `x` (B, C, H, W); `m` (B, L) labels go to the teacher only"
         B, L = x.shape[0], self.student.grid[0] * self.student.grid[1]
         noise = torch.rand(B, L, device=x.device)  # one masking for both: the same visible tokens
+        if self.lam == 0:  # nothing distilled: MAE's own loss, the post-processing's compute-matched control
+            latent, mask, ids_restore = self.student.forward_encoder(x, None, noise)
+            rec = self.student.forward_loss(x, self.student.forward_decoder(latent, ids_restore), mask)
+            self.last = dict(mim_loss=rec.detach())
+            return rec
         visible = self.attn_tokens == "visible"
         with self.student.encoder.stashing_attention() as maps:
             latent, mask, ids_restore = self.student.forward_encoder(x, None, noise)
@@ -254,8 +259,9 @@ def distill_models(teacher_run: str | Path,
         raise ValueError(f"`student_init` must be one of {STUDENT_INITS}, got {student_init!r}")
     tcfg, state = _teacher_state(Path(teacher_run), allow_unfinished)
     method = tcfg.get("method")
-    if tcfg["model"].get("bias", "learnable") is None:  # create_vit defaults to a learnable bias
-        raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil")
+    if tcfg["model"].get("bias", "learnable") is None and not (lam == 0 and method == "mae"):  # learnable: default
+        raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil (lam=0 continues "
+                         "an MAE run with the post-processing recipe: the compute-matched control)")
     if method == "mae":
         def build(model_kwargs, init_weights=False):
             return MAE(create_vit(**model_kwargs), tcfg["decoder_embed_dim"], tcfg["decoder_depth"],

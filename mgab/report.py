@@ -23,9 +23,9 @@ import torch.nn as nn
 # %% auto #0
 __all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'POOL_ORDER', 'POOL_LABELS', 'POOL_NOTES', 'CELL_CSV', 'FIG4_TITLES',
            'DISTILL_COLUMNS', 'arch_name', 'arch_label', 'arch_details', 'run_kind', 'replicate_key', 'load_runs',
-           'Cell', 'recipe_notes', 'variants', 'table1', 'baseline_of', 'table2', 'format_cell', 'to_markdown',
-           'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4', 'plot_bias_stats', 'attention_layers',
-           'query_token', 'plot_attention', 'distill_table', 'report']
+           'Cell', 'table_columns', 'recipe_notes', 'variants', 'table1', 'baseline_of', 'table2', 'format_cell',
+           'to_markdown', 'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4', 'plot_bias_stats',
+           'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
 
 # %% ../nbs/33_report.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
@@ -134,7 +134,7 @@ def _recipes(runs: list[dict], protocol: str) -> list[tuple[str, str]]:
     seen = {(r.get("recipe", ""), r.get("pool", "")) for run in runs for r in run["results"] if r["protocol"] == protocol}
     return sorted(seen, key=lambda rp: (rank(rp[0], order), rank(rp[1], porder), rp[1])) or [(order[0], "")]
 
-def _columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, str, str]]:
+def table_columns(runs: list[dict], protocols: tuple) -> list[tuple[str, str, float, str, str]]:
     "(title, protocol, fraction, recipe, pool) columns: Linear, the paper's 1/10/100% fine-tuning, kNN, other fractions"
     def _per_recipe(title, proto, frac):  # one column per recipe and pooling: two of them are never compared
         combos = _recipes(runs, proto)
@@ -158,7 +158,7 @@ def recipe_notes(runs: list[dict],  # from `load_runs`
                 ) -> str:  # Markdown lines, one per recipe and pooling
     "The footnote of a table: which recipe each result column followed (`RECIPE_SOURCES`), on which features"
     groups = {}
-    for title, proto, _, rec, pool in _columns(runs, protocols): groups.setdefault((proto, rec, pool), []).append(title)
+    for title, proto, _, rec, pool in table_columns(runs, protocols): groups.setdefault((proto, rec, pool), []).append(title)
     def _on(pool): return f"; features: {POOL_NOTES.get(pool, pool)}" if pool else ""
     return "\n".join(f"- {', '.join(titles)}: `{rec or '?'}` recipe, " + RECIPE_SOURCES.get(
         (proto, rec), "not recorded (results.csv written before mgab recorded recipes)") + _on(pool)
@@ -241,7 +241,7 @@ def table1(runs: list[dict],  # from `load_runs`
            protocols: tuple = PROTOCOLS,  # protocols that get columns
           ) -> tuple[list[str], list[dict]]:  # column titles; rows of {title: text, or `Cell`, or None}
     "The paper's Table 1: Method, Arch, Epochs, Linear, 1%, 10%, 100%, each with its difference to the baseline"
-    cols, vs = _columns(runs, protocols), variants(runs)
+    cols, vs = table_columns(runs, protocols), variants(runs)
     rows = [_row(v, base, wm, cols, which, Method=label + _unmatched(v, base))
             for v in vs for base in [baseline_of(v, vs)] for label, wm, which in _rows_of(v)]
     return ["Method", "Arch", "Epochs"] + [c[0] for c in cols], rows
@@ -266,7 +266,7 @@ def _unmatched(v: dict, base: dict | None) -> str:
 
 def table2(runs: list[dict]) -> tuple[list[str], list[dict]]:
     "The post-processing ablation (Table 2): baseline, biased with and without masks, continued, distilled"
-    cols, vs = _columns(runs, ("linear", "knn")), variants(runs)
+    cols, vs = table_columns(runs, ("linear", "knn")), variants(runs)
     groups = {}
     for v in vs: groups.setdefault((v["method"], v["arch"], v["epochs"].split(" + ")[0]), []).append(v)
     rows = []
@@ -481,7 +481,7 @@ def distill_table(runs: list[dict]) -> tuple[list[str], list[dict]]:
     rows = []
     for r in sorted(runs, key=_order):
         f = Path(r["run"])/"distill.json"
-        if not f.is_file(): continue
+        if r["kind"] != "distilled" or not f.is_file(): continue  # a continued run (λ = 0) distils nothing
         d = json.loads(f.read_text())
         before, after = d.get("attn_gap_before"), d.get("attn_gap_after")
         ratio = after / before if isinstance(before, (int, float)) and before and after is not None else None
