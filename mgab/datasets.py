@@ -38,7 +38,7 @@ EMBEDDED_CLASSES = [(s, c) for s, cs in [("circle", ("red", "blue")), ("square",
                                           ("triangle", ("green", "yellow")), ("cross", ("yellow", "magenta")),
                                           ("star", ("magenta", "red"))] for c in cs]
 EMBEDDED_DISTRACTORS = ("bar", "ring", "crescent", "ell")
-EMBEDDED_CONFIG = dict(version=3, n_train=120, n_val=30, size=64, seed=0)  # bump `version` when the drawing changes
+EMBEDDED_CONFIG = dict(version=3, n_train=200, n_val=100, size=64, seed=0)  # bump `version` when the drawing changes
 EMBEDDED_OBJECT_AREA = (0.11, 0.25)  # an object's drawn area, share of the image: 7-16 tokens of an 8x8 grid
 
 def _shape_polygon(kind: str, r: float, angle: float) -> np.ndarray | None:

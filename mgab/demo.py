@@ -27,7 +27,7 @@ from .results import CI_LEVEL, MDE_POWER, evaluate_run, read_results, read_run_c
 
 # %% auto #0
 __all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks', 'bias_reach', 'demo_evaluations', 'plan_budget',
-           'run_demo', 'primary_endpoint', 'parse_budget', 'main']
+           'run_demo', 'primary_endpoint', 'bias_lr_sweep', 'parse_budget', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
@@ -319,6 +319,60 @@ def primary_endpoint(run_dirs: list,  # the study's run folders
                 images=cell.n_images, column=col, line=line)
 
 
+# %% ../nbs/53_demo.ipynb #9e1f0a05
+def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out`), reused: its vanilla runs
+                  mults=(1., 10.),  # multipliers to train besides the study's own
+                  **kwargs,  # the study's settings, as given to `run_demo`
+                 ) -> list[dict]:  # per multiplier: delta, lo, hi, mde (no masks), masks_delta, masks_lo, masks_hi, gap
+    "Primary endpoint and trained `u` per `bias_lr_mult`: extra biased runs paired with the study's vanilla runs"
+    from mgab.results import compare_outcomes, load_predictions
+    c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None})
+    if c["method"] != "mae": raise ValueError("bias_lr_sweep measures MAE studies")
+    out, path = Path(out), resolve_data(str(c["data"]))
+    store = Path(c["masks"]) if c["masks"] else out/"masks"
+    if not (store/"info.json").is_file(): raise FileNotFoundError(f"no mask store at {store}: run the study first")
+    from mgab.mae import pretrain_mae
+    model, base = _model(c), _base(c, path, store)
+    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
+                       augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
+    evals = [("linear", c["probe"], c["pools"][0])]  # the primary endpoint's probe
+    seeds, rows = range(c["seed"], c["seed"] + c["seeds"]), []
+    for m in sorted({float(x) for x in mults} | {float(c["bias_lr_mult"])}):
+        own = m == float(c["bias_lr_mult"])
+        runs = []
+        for seed in seeds:
+            vanilla = out/_seed_name("mae-vanilla", seed, c["seed"])
+            if not (vanilla/"results.csv").is_file(): raise FileNotFoundError(f"{vanilla} is missing: run the study")
+            run = out/_seed_name("mae-biased" if own else f"mae-biased-x{m:g}", seed, c["seed"])
+            if not own:
+                _train(run, c["epochs"], pretrain_mae, dict(base, seed=seed, bias_lr_mult=m,
+                                                            model=dict(model, bias="learnable")))
+            for with_masks in (False, True): _evaluate(run, dls, with_masks, evals, c["progress"])
+            runs.append((run, vanilla))
+        def outcomes(masks):
+            pick = lambda r, wm: next(x for x in read_results(r) if x["protocol"] == "linear" and x["with_masks"] == wm
+                                      and x["pool"] == evals[0][2] and x["recipe"] == evals[0][1])
+            a = [load_predictions(r/pick(r, masks)["predictions"])["correct"] for r, _ in runs]
+            b = [load_predictions(v/pick(v, False)["predictions"])["correct"] for _, v in runs]
+            return compare_outcomes(a, b)
+        nm, wm = outcomes(False), outcomes(True)
+        gaps = [bias_reach(r) for r, _ in runs]
+        gap = [round(float(sum(g["u_pos"][l] - g["u_neg"][l] for g in gaps) / len(gaps)), 2)
+               for l in range(len(gaps[0]["u_pos"]))]
+        rows.append(dict(bias_lr_mult=m, delta=nm.delta, lo=nm.lo, hi=nm.hi, mde=nm.mde, masks_delta=wm.delta,
+                         masks_lo=wm.lo, masks_hi=wm.hi, gap=gap, max_abs_u=max(g["max_abs_u"] for g in gaps),
+                         seeds=len(runs)))
+    lines = ["| bias_lr_mult | no masks (primary) | MDE | with masks | max abs u | u_pos - u_neg per layer |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['bias_lr_mult']:g} | {r['delta']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['mde']:.1f} | "
+              f"{r['masks_delta']:+.1f} [{r['masks_lo']:+.1f}, {r['masks_hi']:+.1f}] | {r['max_abs_u']:.2f} | "
+              + " ".join(f"{g:+.2f}" for g in r["gap"]) + " |" for r in rows]
+    (out/"report").mkdir(parents=True, exist_ok=True)
+    (out/"report"/"bias_lr_sweep.md").write_text("\n".join(lines) + f"\n\nDifferences against vanilla (linear probe, "
+                                                 f"{evals[0][2]} features), {len(seeds)} paired seeds each.\n")
+    print("\n".join(lines))
+    return rows
+
 # %% ../nbs/53_demo.ipynb #4f7f6f09
 def parse_budget(text: str) -> float:
     "Minutes of a `--budget`: `60m`, `1.5h`, `3600s` or a plain number of minutes"
@@ -367,6 +421,8 @@ def main(argv: list[str] | None = None):
                    "(the first is also kNN's)")
     p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
     p.add_argument("--no-controls", action="store_true", help="skip the random-init floor and its control")
+    p.add_argument("--bias-lr-sweep", help="after the study, measure these bias_lr_mult values too (e.g. 1,10): "
+                   "report/bias_lr_sweep.md")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     a = add_debug_flag(p).parse_args(argv)
@@ -379,16 +435,21 @@ def main(argv: list[str] | None = None):
         if v < 1: p.error(f"{flag} must be >= 1, got {v}")
     if a.distill_epochs < 0: p.error(f"--distill-epochs must be >= 0, got {a.distill_epochs}")
     if a.lr <= 0: p.error(f"--lr must be > 0, got {a.lr}")
-    try: budget = None if a.budget is None else parse_budget(a.budget)
-    except ValueError as e: p.error(str(e))
-    run_demo(a.out, data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
-             points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
-             depth=a.depth or None, embed_dim=a.embed_dim or None, num_heads=a.num_heads or None,
-             decoder_embed_dim=a.decoder_embed_dim, decoder_depth=a.decoder_depth,
-             decoder_num_heads=a.decoder_num_heads, img_size=a.img_size, epochs=a.epochs, seeds=a.seeds, seed=a.seed,
-             budget=budget, bs=a.bs, lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
-             distill_epochs=a.distill_epochs, distill_init=a.distill_init, distill_lr=a.distill_lr,
-             distill_warmup=a.distill_warmup, probe=a.probe, pools=pools, protocols=protocols,
-             controls=not a.no_controls, num_workers=a.num_workers, progress=not a.no_progress)
+    try:
+        budget = None if a.budget is None else parse_budget(a.budget)
+        sweep = [float(x) for x in a.bias_lr_sweep.split(",") if x] if a.bias_lr_sweep else []
+    except ValueError as e: p.error(str(e) if "budget" in str(e) else f"--bias-lr-sweep {a.bias_lr_sweep!r}: {e}")
+    if any(m <= 0 for m in sweep): p.error(f"--bias-lr-sweep: multipliers must be > 0, got {a.bias_lr_sweep}")
+    kw = dict(data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
+              points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
+              depth=a.depth or None, embed_dim=a.embed_dim or None, num_heads=a.num_heads or None,
+              decoder_embed_dim=a.decoder_embed_dim, decoder_depth=a.decoder_depth,
+              decoder_num_heads=a.decoder_num_heads, img_size=a.img_size, epochs=a.epochs, seeds=a.seeds, seed=a.seed,
+              budget=budget, bs=a.bs, lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
+              distill_epochs=a.distill_epochs, distill_init=a.distill_init, distill_lr=a.distill_lr,
+              distill_warmup=a.distill_warmup, probe=a.probe, pools=pools, protocols=protocols,
+              controls=not a.no_controls, num_workers=a.num_workers, progress=not a.no_progress)
+    summary = run_demo(a.out, **kw)
+    if sweep: bias_lr_sweep(a.out, sweep, **dict(kw, seeds=summary.get("seeds"), epochs=summary.get("epochs")))
     return 0
 
