@@ -105,6 +105,7 @@ def _evaluate(run: Path, dls, protocol: str, with_masks: bool, pool: str, progre
             and r["fraction"] in (None, 1.)]
     if done: return done[-1]
     kw = dict(precompute=True, opt="sgd") if protocol == "linear" else {}  # features once; SGD for few small steps
+    if protocol != "knn": _say(f"{run.name} {protocol} ({'with' if with_masks else 'without'} masks): training")
     row = evaluate_run(run, dls, protocol, with_masks=with_masks, pool=pool, progress=progress, **kw)
     _say(f"{run.name} {protocol} ({'with' if with_masks else 'without'} masks): {row['value']:.1f}%")
     return row
