@@ -62,7 +62,7 @@ def _launcher_processes() -> int:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1", "yes"): return 0
     try: argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
     except (OSError, UnicodeDecodeError): return 0
-    if "launch" not in argv: return 0
+    if not any(a == "launch" or a.endswith("accelerate.commands.launch") for a in argv): return 0  # or its -m form
     for i, a in enumerate(argv):
         if a.startswith("--num_processes=") and a[16:].isdigit(): return int(a[16:])
         if a == "--num_processes" and i + 1 < len(argv) and argv[i + 1].isdigit(): return int(argv[i + 1])
