@@ -24,8 +24,8 @@ from .mre import patch_centres
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'RESAMPLE', 'image_files', 'image_folder', 'View', 'mae_view',
            'dino_views', 'eval_view', 'crop_box', 'token_labels', 'photometric', 'MissingMasksError', 'mask_keys',
-           'MaskedImages', 'NormalizeCrops', 'image_tensor', 'masked_dls', 'pretrain_dls', 'multicrop_dls',
-           'labelled_dls', 'subset_indices', 'read_subset_file', 'show_crops']
+           'MaskedImages', 'NormalizeCrops', 'image_tensor', 'masked_dls', 'loader_workers', 'pretrain_dls',
+           'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'show_crops']
 
 # %% ../nbs/06_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's: one source for every stage
@@ -296,6 +296,10 @@ def masked_dls(train_ds: MaskedImages,  # shuffled, `drop_last` when it holds mo
     train = TfmdDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw)
     valid = TfmdDL(valid_ds, shuffle=False, drop_last=False, **kw)
     return DataLoaders(train, valid, path=path, device=device)
+
+def loader_workers(dl) -> int:
+    "Worker processes of a DataLoader (fastai's own `num_workers` attribute is a worker's share of the batches)"
+    return getattr(getattr(dl, "fake_l", dl), "num_workers", 0)
 
 def _split_files(path: Path, split: str, valid: bool) -> list[Path]:
     if split == "val" and not valid: return []

@@ -23,7 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.layers import DropPath, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .vit import MaskBiasViT, split_params
-from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages
+from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages, loader_workers
 from .evaluate import Classifier, EvalCheckpoints, WarmupCosine, fit_learner, plain_tensor
 from .vit import uses_masks
 
@@ -210,7 +210,7 @@ def mae_train_dls(dls: DataLoaders,  # from `mgab.data.labelled_dls`: the train 
     tfm = create_transform(ds.views[0].size, is_training=True, color_jitter=None, auto_augment=aa,  # random erasing:
                            interpolation="bicubic", re_prob=0., mean=IMAGENET_MEAN, std=IMAGENET_STD)  # on batches
     tds, dl = TimmImages(ds, safe_augment(tfm), aa), dls.train
-    train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=dl.num_workers,
+    train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=loader_workers(dl),
                    device=dls.device, pin_memory=dls.device is not None and torch.device(dls.device).type == "cuda")
     return DataLoaders(train, dls.valid, path=dls.path, device=dls.device)
 

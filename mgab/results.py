@@ -21,6 +21,7 @@ from .vit import uses_masks
 from .finetune import fine_tune
 from .core import atomic_write
 from .train import state_digest
+from .data import loader_workers
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'read_run_config', 'find_runs', 'append_result',
@@ -61,7 +62,8 @@ def find_runs(run_dirs) -> list[Path]:
         if (d/"config.json").is_file() or (d/"metrics.csv").is_file(): out.append(d)
         else:
             found = sorted({f.parent for pat in ("config.json", "metrics.csv") for f in d.rglob(pat)})
-            found = [f for f in found if not set(f.parents) & set(found)]  # a run's evaluation folders are not runs
+            runs = set(found)
+            found = [f for f in found if not runs & set(f.parents)]  # a run's evaluation folders are not runs
             if not found: raise ValueError(f"{str(d)!r} holds no run folder (config.json or metrics.csv)")
             out += found
     return list(dict.fromkeys(out))
@@ -173,7 +175,7 @@ def evaluation_checkpoints(run_dir: str | Path,  # the run folder evaluated
                           ) -> EvalCheckpoints:
     "Checkpoints of one evaluation in `evaluation_dir`, with every setting that decides its result (a resume matches)"
     s = dict(settings, fraction=1. if settings.get("fraction") is None else float(settings["fraction"]),
-             bs=dls.train.bs, workers=dls.train.num_workers, encoder_digest=state_digest(encoder.state_dict()),
+             bs=dls.train.bs, workers=loader_workers(dls.train), encoder_digest=state_digest(encoder.state_dict()),
              train_items=items_digest(getattr(dls.train, "dataset", ())),
              valid_items=items_digest(getattr(dls.valid, "dataset", ())))
     s = {f"eval_{k}" if k in ("epochs", "seed") else k: v for k, v in s.items()}  # `fit_run`'s keys mean other things

@@ -886,6 +886,8 @@ def test_randaugment_changes_pixels_and_finetune_uses_mae_transform(photo_dls):
     x, m, y = mae.one_batch()
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(m.abs().sum()) == 0
     assert mae.valid is photo_dls.valid
+    from mgab.data import loader_workers
+    assert loader_workers(photo_dls.train) == loader_workers(mae.train) == 0  # --num-workers 0 holds (it gave 1)
     learn = fine_tune(biased_encoder(bias=None), photo_dls, epochs=1, progress=False)  # MAE's recipe, all defaults
     assert isinstance(learn.dls.train.dataset.tfm.transforms[2], RandAugment) and learn.augs["reprob"] == 0.25
     assert any(isinstance(cb, MixupErase) for cb in learn.cbs) and isinstance(learn.loss_func, MixedTargetLoss)
