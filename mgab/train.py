@@ -213,7 +213,7 @@ def run_encoders(learn: Learner) -> dict[str, nn.Module]:
 
 # %% ../nbs/09_train.ipynb #abbf2166
 class RunLogger(Callback):
-    "After every epoch, write `metrics.csv`/`metrics.json` and `bias_history.json`; callbacks add `learn.run_metrics`"
+    "After every epoch, write `metrics.csv`/`metrics.json` (with `learn.run_metrics`, a validation's values), `bias_history.json`"
     order = 95
     def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
 
@@ -238,6 +238,8 @@ class RunLogger(Callback):
         row = dict(epoch=self.epoch, train_loss=tot / n, lr=float(self.opt.hypers[0]["lr"]),
                    time_s=round(time.time() - self.t0, 2))
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
+        rec = getattr(self.learn, "recorder", None)  # a validated epoch (an evaluation's): valid_loss and the metrics
+        if rec is not None: row.update(zip(rec.metric_names[2:], map(float, rec.final_record[1:])))
         enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
         if hasattr(enc, "bias_values"):
             u = enc.bias_values()
