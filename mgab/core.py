@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib, functools, os, re, socket, sys, warnings
 from pathlib import Path
 from typing import Callable
+from fastcore.imports import in_notebook
 # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on, kept off every command's stderr
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 
 # %% auto #0
 __all__ = ['KNOWN_FAILURES', 'data_dir', 'asset_path', 'check_shape', 'tmp_path', 'atomic_path', 'atomic_write', 'clean_tmp',
-           'UsageError', 'RunFailed', 'error_line', 'cli_main', 'add_debug_flag']
+           'bars_shown', 'UsageError', 'RunFailed', 'error_line', 'cli_main', 'add_debug_flag']
 
 # %% ../nbs/00_core.ipynb #55a8513e
 def data_dir(*parts: str,  # sub-folders below the data folder
@@ -85,6 +86,16 @@ def clean_tmp(root,  # a folder written through `atomic_path` (a run folder, a m
             except ProcessLookupError: Path(dirpath, f).unlink(missing_ok=True)
             except PermissionError: pass  # alive, someone else's
 
+# %% ../nbs/00_core.ipynb #b4a5c002
+def bars_shown(progress: bool = True,  # progress was asked for (`--no-progress` turns it off)
+               stream=None,  # where the bars are drawn: default `sys.stdout` (fastai's bars; tqdm draws on stderr)
+              ) -> bool:
+    "Whether to draw progress bars: in a notebook, or when `stream` is a terminal; logs and pipes get plain lines"
+    if not progress: return False
+    if in_notebook(): return True
+    isatty = getattr(sys.stdout if stream is None else stream, "isatty", None)
+    return bool(isatty and isatty())
+
 # %% ../nbs/00_core.ipynb #e7a1c002
 class UsageError(ValueError):
     "Bad input to a command: one line on stderr and exit status 2, as argparse does"
@@ -94,12 +105,21 @@ class RunFailed(RuntimeError):
 
 KNOWN_FAILURES = (OSError, ValueError, RunFailed, ImportError)  # one line and exit 1; anything else is a bug
 
+# torch re-raises what a DataLoader worker raised as the same type, its message the worker's whole traceback
+_WORKER_ERROR = re.compile(r"Caught \w+ in [^\n]*\.\nOriginal Traceback \(most recent call last\):\n")
+
+def _original_message(msg: str) -> str:
+    "The message of the exception a DataLoader worker raised, without the worker's traceback torch wraps it in"
+    if not _WORKER_ERROR.match(msg): return msg
+    last = list(re.finditer(r"^[A-Za-z_][\w.]*(?:: |$)", msg, re.M))  # `Type: message` lines start at column 0
+    return msg[last[-1].end():] if last else msg
+
 def error_line(e: BaseException) -> str:
     "One line naming what failed (and the fix where the exception carries one)"
     if isinstance(e, OSError) and e.filename is not None and e.strerror:  # what `open`, `mkdir`, ... raise
         msg = f"{e.strerror}: {str(e.filename)!r}"
         if isinstance(e, PermissionError): msg += ": choose a folder you can write to"
-    else: msg = str(e) or type(e).__name__
+    else: msg = _original_message(str(e)) or type(e).__name__
     msg = re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", msg)  # fastai's callback wrapper
     return " ".join(msg.split())  # a traceback-free single line, whatever the message held
 

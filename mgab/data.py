@@ -23,9 +23,9 @@ from .mre import patch_centres
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'LABELLED_VIEWS', 'RESAMPLE', 'image_files', 'image_folder', 'View', 'mae_view',
-           'dino_views', 'eval_view', 'crop_box', 'token_labels', 'MissingMasksError', 'mask_keys', 'MaskedImages',
-           'NormalizeCrops', 'image_tensor', 'masked_dls', 'pretrain_dls', 'multicrop_dls', 'labelled_dls',
-           'subset_indices', 'read_subset_file', 'show_crops']
+           'dino_views', 'eval_view', 'crop_box', 'token_labels', 'photometric', 'MissingMasksError', 'mask_keys',
+           'MaskedImages', 'NormalizeCrops', 'image_tensor', 'masked_dls', 'loader_workers', 'pretrain_dls',
+           'multicrop_dls', 'labelled_dls', 'subset_indices', 'read_subset_file', 'show_crops']
 
 # %% ../nbs/06_data.ipynb #8d744ddc
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's: one source for every stage
@@ -118,7 +118,8 @@ def token_labels(label_map: np.ndarray,  # (Hm, Wm) integer label map aligned to
     return label_map[ys[:, None], xs[None, :]].reshape(-1)
 
 # %% ../nbs/06_data.ipynb #365c9b7c
-def _photometric(img: Image.Image, view: View, rng=random) -> Image.Image:
+def photometric(img: Image.Image, view: View, rng=random) -> Image.Image:
+    "The colour changes of `view` (the image alone; the crop's geometry is shared with its masks)"
     if view.jitter and rng.random() < view.jitter:
         ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
                (TF.adjust_saturation, rng.uniform(0.8, 1.2)), (TF.adjust_hue, rng.uniform(-0.1, 0.1))]
@@ -180,7 +181,7 @@ class MaskedImages(torch.utils.data.Dataset):
         self.patch_size, self.labels, self.vocab = patch_size, labels, vocab
         self.unreadable = UnreadableImages(f"under {self.root}")
         if getattr(masks, "errors", None):  # images the mask stage could not read: leave them out, say so once
-            names = [self._name(i) for i in range(len(self.files))]
+            names = [self.name(i) for i in range(len(self.files))]
             bad = masks.unreadable(dict(zip(names, self.files)))
             for name, err in bad.items(): self.unreadable.add(name, err)
             keep = [i for i, name in enumerate(names) if name not in bad]
@@ -196,7 +197,8 @@ class MaskedImages(torch.utils.data.Dataset):
         if self.keys is not None and hasattr(masks, "check_images"):  # stale or foreign entries: `StaleMasksError`
             masks.check_images({k: f for k, f in zip(self.keys, self.files) if k is not None}, where=self.root)
 
-    def _name(self, i: int) -> str:
+    def name(self, i: int) -> str:
+        "Image `i` as the loaders name it: its path below `root`"
         try: return self.files[i].relative_to(self.root).as_posix()
         except ValueError: return str(self.files[i])
 
@@ -221,14 +223,18 @@ class MaskedImages(torch.utils.data.Dataset):
                              "to the image as `load_image` reads it (EXIF orientation applied)")
         return lm
 
-    def __getitem__(self, i: int):
+    def read(self, i: int) -> tuple[int, np.ndarray]:
+        "Image `i` as (H, W, 3) uint8 with its index; an image that cannot be read gives its place to the next one"
         n = len(self.files)
-        for j in range(i, i + n):  # an image that cannot be read gives its place to the next readable one
-            img = self.unreadable.load(self.files[j % n], self._name(j % n))
-            if img is not None: i = j % n; break
+        for j in range(i, i + n):
+            img = self.unreadable.load(self.files[j % n], self.name(j % n))
+            if img is not None: return j % n, img
             self.unreadable.warn()
-        else: raise ValueError(f"none of the {n} images under {self.root} can be read: "
-                               f"{next(iter(self.unreadable.errors.values()))}")
+        raise ValueError(f"none of the {n} images under {self.root} can be read: "
+                         f"{next(iter(self.unreadable.errors.values()))}")
+
+    def __getitem__(self, i: int):
+        i, img = self.read(i)
         H, W = img.shape[:2]
         lm, pil = self.label_map(i, (H, W)), Image.fromarray(img)
         xs, ms = [], []
@@ -237,7 +243,7 @@ class MaskedImages(torch.utils.data.Dataset):
             flip = random.random() < v.flip
             crop = pil.resize((v.size, v.size), self.resample, box=(left, top, left + cw, top + ch))
             if flip: crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            xs.append(torch.from_numpy(np.array(_photometric(crop, v))))  # (S, S, 3) uint8
+            xs.append(torch.from_numpy(np.array(photometric(crop, v))))  # (S, S, 3) uint8
             g = v.size // self.patch_size
             ms.append(torch.zeros(g * g, dtype=torch.int64) if lm is None else
                       torch.from_numpy(token_labels(lm, box, (H, W), g, flip).astype(np.int64)))
@@ -290,6 +296,10 @@ def masked_dls(train_ds: MaskedImages,  # shuffled, `drop_last` when it holds mo
     train = TfmdDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw)
     valid = TfmdDL(valid_ds, shuffle=False, drop_last=False, **kw)
     return DataLoaders(train, valid, path=path, device=device)
+
+def loader_workers(dl) -> int:
+    "Worker processes of a DataLoader (fastai's own `num_workers` attribute is a worker's share of the batches)"
+    return getattr(getattr(dl, "fake_l", dl), "num_workers", 0)
 
 def _split_files(path: Path, split: str, valid: bool) -> list[Path]:
     if split == "val" and not valid: return []

@@ -6,12 +6,12 @@ Docs: https://mgab-dev.github.io/mgab/datasets.html.md"""
 
 # %% ../nbs/05_datasets.ipynb #c27ed885
 from __future__ import annotations
-import hashlib, json, os, shutil
+import hashlib, json, os, shutil, sys
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from fastai.data.external import URLs, untar_data
-from .core import asset_path, data_dir
+from .core import asset_path, bars_shown, data_dir
 from .masks import label_map, list_images
 
 
@@ -158,7 +158,8 @@ def make_embedded(dest,  # folder to write (`train/<class>/*.png`, `val/<class>/
     jobs = [(s, si, c, i) for si, (s, n) in enumerate([("train", n_train), ("val", n_val)])
             for c in range(len(EMBEDDED_CLASSES)) for i in range(n)]
     keys, digests, owners, visible = [], [], [], np.zeros((len(jobs), 8), np.float32)
-    for n, (s, si, c, i) in enumerate(tqdm(jobs, desc="embedded dataset", disable=not progress, leave=False)):
+    for n, (s, si, c, i) in enumerate(tqdm(jobs, desc="embedded dataset", disable=not bars_shown(progress, sys.stderr),
+                                                leave=False)):
         folder = dest/s/"_".join(EMBEDDED_CLASSES[c][::-1])
         if i == 0: folder.mkdir(parents=True, exist_ok=True)
         img, owner, vis = embedded_image(c, np.random.default_rng([seed, si, c, i]), size, regions=True)

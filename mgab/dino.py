@@ -7,7 +7,6 @@ Docs: https://mgab-dev.github.io/mgab/dino.html.md"""
 # %% ../nbs/10_dino.ipynb #7486ec68
 from __future__ import annotations
 import copy, math, warnings
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -391,7 +390,5 @@ def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out
         dls = rank0_first(make) if num_distrib() > 1 else make()  # rank 0 first: it may generate the embedded dataset
     learn = dino_learner(c, dls, model)
     c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
-    quiet = not c.get("progress", True)
-    bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())
-    with bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume)
+    fit_run(learn, c["epochs"], c["out"], c, resume=resume)  # bars or lines as c["progress"] asks
     return Path(c["out"])

@@ -7,7 +7,6 @@ Docs: https://mgab-dev.github.io/mgab/distill.html.md"""
 # %% ../nbs/20_distill.ipynb #bb436ea5
 from __future__ import annotations
 import json, random
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 import torch
@@ -348,7 +347,5 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=betas),
                     cbs=[sched, _LogLosses(), gap])
     c["precision"] = set_precision(learn, c["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
-    quiet = not c.get("progress", True)
-    bar, log = (learn.no_bar(), learn.no_logging()) if quiet else (nullcontext(), nullcontext())
-    with bar, log: fit_run(learn, c["epochs"], c["out"], c, resume=resume, cbs=cbs)
+    fit_run(learn, c["epochs"], c["out"], c, resume=resume, cbs=cbs)  # bars or lines as c["progress"] asks
     return Path(c["out"])

@@ -6,9 +6,10 @@ Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
 # %% ../nbs/30_evaluate.ipynb #baa68664
 from __future__ import annotations
-import copy, math
+import copy, json, math, shutil
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,14 +24,16 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Optimizer, OptimWrapper, SGD
 from timm.layers import trunc_normal_
+from .core import bars_shown
 from .vit import MaskBiasViT
 from .precision import autocast, set_precision
+from .train import fit_run, progress_shown
 
 # %% auto #0
 __all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'pool_name',
            'plain_tensor', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine',
-           'lars_step', 'LARS', 'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls',
-           'linear_probe', 'top1', 'Standardize', 'LBFGSStep', 'logreg_probe']
+           'lars_step', 'LARS', 'linear_head', 'dino_linear_head', 'Classifier', 'EvalCheckpoints', 'fit_learner',
+           'feature_dls', 'linear_probe', 'top1', 'Standardize', 'LBFGSStep', 'logreg_probe']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -101,7 +104,7 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
                      dl,  # a DataLoader of `(x, m, y)` batches (contract 3)
                      with_masks: bool = True,  # feed `m` to the model; False: `m=None` (vanilla attention)
                      pool: str | LastBlocks | tuple = "cls",  # "cls", "avg", DINO's `LastBlocks`, or a tuple of them
-                     progress: bool = True,  # show a progress bar
+                     progress: bool = True,  # show a progress bar (on a terminal or in a notebook: `bars_shown`)
                      precision: str | None = "auto",  # the forward passes' autocast, as in training (`mgab.precision`)
                     ) -> tuple:  # (N, C) float features (a tuple of pools: {pool: (N, C)}) and (N,) int64 labels, CPU
     "Pooled features and labels of every item of `dl`, in order (no shuffling, no dropped last batch)"
@@ -113,7 +116,7 @@ def extract_features(model: MaskBiasViT,  # the encoder, any head is ignored
     model.eval()
     feats, labels = {p: [] for p in pools}, []
     try:
-        for b in (progress_bar(dl, leave=False) if progress else dl):
+        for b in (progress_bar(dl, leave=False) if bars_shown(progress) else dl):
             if len(b) != 3:
                 raise ValueError(f"expected batches (x, m, y) as from mgab.data.labelled_dls, got {len(b)} items")
             x, m, y = (plain_tensor(t) for t in b)
@@ -261,14 +264,42 @@ class Classifier(nn.Module):
 
 
 # %% ../nbs/30_evaluate.ipynb #8841d253
-def fit_learner(learn: Learner, epochs: int, progress: bool, precision: str | None = "auto"):
-    "Fit `learn` for `epochs` (one cycle of the callbacks' schedule), with or without progress bars; its `Learner`"
+@dataclass
+class EvalCheckpoints:
+    "Where an evaluation's training saves its state every epoch (`train.fit_run`), so that a killed one resumes"
+    folder: Path  # a run-like folder of its own: config.json, metrics.json, checkpoints/last.pth
+    settings: dict  # what decides the result (JSON); recorded there, and a resume must match it
+    resume: bool | None = None  # continue the saved state; False: refuse one; None: continue one if there is one
+
+    @property
+    def last(self) -> Path: return Path(self.folder)/"checkpoints"/"last.pth"
+
+    def drop(self):
+        "Remove the checkpoint once the result is recorded; the settings and the per-epoch log stay (small)"
+        shutil.rmtree(self.last.parent, ignore_errors=True)
+
+    def fit(self, learn: Learner, epochs: int, progress: bool = True) -> Learner:
+        "`fit_run` into `folder`: every epoch validated, logged and checkpointed; resumed as `resume` says"
+        folder, saved = Path(self.folder), self.last.is_file()
+        if saved:
+            f = folder/"metrics.json"
+            done = f"{len(json.loads(f.read_text())) if f.is_file() else 0} of {epochs} epochs done"
+            if self.resume is False:
+                raise FileExistsError(f"{str(folder)!r} holds a partial evaluation ({done}): continue it with --resume "
+                                      "(resume=True), or remove that folder to start over")
+            print(f"resuming the evaluation saved in {folder} ({done})", flush=True)
+        return fit_run(learn, epochs, folder, dict(self.settings, progress=progress), resume=saved or bool(self.resume),
+                       validate=True, save_encoders=False, fresh_hint=f"remove {str(folder)!r} to start over")
+
+def fit_learner(learn: Learner, epochs: int, progress: bool, precision: str | None = "auto",
+                checkpoints: EvalCheckpoints | None = None,  # save every epoch and resume; None: no checkpoints
+               ) -> Learner:
+    "Fit `learn` for `epochs` (one cycle of the callbacks' schedule), bars or plain lines as `progress_shown`"
     set_precision(learn, precision)
     if len(learn.dls.train) == 0:
         raise ValueError(f"no training batch: the training set has fewer items than bs={learn.dls.train.bs}; lower bs")
-    if progress: learn.fit(epochs)
-    else:
-        with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
+    if checkpoints is not None: return checkpoints.fit(learn, epochs, progress)
+    with progress_shown(learn, progress): learn.fit(epochs)
     return learn
 
 def feature_dls(encoder: MaskBiasViT, dls: DataLoaders, with_masks: bool = True, pool: str | LastBlocks = "cls",
@@ -302,6 +333,7 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
                  recipe: str = "mae",  # "mae" (`main_linprobe.py`), "dino" (`eval_linear.py`) or "logreg" (below)
                  progress: bool = True,
                  precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
+                 checkpoints: EvalCheckpoints | None = None,  # save every epoch there, and resume
                 ) -> Learner:  # trained; `learn.classifier` is the whole `Classifier`
     "A linear probe on frozen features: MAE's (BatchNorm + Linear, LARS, warmup), DINO's (Linear, SGD) or `logreg`"
     if recipe not in LINEAR_RECIPES: raise ValueError(f"`recipe` must be one of {list(LINEAR_RECIPES)}, got {recipe!r}")
@@ -327,7 +359,7 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
     learn = Learner(data, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
                     cbs=WarmupCosine(c["warmup_pct"], c["min_lr"]))  # DINO steps its cosine per epoch, we per batch
     learn.classifier, learn.recipe = clf, recipe
-    return fit_learner(learn, c["epochs"], progress, precision)
+    return fit_learner(learn, c["epochs"], progress, precision, checkpoints)
 
 def top1(learn: Learner) -> float:
     "Top-1 validation accuracy (%) of a `Learner` with the `accuracy` metric"

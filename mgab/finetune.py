@@ -7,6 +7,7 @@ Docs: https://mgab-dev.github.io/mgab/finetune.html.md"""
 # %% ../nbs/31_finetune.ipynb #2de3735c
 from __future__ import annotations
 from functools import partial
+import PIL
 from PIL import Image
 import torch
 import torch.nn as nn
@@ -17,18 +18,19 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
 from timm.data.random_erasing import RandomErasing
 from timm.layers import DropPath, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from .masks import load_image
 from .vit import MaskBiasViT, split_params
-from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages
-from .evaluate import Classifier, WarmupCosine, fit_learner, plain_tensor
+from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages, loader_workers
+from .evaluate import Classifier, EvalCheckpoints, WarmupCosine, fit_learner, plain_tensor
 from .vit import uses_masks
 
 # %% auto #0
-__all__ = ['MAE_FINETUNE', 'UNALIGNED', 'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'finetune_augs', 'MixedTargetLoss',
-           'MixupErase', 'TimmImages', 'mae_train_dls', 'fine_tune']
+__all__ = ['MAE_FINETUNE', 'UNALIGNED', 'PIL_ARG_RANGES', 'vit_layer_id', 'lrd_param_groups', 'set_drop_path', 'finetune_augs',
+           'MixedTargetLoss', 'MixupErase', 'AugmentError', 'SafeOp', 'augment_ops', 'safe_augment', 'TimmImages',
+           'mae_train_dls', 'fine_tune']
 
 # %% ../nbs/31_finetune.ipynb #bbb4c10b
 def vit_layer_id(name: str,  # parameter name inside the encoder
@@ -143,15 +145,59 @@ class MixupErase(Callback):
             x, y = self.mixup_fn(x, y)  # y: (B, C) soft targets
         self.learn.xb, self.learn.yb = (x, m), (y,)
 
+# %% ../nbs/31_finetune.ipynb #5afe0002
+# the timm op functions (`AugmentOp.aug_fn`) whose drawn argument Pillow may refuse, and the range it accepts
+PIL_ARG_RANGES = {"posterize": (1, 8)}  # bits kept: timm draws 0..4 (below 0 with mmax > 10), Pillow >= 13 needs 1..8
+
+class AugmentError(ValueError):
+    "An augmentation op failed: the message names the op, its argument and (from `TimmImages`) the image"
+
+class SafeOp:
+    "A timm op function with its first argument clamped into `limits`, naming the op when it fails (picklable)"
+    def __init__(self, name: str,  # the op's timm name, e.g. "PosterizeIncreasing"
+                 fn,  # timm's op function, `fn(img, *args, **kwargs)`
+                 limits: tuple | None = None,  # (lo, hi) of the first argument; None: passed as drawn
+                ):
+        self.name, self.fn, self.limits = name, fn, limits
+
+    def __call__(self, img: Image.Image, *args, **kwargs) -> Image.Image:
+        if self.limits is not None and args: args = (min(max(args[0], self.limits[0]), self.limits[1]), *args[1:])
+        try: return self.fn(img, *args, **kwargs)
+        except Exception as e:
+            arg = f" ({', '.join(f'{a:.4g}' if isinstance(a, float) else str(a) for a in args)})" if args else ""
+            raise AugmentError(f"timm's {self.name} op{arg} failed: {type(e).__name__}: {e} "
+                               f"(Pillow {PIL.__version__})") from e
+
+def augment_ops(tfm) -> list[AugmentOp]:
+    "The RandAugment, AutoAugment and AugMix ops of a timm transform (a `Compose` or a single transform)"
+    ops = []
+    for t in getattr(tfm, "transforms", [tfm]):
+        if hasattr(t, "ops"): ops += list(t.ops)  # RandAugment, AugMixAugment
+        if hasattr(t, "policy"): ops += [op for sub in t.policy for op in sub]  # AutoAugment: sub-policies
+    return [op for op in ops if isinstance(op, AugmentOp)]
+
+def safe_augment(tfm):
+    "`tfm` with every op of `augment_ops` a `SafeOp`: arguments clamped into `PIL_ARG_RANGES`, failures named"
+    for op in augment_ops(tfm):
+        if not isinstance(op.aug_fn, SafeOp):
+            op.aug_fn = SafeOp(op.name, op.aug_fn, PIL_ARG_RANGES.get(op.aug_fn.__name__))
+    return tfm
+
 class TimmImages(torch.utils.data.Dataset):
     "The files and labels of a `MaskedImages` through a timm transform: items `(x, m, y)`, `m` all 0 (mask-free)"
     n_inp, has_masks = 2, False
-    def __init__(self, ds: MaskedImages, tfm):
-        self.ds, self.tfm, self.files, self.root, self.vocab = ds, tfm, ds.files, ds.root, ds.vocab
+    def __init__(self, ds: MaskedImages, tfm, aa: str | None = None):  # `aa`: the policy, for error messages
+        self.ds, self.tfm, self.files, self.root, self.vocab, self.aa = ds, tfm, ds.files, ds.root, ds.vocab, aa
         g = ds.views[0].size // ds.patch_size
         self.m = torch.zeros(g * g, dtype=torch.int64)
     def __len__(self): return len(self.ds)
-    def __getitem__(self, i): return self.tfm(Image.fromarray(load_image(self.ds.files[i]))), self.m, self.ds.labels[i]
+    def __getitem__(self, i):
+        i, img = self.ds.read(i)  # an unreadable image is skipped (one warning), as by the other loaders
+        try: x = self.tfm(Image.fromarray(img))
+        except AugmentError as e:
+            raise AugmentError(f"{e} on image {self.ds.name(i)!r} (--aa {self.aa}): pass --aa none (`aa='none'`: "
+                               "no RandAugment) or another --aa policy") from e
+        return x, self.m, self.ds.labels[i]
 
 def mae_train_dls(dls: DataLoaders,  # from `mgab.data.labelled_dls`: the train set is a `MaskedImages`
                   aa: str | None = MAE_FINETUNE["aa"],  # RandAugment policy, None: none
@@ -163,11 +209,10 @@ def mae_train_dls(dls: DataLoaders,  # from `mgab.data.labelled_dls`: the train 
                          f"{type(ds).__name__}, not mgab.data's MaskedImages: pass aa='none' (--aa none)")
     tfm = create_transform(ds.views[0].size, is_training=True, color_jitter=None, auto_augment=aa,  # random erasing:
                            interpolation="bicubic", re_prob=0., mean=IMAGENET_MEAN, std=IMAGENET_STD)  # on batches
-    tds, dl = TimmImages(ds, tfm), dls.train
-    train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=dl.num_workers,
+    tds, dl = TimmImages(ds, safe_augment(tfm), aa), dls.train
+    train = TfmdDL(tds, bs=dl.bs, shuffle=True, drop_last=len(tds) > dl.bs, num_workers=loader_workers(dl),
                    device=dls.device, pin_memory=dls.device is not None and torch.device(dls.device).type == "cuda")
     return DataLoaders(train, dls.valid, path=dls.path, device=dls.device)
-
 
 # %% ../nbs/31_finetune.ipynb #5c13cba2
 def fine_tune(encoder: MaskBiasViT,  # trained in place
@@ -195,6 +240,7 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
               recount: int = MAE_FINETUNE["recount"],
               progress: bool = True,
               precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
+              checkpoints: EvalCheckpoints | None = None,  # save every epoch there, and resume
              ) -> Learner:  # trained; `learn.model` is the `Classifier`, `learn.augs` the augmentations used
     "MAE's `main_finetune.py`: AdamW, layer-wise lr decay, warmup + cosine, drop path, mixup/CutMix, RandAugment, RE"
     masked = bool(with_masks) and uses_masks(encoder) and bool(getattr(dls, "has_masks", True))
@@ -214,5 +260,4 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
     learn = Learner(dls, clf, loss_func=MixedTargetLoss(label_smoothing), opt_func=opt_func,
                     splitter=lambda m: [g["params"] for g in groups], lr=lr, metrics=accuracy, cbs=cbs)
     learn.param_groups, learn.augs, learn.recipe = groups, augs, "mae"
-    return fit_learner(learn, epochs, progress, precision)
-
+    return fit_learner(learn, epochs, progress, precision, checkpoints)

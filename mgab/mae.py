@@ -6,7 +6,6 @@ Docs: https://mgab-dev.github.io/mgab/mae.html.md"""
 
 # %% ../nbs/11_mae.ipynb #9c7e73a1
 from __future__ import annotations
-from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 import torch
@@ -300,7 +299,5 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=(0.9, 0.95)), cbs=[sched])
     cfg["precision"] = set_precision(learn, cfg["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere
-    with ExitStack() as stack:
-        if not cfg["progress"]: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
-        fit_run(learn, cfg["epochs"], cfg["out"], cfg, resume=resume, cbs=cbs)
+    fit_run(learn, cfg["epochs"], cfg["out"], cfg, resume=resume, cbs=cbs)  # bars or lines as cfg["progress"] asks
     return Path(cfg["out"])

@@ -19,17 +19,19 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from .vit import MaskBiasViT, RUN_ENCODERS, load_run_encoder
-from .evaluate import (LastBlocks, dino_pool, extract_features, knn_scores, linear_probe, logreg_probe,
-                           pool_name)
+from .evaluate import (EvalCheckpoints, LastBlocks, dino_pool, extract_features, knn_scores, linear_probe,
+                           logreg_probe, pool_name)
 from .vit import uses_masks
 from .finetune import fine_tune
 from .core import atomic_write
+from .train import state_digest
+from .data import loader_workers
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'CI_LEVEL', 'MDE_POWER', 'read_run_config', 'find_runs',
-           'append_result', 'read_results', 'items_digest', 'predictions_name', 'save_predictions', 'load_predictions',
-           'paired_outcomes', 'valid_predictions', 'evaluate_run', 'within_noise', 'Comparison', 'compare_outcomes',
-           'SimulatedStudy']
+           'append_result', 'read_results', 'items_digest', 'predictions_name', 'evaluation_dir', 'save_predictions',
+           'load_predictions', 'paired_outcomes', 'valid_predictions', 'evaluation_checkpoints', 'evaluate_run',
+           'within_noise', 'Comparison', 'compare_outcomes', 'SimulatedStudy']
 
 # %% ../nbs/32_results.ipynb #961d8cd7
 RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
@@ -66,6 +68,8 @@ def find_runs(run_dirs) -> list[Path]:
         if (d/"config.json").is_file() or (d/"metrics.csv").is_file(): out.append(d)
         else:
             found = sorted({f.parent for pat in ("config.json", "metrics.csv") for f in d.rglob(pat)})
+            runs = set(found)
+            found = [f for f in found if not runs & set(f.parents)]  # a run's evaluation folders are not runs
             if not found: raise ValueError(f"{str(d)!r} holds no run folder (config.json or metrics.csv)")
             out += found
     return list(dict.fromkeys(out))
@@ -121,9 +125,18 @@ def items_digest(ds) -> str:
         except (TypeError, ValueError): return Path(f).as_posix()
     return hashlib.sha256("\n".join(map(_name, files)).encode()).hexdigest()[:16]
 
-def predictions_name(protocol: str, with_masks: bool, fraction: float = 1., which: str = "encoder") -> str:
+def predictions_name(protocol: str, with_masks: bool, fraction: float = 1., which: str = "encoder",
+                     recipe: str = "", pool: str = "",  # two recipes or poolings of one run keep two files
+                    ) -> str:
     "Where `evaluate_run` keeps the per-image outcomes of one evaluation, relative to the run folder"
-    return f"predictions/{protocol}-{'masks' if with_masks else 'nomasks'}-{float(fraction):g}-{which}.npz"
+    extra = "".join(f"-{x}" for x in (recipe, pool) if x)
+    return f"predictions/{protocol}{extra}-{'masks' if with_masks else 'nomasks'}-{float(fraction):g}-{which}.npz"
+
+def evaluation_dir(run_dir: str | Path, protocol: str, with_masks: bool, fraction: float = 1.,
+                   which: str = "encoder", recipe: str = "mae") -> Path:
+    "Where `evaluate_run` checkpoints the training of one evaluation (linear probe, fine-tuning): inside the run folder"
+    masks = "masks" if with_masks else "nomasks"
+    return Path(run_dir)/"evals"/f"{protocol}-{recipe}-{masks}-{float(fraction):g}-{which}"
 
 def save_predictions(fname: str | Path,  # .npz file to write (atomically)
                      pred,  # (N,) predicted class of each validation image, in the loader's order
@@ -163,6 +176,21 @@ def valid_predictions(learn: Learner) -> tuple[torch.Tensor, torch.Tensor]:  # (
     with learn.no_bar(), learn.no_logging(): probs, targs = learn.get_preds(ds_idx=1)
     return probs.argmax(1).cpu(), targs.long().cpu()
 
+def evaluation_checkpoints(run_dir: str | Path,  # the run folder evaluated
+                           dls: DataLoaders,  # the evaluation's loaders: their images are part of its settings
+                           encoder: MaskBiasViT,  # the weights evaluated, before any training (their digest)
+                           resume: bool | None = None,  # as `EvalCheckpoints.resume`
+                           **settings,  # the evaluation's protocol, recipe, fraction, with_masks, which and options
+                          ) -> EvalCheckpoints:
+    "Checkpoints of one evaluation in `evaluation_dir`, with every setting that decides its result (a resume matches)"
+    s = dict(settings, fraction=1. if settings.get("fraction") is None else float(settings["fraction"]),
+             bs=dls.train.bs, workers=loader_workers(dls.train), encoder_digest=state_digest(encoder.state_dict()),
+             train_items=items_digest(getattr(dls.train, "dataset", ())),
+             valid_items=items_digest(getattr(dls.valid, "dataset", ())))
+    s = {f"eval_{k}" if k in ("epochs", "seed") else k: v for k, v in s.items()}  # `fit_run`'s keys mean other things
+    folder = evaluation_dir(run_dir, s["protocol"], s["with_masks"], s["fraction"], s["which"], s["recipe"])
+    return EvalCheckpoints(folder, json.loads(json.dumps(s, default=repr)), resume)
+
 def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  dls: DataLoaders,  # labelled loaders (contract 3) built for this protocol and fraction
                  protocol: str,  # "linear", "knn" or "finetune"
@@ -180,6 +208,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                  precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                  seed: int = 0,  # seeds the head's initialisation and the loaders' shuffling: same run, same score
                  features: dict | None = None,  # kNN or `logreg`: {"train": (f, y), "valid": (f, y)} of this pool
+                 resume: bool | None = None,  # a killed evaluation's checkpoint: None continues it, False refuses it
                  **kwargs,  # more options of `linear_probe` / `fine_tune`
                 ) -> dict:  # the results row
     "Evaluate a run's encoder with one protocol; record the top-1 accuracy and each validation image's outcome"
@@ -198,6 +227,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     fit_kw = {} if epochs is None else dict(epochs=epochs)
     if features is not None and not (protocol == "knn" or recipe == "logreg"):
         raise ValueError(f"precomputed `features` serve kNN and the logreg probe, not {protocol} with {recipe!r}")
+    ckpts = None  # kNN and the logreg probe train nothing resumable
     if protocol == "knn" or (features is not None and recipe == "logreg"):
         if features is None:
             if dls.device is not None: encoder.to(dls.device)
@@ -211,11 +241,14 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
         set_seed(seed)  # otherwise the score depends on what this process ran before (up to ~1.5 points here)
         for dl in dls.loaders: dl.rng.seed(seed)  # fastai's loaders shuffle with their own RNG, made when built
         fit = partial(linear_probe, recipe=recipe, **fit_kw) if protocol == "linear" else partial(fine_tune, **fit_kw)
+        ckpts = evaluation_checkpoints(run_dir, dls, encoder, resume, protocol=protocol, recipe=recipe,
+                                       fraction=fraction, with_masks=with_masks, which=which, pool=pool, epochs=epochs,
+                                       seed=seed, precision=precision, **kwargs) if save else None
         pred, label = valid_predictions(fit(encoder, dls, pool=pool, with_masks=with_masks, progress=progress,
-                                            precision=precision, **kwargs))
+                                            precision=precision, checkpoints=ckpts, **kwargs))
     value = 100. * (pred == label).float().mean().item()  # top-1, from the very outcomes that are saved
     frac = 1. if fraction is None else float(fraction)
-    name = predictions_name(protocol, with_masks, frac, which) if save else ""
+    name = predictions_name(protocol, with_masks, frac, which, recipe, pool_name(pool)) if save else ""
     row = dict(protocol=protocol, fraction=frac, with_masks=with_masks, metric="top1", value=round(value, 4),
                epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"], method=cfg.get("method", ""),
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name,
@@ -224,6 +257,7 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
         save_predictions(Path(run_dir)/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
                          protocol=protocol, with_masks=with_masks, fraction=frac, which=which, value=value)
         append_result(run_dir, row)
+        if ckpts is not None: ckpts.drop()  # the result is recorded: only the settings and the epochs' log stay
     return row
 
 # %% ../nbs/32_results.ipynb #ec4a0fcd

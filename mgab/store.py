@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/store.html.md"""
 
 # %% ../nbs/02_store.ipynb #466a6f3c
 from __future__ import annotations
-import hashlib, io, json, os, random, struct, zlib
+import hashlib, io, json, os, random, struct, sys, zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
-from .core import atomic_write, clean_tmp, tmp_path
+from .core import atomic_write, bars_shown, clean_tmp, tmp_path
 from .masks import SAM_PAPER_COVERAGE, UnreadableImages, decode_image, list_images, masker_info, mask_ratio
 
 
@@ -314,7 +314,7 @@ def make_mask_store(image_dir: str | os.PathLike,  # folder of images (searched 
             return k, "error", msg, dict(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
 
     stats = dict(computed=0, skipped=0, errors=0)
-    bar = tqdm(total=len(mine), disable=not progress, unit="img",
+    bar = tqdm(total=len(mine), disable=not bars_shown(progress, sys.stderr), unit="img",  # no frames in a log
                desc=f"masks {shard + 1}/{num_shards}" if num_shards > 1 else "masks")
     for k, status, img, fp in _prefetch(prepare, mine):
         if status == "skip": stats["skipped"] += 1
@@ -364,7 +364,8 @@ def verify_store(store: MaskStore | str | os.PathLike,  # a store or its folder
         if meta.get("settings_id", sid) != sid: return k, "stale"  # written by a writer with other settings
         return k, "ok" if meta.get("sha256") == hashlib.sha256(src.read_bytes()).hexdigest() else "stale"
 
-    for k, status in tqdm(_prefetch(check, keys), total=len(keys), disable=not progress, desc="verify"):
+    for k, status in tqdm(_prefetch(check, keys), total=len(keys), disable=not bars_shown(progress, sys.stderr),
+                          desc="verify"):
         if status == "ok": res["ok"] += 1
         else: res[status].append(k)
     have = set(keys)

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import csv, hashlib, json, os, random, time
+import csv, hashlib, json, math, os, random, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -16,16 +16,17 @@ import torch.distributed as dist
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback  # also progress bars for every Learner (and Learner.no_bar)
 from fastai.distributed import DistributedDL, DistributedTrainer
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.torch_core import find_bs, num_distrib, rank_distrib, set_seed
-from .core import clean_tmp, RunFailed, UsageError, atomic_path, atomic_write
+from .core import clean_tmp, RunFailed, UsageError, atomic_path, atomic_write, bars_shown
 from .vit import split_params
 
 # %% auto #0
 __all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
            'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup',
-           'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint',
-           'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation', 'fit_run', 'write_init_run']
+           'unfinished_reason', 'run_encoders', 'RunLogger', 'EpochLines', 'progress_shown', 'rng_state',
+           'set_rng_state', 'RunCheckpoint', 'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation',
+           'settings_diff', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -61,7 +62,7 @@ def _launcher_processes() -> int:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1", "yes"): return 0
     try: argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
     except (OSError, UnicodeDecodeError): return 0
-    if "launch" not in argv: return 0
+    if not any(a == "launch" or a.endswith("accelerate.commands.launch") for a in argv): return 0  # or its -m form
     for i, a in enumerate(argv):
         if a.startswith("--num_processes=") and a[16:].isdigit(): return int(a[16:])
         if a == "--num_processes" and i + 1 < len(argv) and argv[i + 1].isdigit(): return int(argv[i + 1])
@@ -212,7 +213,7 @@ def run_encoders(learn: Learner) -> dict[str, nn.Module]:
 
 # %% ../nbs/09_train.ipynb #abbf2166
 class RunLogger(Callback):
-    "After every epoch, write `metrics.csv`/`metrics.json` and `bias_history.json`; callbacks add `learn.run_metrics`"
+    "After every epoch, write `metrics.csv`/`metrics.json` (with `learn.run_metrics`, a validation's values), `bias_history.json`"
     order = 95
     def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
 
@@ -237,6 +238,8 @@ class RunLogger(Callback):
         row = dict(epoch=self.epoch, train_loss=tot / n, lr=float(self.opt.hypers[0]["lr"]),
                    time_s=round(time.time() - self.t0, 2))
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
+        rec = getattr(self.learn, "recorder", None)  # a validated epoch (an evaluation's): valid_loss and the metrics
+        if rec is not None: row.update(zip(rec.metric_names[2:], map(float, rec.final_record[1:])))
         enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
         if hasattr(enc, "bias_values"):
             u = enc.bias_values()
@@ -250,6 +253,42 @@ class RunLogger(Callback):
         cols = list(dict.fromkeys(k for r in self.rows for k in r))
         with atomic_path(self.run/"metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
+
+# %% ../nbs/09_train.ipynb #e9c1a001
+class EpochLines(Callback):
+    "One plain line per epoch for logs: the values fastai's bar table shows, without the bar's frames"
+    order = Recorder.order + 1  # after the `Recorder` has the epoch's values
+    def __init__(self, min_interval: float = 5.,  # seconds: epochs shorter than this are summarised, the last shown
+                 prefix: str = ""):  # starts every line
+        self.min_interval, self.prefix = min_interval, prefix
+
+    def before_fit(self): self.shown = -math.inf
+    def before_epoch(self): self.trained = False
+    def after_train(self): self.trained = True
+
+    def after_epoch(self):
+        now, last = time.time(), self.epoch == self.n_epoch - 1
+        if not self.trained or not _is_main(): return  # an epoch skipped on resume; one process prints
+        if not last and now - self.shown < self.min_interval: return
+        rec = self.learn.recorder
+        vals = list(rec.log[1:-1] if rec.add_time else rec.log[1:])
+        names = [n for n in rec.metric_names[1:] if n != "time"][:len(vals)]  # a skipped validation logs no values
+        stats = ", ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, vals))
+        took = f" ({rec.log[-1]})" if rec.add_time else ""
+        print(f"{self.prefix}epoch {self.epoch + 1}/{self.n_epoch}: {stats}{took}", flush=True)
+        self.shown = now
+
+@contextmanager
+def progress_shown(learn: Learner, progress: bool = True):
+    "Fit `learn` with fastai's bars where `bars_shown` (a terminal, a notebook), else with `EpochLines`; none if off"
+    if bars_shown(progress):
+        yield learn
+        return
+    with learn.no_bar(), learn.no_logging():
+        if not progress:
+            yield learn
+            return
+        with learn.added_cbs(EpochLines()): yield learn
 
 # %% ../nbs/09_train.ipynb #0cd5fbba
 def rng_state(learn: Learner | None = None) -> dict:
@@ -269,8 +308,9 @@ def set_rng_state(s: dict, learn: Learner | None = None):
 class RunCheckpoint(Callback):
     "Save `checkpoints/last.pth` and `run_encoders` (`encoder.pth`, ...) every epoch; restore a state at `before_fit`"
     order = 99  # after the logger: the saved state includes this epoch's logs
-    def __init__(self, run_dir: str | Path, resume_state: dict | None = None):
-        self.run, self.resume_state = Path(run_dir), resume_state
+    def __init__(self, run_dir: str | Path, resume_state: dict | None = None,
+                 save_encoders: bool = True):  # also `run_encoders`' files (an evaluation's checkpoints need none)
+        self.run, self.resume_state, self.save_encoders = Path(run_dir), resume_state, save_encoders
 
     def _extra(self): return {type(cb).__name__: cb for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
 
@@ -298,7 +338,8 @@ class RunCheckpoint(Callback):
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
         if len(rngs) > 1: state["rng_ranks"] = rngs
         _atomic_save(state, self.run/"checkpoints"/"last.pth")
-        for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
+        if self.save_encoders:
+            for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
         self.saved_epoch = self.epoch
 
 # %% ../nbs/09_train.ipynb #9b1e0a01
@@ -363,6 +404,10 @@ class SkipValidation(Callback):
 
 _RESUMABLE = ("epochs", "resume", "out", "num_workers", "progress", "allow_unfinished")
 
+def settings_diff(saved: dict, config: dict) -> list[str]:
+    "The settings in which `config` differs from a saved run's, leaving out those a resume may change"
+    return sorted(k for k in set(saved) | set(config) if k not in _RESUMABLE and saved.get(k) != config.get(k))
+
 def fit_run(learn: Learner,
             epochs: int,
             run_dir: str | Path,
@@ -370,6 +415,9 @@ def fit_run(learn: Learner,
             resume: bool = False,  # continue from run_dir/checkpoints/last.pth
             cbs: list | None = None,  # extra callbacks for this fit
             validate: bool = False,  # also run the validation loader each epoch
+            progress: bool | None = None,  # bars or plain lines (`progress_shown`); None: the config's (default on)
+            save_encoders: bool = True,  # save `run_encoders` (encoder.pth, ...) with every checkpoint
+            fresh_hint: str = "use another --out",  # the error's other way than resuming with the saved settings
            ) -> Learner:
     "Fit `learn` for `epochs`, writing a run folder (config, metrics, bias history, encoder, resumable checkpoints)"
     run = Path(run_dir)
@@ -393,10 +441,10 @@ def fit_run(learn: Learner,
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
         if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:
         # then "auto" ran (bf16 on CUDA, fp32 elsewhere), which is what the same device resolves it to now
-        diff = sorted(k for k in set(old) | set(config) if k not in _RESUMABLE and old.get(k) != config.get(k))
+        diff = settings_diff(old, config)
         saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
-                                  f"with the saved {saved} or use another --out")
+                                  f"with the saved {saved} or {fresh_hint}")
         try: state = torch.load(ckpt, map_location="cpu", weights_only=False)
         except Exception as e:  # truncated or damaged
             raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}): the checkpoint is damaged; restore it "
@@ -404,6 +452,7 @@ def fit_run(learn: Learner,
         start = state["epoch"] + 1
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
             print(f"{run}: all {epochs} epochs already done")
+            unwrap(learn.model).load_state_dict(state["model"])  # the learner holds the final weights, as after a fit
             if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
                 atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))))
             return learn
@@ -417,14 +466,16 @@ def fit_run(learn: Learner,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     if world > 1 and config.get("seed") is not None:  # each process its own augmentations and MAE masks (as MAE's
         set_seed(config["seed"] + rank_distrib())  # seed + rank); the models were built alike, DDP also syncs them
-    ckpt_cb = RunCheckpoint(run, state)
+    ckpt_cb = RunCheckpoint(run, state, save_encoders)
     ckpt_cb._start = start
     guard = StopOnNonFinite(run)
     guard._start = start
     replicas = CheckReplicas()
     replicas._start = start
     extra = [SSLTarget(), guard, replicas, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
-    with distributed(learn): learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
+    progress = config.get("progress", True) if progress is None else progress
+    with distributed(learn), progress_shown(learn, progress):
+        learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
         atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=epochs)))
     return learn

@@ -41,3 +41,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_eval_run(tmp_path):
+    "A mask-free tiny encoder's run folder (1 block, 32 px, 8 px patches) and 2 classes x 4 random 32 px images"
+    import numpy as np
+    from PIL import Image
+    from mgab.train import write_init_run
+    from mgab.vit import create_vit
+    model = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0, bias=None)
+    torch.manual_seed(0)
+    run = write_init_run(create_vit(**model), tmp_path / "run", dict(method="mae", model=model))
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in "ab":
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                px = g.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(px).save(tmp_path / "data" / split / c / f"{i}.png")
+    return run, tmp_path / "data"

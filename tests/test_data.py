@@ -120,7 +120,7 @@ def test_alignment_fails_with_a_shifted_box(colour_data, monkeypatch):
 
 def test_alignment_multicrop_and_labelled(colour_data, monkeypatch):
     root, store = colour_data
-    monkeypatch.setattr(D, "_photometric", lambda img, view, rng=None: img)  # colours must survive to be decoded
+    monkeypatch.setattr(D, "photometric", lambda img, view, rng=None: img)  # colours must survive to be decoded
     random.seed(2)
     dls = multicrop_dls(root, store, global_size=64, local_size=32, n_local=3, patch_size=8, bs=6, num_workers=0,
                         device="cpu")
@@ -145,7 +145,7 @@ def test_photometric_touches_image_only(colour_data):
         img = load_image(ds.files[0]); H, W = img.shape[:2]
         for v, x, m in zip(ds.views, *item):
             box = D.crop_box(H, W, v); flip = random.random() < v.flip
-            D._photometric(Image.fromarray(x.numpy()), v)  # consume the same colour draws
+            D.photometric(Image.fromarray(x.numpy()), v)  # consume the same colour draws
             np.testing.assert_array_equal(m.numpy(), token_labels(store[ds.keys[0]], box, (H, W), v.size // 8, flip))
             seen.append(x.numpy())
     # the colour changes did happen: some crop has colours outside the palette

@@ -479,9 +479,15 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
         for proto, kw in (("knn", {}), ("linear", dict(precompute=True, epochs=2))):
             rows[run.name, proto] = evaluate_run(run, dls, proto, progress=False, **kw)
     r = rows["ours", "linear"]
-    assert r["predictions"] == predictions_name("linear", True, 1., "encoder")
-    assert r["predictions"] == "predictions/linear-masks-1-encoder.npz"
-    assert rows["base", "knn"]["predictions"] == "predictions/knn-nomasks-1-encoder.npz"  # no bias: no masks seen
+    assert r["predictions"] == predictions_name("linear", True, 1., "encoder", "mae", "cls")
+    assert r["predictions"] == "predictions/linear-mae-cls-masks-1-encoder.npz"
+    assert rows["base", "knn"]["predictions"] == "predictions/knn-dino-cls-nomasks-1-encoder.npz"  # no bias: no masks
+    # two poolings of one run keep two files: each row's outcomes are its own
+    avg = evaluate_run(biased, dls, "knn", pool="avg", progress=False)
+    assert avg["predictions"] == "predictions/knn-dino-avg-masks-1-encoder.npz"
+    assert load_predictions(biased/avg["predictions"])["correct"].mean() * 100 == pytest.approx(avg["value"], abs=1e-3)
+    assert load_predictions(biased/rows["ours", "knn"]["predictions"])["correct"].mean() * 100 == pytest.approx(
+        rows["ours", "knn"]["value"], abs=1e-3)
     p = load_predictions(biased/r["predictions"])
     assert p["pred"].shape == (12,) and p["pred"].dtype == np.int64
     np.testing.assert_array_equal(p["label"], dls.valid.dataset.y.numpy())
@@ -906,6 +912,8 @@ def test_randaugment_changes_pixels_and_finetune_uses_mae_transform(photo_dls):
     x, m, y = mae.one_batch()
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(m.abs().sum()) == 0
     assert mae.valid is photo_dls.valid
+    from mgab.data import loader_workers
+    assert loader_workers(photo_dls.train) == loader_workers(mae.train) == 0  # --num-workers 0 holds (it gave 1)
     learn = fine_tune(biased_encoder(bias=None), photo_dls, epochs=1, progress=False)  # MAE's recipe, all defaults
     assert isinstance(learn.dls.train.dataset.tfm.transforms[2], RandAugment) and learn.augs["reprob"] == 0.25
     assert any(isinstance(cb, MixupErase) for cb in learn.cbs) and isinstance(learn.loss_func, MixedTargetLoss)

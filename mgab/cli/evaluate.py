@@ -91,7 +91,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     f.add_argument("--recount", type=int, default=M["recount"], help="random erasing count (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of feature extraction and "
                    "training: auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16, or fp16 (CUDA only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (nor, in a log, the epoch lines)")
+    p.add_argument("--resume", action="store_true", help="continue the partial evaluation a killed mgab-eval left in "
+                   "RUN_DIR/evals/ (linear probe, fine-tuning: checkpointed every epoch)")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="evaluate a run that has no finished.json (stopped before its last epoch)")
     return add_debug_flag(p)
@@ -173,7 +175,7 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     if args.protocol == "knn": kw = dict(k=args.k, T=args.temperature)
     row = evaluate_run(run, dls, args.protocol, fraction=args.fraction, with_masks=masks is not None, encoder=encoder,
                        epochs=args.epochs, pool=pool, which=which, recipe=recipe, progress=not args.no_progress,
-                       precision=args.precision, **kw)
+                       precision=args.precision, resume=args.resume, **kw)
     print(",".join(RESULT_COLUMNS))
     print(",".join(str(row[c]) for c in RESULT_COLUMNS))
     return row
