@@ -482,12 +482,6 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
     assert r["predictions"] == predictions_name("linear", True, 1., "encoder", "mae", "cls")
     assert r["predictions"] == "predictions/linear-mae-cls-masks-1-encoder.npz"
     assert rows["base", "knn"]["predictions"] == "predictions/knn-dino-cls-nomasks-1-encoder.npz"  # no bias: no masks
-    # two poolings of one run keep two files: each row's outcomes are its own
-    avg = evaluate_run(biased, dls, "knn", pool="avg", progress=False)
-    assert avg["predictions"] == "predictions/knn-dino-avg-masks-1-encoder.npz"
-    assert load_predictions(biased/avg["predictions"])["correct"].mean() * 100 == pytest.approx(avg["value"], abs=1e-3)
-    assert load_predictions(biased/rows["ours", "knn"]["predictions"])["correct"].mean() * 100 == pytest.approx(
-        rows["ours", "knn"]["value"], abs=1e-3)
     p = load_predictions(biased/r["predictions"])
     assert p["pred"].shape == (12,) and p["pred"].dtype == np.int64
     np.testing.assert_array_equal(p["label"], dls.valid.dataset.y.numpy())
@@ -503,6 +497,12 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
     row = evaluate_run(other, tiny_dls(n_valid=15), "knn", progress=False)
     with pytest.raises(ValueError, match="different validation images"):
         paired_outcomes(knn[:1], [load_predictions(other/row["predictions"])])
+    # two poolings of one run keep two files: each row's outcomes are its own
+    avg = evaluate_run(biased, dls, "knn", pool="avg", progress=False)
+    assert avg["predictions"] == "predictions/knn-dino-avg-masks-1-encoder.npz"
+    assert load_predictions(biased/avg["predictions"])["correct"].mean() * 100 == pytest.approx(avg["value"], abs=1e-3)
+    assert load_predictions(biased/rows["ours", "knn"]["predictions"])["correct"].mean() * 100 == pytest.approx(
+        rows["ours", "knn"]["value"], abs=1e-3)
     assert evaluate_run(other, dls, "knn", save=False, progress=False)["predictions"] == ""
     assert len(read_results(other)) == 1
 
@@ -522,7 +522,7 @@ def test_evaluate_run_which_student(tmp_path):
         evaluate_run(run, dls, "knn", which="student", progress=False)
     torch.save(biased_encoder(u_pos=0., u_neg=0., seed=3).state_dict(), run/"student.pth")
     row = evaluate_run(run, dls, "knn", which="student", progress=False)
-    assert row["encoder"] == "student" and row["predictions"] == "predictions/knn-masks-1-student.npz"
+    assert row["encoder"] == "student" and row["predictions"] == "predictions/knn-dino-cls-masks-1-student.npz"
     evaluate_run(run, dls, "knn", progress=False)
     with pytest.raises(ValueError, match="`which` must be one of"):
         evaluate_run(run, dls, "knn", which="teacher", progress=False)
