@@ -35,8 +35,8 @@ DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="v
                      decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, img_size=64, epochs=15, bs=128,
                      lr=1.5e-3, warmup_epochs=2, bias_lr_mult=100., seeds=5, seed=0, distill_epochs=2,
                      distill_lr=5e-4, distill_warmup=0.5, distill_init="teacher", probe="logreg",
-                     pools=("avg", "cls"), protocols=("linear", "knn"), controls=True, budget=None, num_workers=None,
-                     progress=True)
+                     pools=("avg", "cls"), protocols=("linear", "knn"), controls=True, budget=None, bias_lr_sweep=(),
+                     num_workers=None, progress=True)
 
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
@@ -209,22 +209,23 @@ def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
     step, per_image = _step_times(c, path, store)
     dls = labelled_dls(path, None, img_size=c["img_size"], patch_size=_patch(c), bs=1, num_workers=0)
     n_train, n_eval = len(dls.train_ds), len(dls.train_ds) + len(dls.valid_ds)
-    spe, D = max(1, n_train // c["bs"]), c["distill_epochs"]
-    passes = 3 + 2 * c["controls"] + 2 * bool(D)  # feature passes per seed: vanilla, biased x2, floor, control, ...
-    train = lambda E: (2 * E + 3.5 * D) * spe * step  # two pretrainings; distillation ~2.5 steps + its control 1
+    spe, D, X = max(1, n_train // c["bs"]), c["distill_epochs"], len(c["bias_lr_sweep"])
+    passes = 3 + 2 * c["controls"] + 2 * bool(D) + 2 * X  # feature passes per seed: vanilla, biased x2, floor, ...
+    train = lambda E: ((2 + X) * E + 3.5 * D) * spe * step  # the pretrainings; distillation ~2.5 steps + control 1
     per_seed = lambda E: train(E) + passes * n_eval * per_image
     usable = 60 * minutes * 0.85 - 30  # margins: the report, loaders starting, a busy machine
     E = c["epochs"]
     seeds = int(usable // per_seed(E))
     if seeds < 3:  # fewer epochs, not fewer than 3 seeds: 3 is the least that measures seed noise with some power
-        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * spe * step) // (2 * spe * step))
+        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * spe * step) // ((2 + X) * spe * step))
         if E < 1:
             raise ValueError(f"--budget {minutes:g}m is too small for 3 paired seeds of one epoch on {n_train} images "
                              f"here (a step {step:.2f} s): give more time or fewer images")
     elif seeds > MAX_SEEDS:  # enough seeds: the rest buys epochs
         seeds = MAX_SEEDS
-        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * spe * step) // (2 * spe * step)))
-    _say(f"budget {minutes:g} min: {seeds} paired seeds x {E} epochs ({spe} steps each) fit, planned "
+        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * spe * step) // ((2 + X) * spe * step)))
+    _say(f"budget {minutes:g} min: {seeds} paired seeds x {E} epochs ({spe} steps each"
+         + (f", {X} more biased runs per seed for --bias-lr-sweep" if X else "") + ") fit, planned "
          f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, features {1e3 * per_image:.1f} ms per "
          f"image, {n_train} training images)")
     return dict(c, seeds=seeds, epochs=E)
@@ -283,9 +284,10 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
                    + (f" = {r['ratio']:.0%} of the {r['travel']:.2f} AdamW allowed" if r["ratio"] is not None else "")
                    + f" (bias_lr_mult {c['bias_lr_mult']:g}); u_pos - u_neg per layer: "
                    + " ".join(f"{p - n:+.1f}" for p, n in zip(r["u_pos"], r["u_neg"])))
+    sweep = bias_lr_sweep(out, c["bias_lr_sweep"], **c) if c["bias_lr_sweep"] else None
     stand_in = MaskStore(store).stand_in
     summary = dict(out=str(out), data=str(path), masks=str(store), stand_in_masks=stand_in, seeds=c["seeds"],
-                   epochs=c["epochs"], primary=primary, bias_reach=reach,
+                   epochs=c["epochs"], primary=primary, bias_reach=reach, bias_lr_sweep=sweep,
                    runs=[{k: str(v) for k, v in runs.items()} for runs in studies],
                    report={k: str(v) for k, v in written.items()},
                    minutes=round((time.time() - t0) / 60, 1), threads=torch.get_num_threads(),
@@ -326,7 +328,7 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
                  ) -> list[dict]:  # per multiplier: delta, lo, hi, mde (no masks), masks_delta, masks_lo, masks_hi, gap
     "Primary endpoint and trained `u` per `bias_lr_mult`: extra biased runs paired with the study's vanilla runs"
     from mgab.results import compare_outcomes, load_predictions
-    c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None})
+    c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None and k != "bias_lr_sweep"})
     if c["method"] != "mae": raise ValueError("bias_lr_sweep measures MAE studies")
     out, path = Path(out), resolve_data(str(c["data"]))
     store = Path(c["masks"]) if c["masks"] else out/"masks"
@@ -448,8 +450,8 @@ def main(argv: list[str] | None = None):
               budget=budget, bs=a.bs, lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
               distill_epochs=a.distill_epochs, distill_init=a.distill_init, distill_lr=a.distill_lr,
               distill_warmup=a.distill_warmup, probe=a.probe, pools=pools, protocols=protocols,
-              controls=not a.no_controls, num_workers=a.num_workers, progress=not a.no_progress)
-    summary = run_demo(a.out, **kw)
-    if sweep: bias_lr_sweep(a.out, sweep, **dict(kw, seeds=summary.get("seeds"), epochs=summary.get("epochs")))
+              controls=not a.no_controls, bias_lr_sweep=tuple(sweep), num_workers=a.num_workers,
+              progress=not a.no_progress)
+    run_demo(a.out, **kw)
     return 0
 

@@ -33,7 +33,7 @@ def _outcomes(run, pool="avg", masks=False, protocol="linear"):
 
 def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embedded):
     out = tmp_path / "demo"
-    s = run_demo(out, **TINY)
+    s = run_demo(out, bias_lr_sweep=(1.,), **TINY)
     printed = capsys.readouterr().out
     assert "STAND-IN" in printed and "70.4-72.7%" in printed and "at the 8x8 token grid" in printed
     for seed in (0, 1):
@@ -75,12 +75,19 @@ def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embed
         (c.delta, c.lo, c.hi, c.mde, 2, 100))
     assert f"primary endpoint: MAE + our method (no masks) minus MAE" in printed and f"MDE" in printed
     assert "mae-continued" not in (out / "report" / "distill.md").read_text()  # λ = 0 distils nothing
+    # the multiplier sweep: one more biased run per seed at x1, paired with the same vanilla runs; x100 is the study's
+    sweep = {r["bias_lr_mult"]: r for r in s["bias_lr_sweep"]}
+    assert sorted(sweep) == [1., 100.] and sweep[100.]["delta"] == pytest.approx(p["delta"])
+    a1 = np.stack([_outcomes(out / ("mae-biased-x1" if s_ == 0 else f"mae-biased-x1-seed{s_}"))[0] for s_ in (0, 1)])
+    assert sweep[1.]["delta"] == pytest.approx(compare_outcomes(a1, b).delta)
+    cfg = json.loads((out / "mae-biased-x1" / "config.json").read_text())
+    assert cfg["bias_lr_mult"] == 1. and cfg["seed"] == 0 and "| 1 | " in (out / "report" / "bias_lr_sweep.md").read_text()
     # a second run finds everything done: nothing recomputed, the same table
     res = read_results(_run(out, "biased", 0))
     assert main(["--out", str(out), "--epochs", "1", "--distill-epochs", "1", "--depth", "2", "--embed-dim", "64",
-                 "--num-heads", "2", "--seeds", "2", "--bs", "32", "--no-progress"]) == 0
+                 "--num-heads", "2", "--seeds", "2", "--bs", "32", "--bias-lr-sweep", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped") == 2 * len(KINDS) and (out / "report" / "table1.md").read_text() == t1
+    assert printed.count("skipped") == 2 * (len(KINDS) + 1) and (out / "report" / "table1.md").read_text() == t1
     assert read_results(_run(out, "biased", 0)) == res
 
 
