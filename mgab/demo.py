@@ -32,8 +32,8 @@ __all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks'
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
                      method="mae", arch="vit_tiny_patch16_224", patch_size=8, depth=4, embed_dim=128, num_heads=4,
-                     decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, img_size=64, epochs=15, bs=128,
-                     lr=1.5e-3, warmup_epochs=2, bias_lr_mult=100., seeds=5, seed=0, distill_epochs=2,
+                     decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, img_size=64, epochs=8, bs=64,
+                     lr=1.5e-3, warmup_epochs=1, bias_lr_mult=100., seeds=4, seed=0, distill_epochs=1,
                      distill_lr=5e-4, distill_warmup=0.5, distill_init="teacher", probe="logreg",
                      pools=("avg", "cls"), protocols=("linear", "knn"), controls=True, budget=None, bias_lr_sweep=(),
                      num_workers=None, progress=True)
