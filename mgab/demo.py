@@ -18,9 +18,10 @@ from .store import MaskStore, coverage_line, make_mask_store, store_stats
 from .data import labelled_dls
 from .datasets import resolve_data
 from .datasets import EmbeddedMasker
-from .train import unfinished_reason, write_init_run
+from .runs import RunFolder
+from .train import write_init_run
 from .report import report
-from .results import evaluate_run, read_results
+from .results import evaluate_run
 
 # %% auto #0
 __all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'demo_masker', 'demo_masks', 'bias_reach', 'run_demo', 'main']
@@ -35,22 +36,17 @@ DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="v
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
 
-def _done_epochs(run: Path) -> int:
-    "Epochs of a finished run (its `finished.json`), else 0"
-    f = run/"config.json"
-    return json.loads(f.read_text())["epochs"] if f.is_file() and unfinished_reason(run) is None else 0
-
 def _train(run: Path, epochs: int, fn, config: dict) -> Path:
     "Run a training step unless done; continue it when interrupted"
-    done = _done_epochs(run)
+    done = RunFolder(run).done_epochs()
     if done >= epochs: _say(f"{run.name}: done ({done} epochs), skipped"); return run
-    resume = (run/"checkpoints"/"last.pth").is_file()
+    resume = RunFolder(run).checkpoint.is_file()
     _say(f"{run.name}: " + ("resuming its last checkpoint" if resume else f"training {epochs} epochs"))
     return fn(dict(config, out=str(run), epochs=epochs), resume=resume)
 
 def _random_init(run: Path, method: str, config: dict) -> Path:
     "The floor of Table 1: the encoder exactly as pretraining starts it (same seed), as a run folder with 0 epochs"
-    if (run/"config.json").is_file() and (run/"encoder.pth").is_file():
+    if RunFolder(run).finished:
         _say(f"{run.name}: done, skipped"); return run
     _say(f"{run.name}: the untrained encoder (random-init floor)")
     if method == "mae":
@@ -89,9 +85,7 @@ def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="v
 # %% ../nbs/53_demo.ipynb #d3a0b001
 def bias_reach(run: Path) -> dict | None:
     "How far the learned `u` went against the farthest AdamW allowed (`u_travel`): the check on `bias_lr_mult`"
-    run = Path(run)
-    rows = json.loads((run/"metrics.json").read_text()) if (run/"metrics.json").is_file() else []
-    hist = json.loads((run/"bias_history.json").read_text()) if (run/"bias_history.json").is_file() else []
+    rows, hist = RunFolder(run).metrics(), RunFolder(run).bias_history()
     if not rows or not hist or "u_travel" not in rows[-1]: return None
     u = torch.tensor([hist[-1]["u_pos"], hist[-1]["u_neg"]])  # (2, layers, heads)
     travel, far = float(rows[-1]["u_travel"]), float(u.abs().max())
@@ -100,8 +94,8 @@ def bias_reach(run: Path) -> dict | None:
 
 # %% ../nbs/53_demo.ipynb #01bf13bd
 def _evaluate(run: Path, dls, protocol: str, with_masks: bool, pool: str, progress: bool) -> dict:
-    "Evaluate a run once per protocol and masks setting (a rerun reads results.csv)"
-    done = [r for r in read_results(run) if r["protocol"] == protocol and r["with_masks"] == with_masks
+    "Evaluate a run once per protocol and masks setting (a rerun reads the run's results)"
+    done = [r for r in RunFolder(run).results() if r["protocol"] == protocol and r["with_masks"] == with_masks
             and r["fraction"] in (None, 1.)]
     if done: return done[-1]
     kw = dict(precompute=True, opt="sgd") if protocol == "linear" else {}  # features once; SGD for few small steps

@@ -248,7 +248,7 @@ def mae_config(config: dict,  # run settings; None values mean "the default"
     if config.get("lr") is not None and config.get("blr") is None: cfg["blr"] = None  # not used: say so
     model = dict(name=cfg["arch"], img_size=cfg["img_size"])
     model.update(config.get("model") or {})
-    model["num_classes"] = 0  # the encoder is trained headless; load_run_encoder(run, num_classes=...) adds one
+    model["num_classes"] = 0  # the encoder is trained headless; RunFolder.load_encoder(num_classes=...) adds one
     cfg.update(model=model, arch=model["name"], img_size=model["img_size"])
     if cfg["warmup_epochs"] is None: cfg["warmup_epochs"] = min(40., cfg["epochs"] / 10)
     if cfg["lr"] is None: cfg["lr"] = cfg["blr"] * cfg["bs"] * world_size / 256  # MAE's linear scaling rule

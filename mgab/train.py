@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import csv, hashlib, json, os, random, time
+import hashlib, json, os, random, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -18,14 +18,15 @@ from fastai.callback.progress import ProgressCallback  # also progress bars for 
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import find_bs, num_distrib, rank_distrib, set_seed
-from .core import clean_tmp, RunFailed, UsageError, atomic_path, atomic_write
+from .core import clean_tmp, RunFailed, UsageError
+from .runs import RunFolder
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
-           'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup',
-           'unfinished_reason', 'run_encoders', 'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint',
-           'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation', 'fit_run', 'write_init_run']
+__all__ = ['cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
+           'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup', 'run_encoders',
+           'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint', 'StopOnNonFinite', 'state_digest',
+           'CheckReplicas', 'SkipValidation', 'fit_run', 'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
@@ -174,34 +175,15 @@ class SSLTarget(Callback):
         if not len(self.yb): self.learn.yb = (torch.zeros(find_bs(self.xb)),)
 
 # %% ../nbs/09_train.ipynb #b28212a1
-def _atomic_save(obj, path: Path):
-    with atomic_path(path) as tmp: torch.save(obj, tmp)  # a kill never leaves a half-written file under the real name
-
 def resume_warmup(warmup_epochs: float | None,  # as given; None: automatic (it depends on the run's epochs)
                   run_dir: str | Path,  # the run folder that may be resumed
                   resume: bool,
                  ) -> float | None:
     "On resume, an automatic warmup keeps the saved run's `warmup_epochs` (extending epochs must not move it)"
     if warmup_epochs is not None or not resume: return warmup_epochs
-    saved = Path(run_dir)/"config.json"
-    return json.loads(saved.read_text()).get("warmup_epochs") if saved.is_file() else None
+    return RunFolder(run_dir).config(missing_ok=True).get("warmup_epochs")
 
 def _is_main() -> bool: return rank_distrib() == 0
-
-FINISHED = "finished.json"  # written last: the run's final checkpoint and encoders are on disk
-
-def unfinished_reason(run_dir: str | Path) -> str | None:
-    "Why `run_dir` is not a finished run, or `None`: `finished.json` must record the epochs of its `config.json`"
-    run = Path(run_dir)
-    cfg = json.loads((run/"config.json").read_text()) if (run/"config.json").is_file() else {}
-    done = json.loads((run/FINISHED).read_text()) if (run/FINISHED).is_file() else None
-    if done is not None and done.get("finished") and done.get("epochs") == cfg.get("epochs"): return None
-    if not (run/"checkpoints"/"last.pth").is_file() and (run/"encoder.pth").is_file():
-        return None  # an untrained (random-init) or hand-made encoder: nothing was left half-way
-    f = run/"metrics.json"
-    logged = len(json.loads(f.read_text())) if f.is_file() else 0
-    return (f"{str(run)!r} is unfinished ({logged} of {cfg.get('epochs', '?')} epochs logged, no {FINISHED}): "
-            "training stopped before its final checkpoint and encoder.pth were written")
 
 # %% ../nbs/09_train.ipynb #87ee44fb
 def run_encoders(learn: Learner) -> dict[str, nn.Module]:
@@ -212,16 +194,13 @@ def run_encoders(learn: Learner) -> dict[str, nn.Module]:
 
 # %% ../nbs/09_train.ipynb #abbf2166
 class RunLogger(Callback):
-    "After every epoch, write `metrics.csv`/`metrics.json` and `bias_history.json`; callbacks add `learn.run_metrics`"
+    "After every epoch, write the run's metrics and bias history (`RunFolder`); callbacks add `learn.run_metrics`"
     order = 95
-    def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
+    def __init__(self, run_dir: str | Path): self.run = RunFolder(run_dir)
 
     def before_fit(self):
         self.learn.run_metrics, self.n = {}, 0
-        f = self.run/"metrics.json"
-        self.rows = json.loads(f.read_text()) if f.exists() else []
-        h = self.run/"bias_history.json"
-        self.history = json.loads(h.read_text()) if h.exists() else []
+        self.rows, self.history = self.run.metrics(), self.run.bias_history()  # a resumed run's earlier epochs
 
     def before_epoch(self): self.tot, self.n, self.t0 = 0., 0, time.time()
 
@@ -237,7 +216,7 @@ class RunLogger(Callback):
         row = dict(epoch=self.epoch, train_loss=tot / n, lr=float(self.opt.hypers[0]["lr"]),
                    time_s=round(time.time() - self.t0, 2))
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
-        enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
+        enc = run_encoders(self.learn)["encoder"]  # the network the run saves as its encoder
         if hasattr(enc, "bias_values"):
             u = enc.bias_values()
             row.update(u_pos_mean=float(u["u_pos"].mean()), u_neg_mean=float(u["u_neg"].mean()))
@@ -245,11 +224,8 @@ class RunLogger(Callback):
             self.history.append(dict(epoch=self.epoch, u_pos=u["u_pos"].tolist(), u_neg=u["u_neg"].tolist()))
         self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
         if not _is_main(): return
-        atomic_write(self.run/"metrics.json", json.dumps(self.rows, indent=1))
-        atomic_write(self.run/"bias_history.json", json.dumps(self.history))
-        cols = list(dict.fromkeys(k for r in self.rows for k in r))
-        with atomic_path(self.run/"metrics.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
+        self.run.write_metrics(self.rows)
+        self.run.write_bias_history(self.history)
 
 # %% ../nbs/09_train.ipynb #0cd5fbba
 def rng_state(learn: Learner | None = None) -> dict:
@@ -267,10 +243,10 @@ def set_rng_state(s: dict, learn: Learner | None = None):
 
 # %% ../nbs/09_train.ipynb #5f70c2f5
 class RunCheckpoint(Callback):
-    "Save `checkpoints/last.pth` and `run_encoders` (`encoder.pth`, ...) every epoch; restore a state at `before_fit`"
+    "Save the run's checkpoint and `run_encoders` every epoch (`RunFolder`); restore a state at `before_fit`"
     order = 99  # after the logger: the saved state includes this epoch's logs
     def __init__(self, run_dir: str | Path, resume_state: dict | None = None):
-        self.run, self.resume_state = Path(run_dir), resume_state
+        self.run, self.resume_state = RunFolder(run_dir), resume_state
 
     def _extra(self): return {type(cb).__name__: cb for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
 
@@ -293,12 +269,11 @@ class RunCheckpoint(Callback):
         rngs = gather_objects(rng_state(self.learn))  # each process's loader, augmentation and masking-noise RNGs
         if not _is_main(): return
         model = unwrap(self.learn.model)
-        (self.run/"checkpoints").mkdir(parents=True, exist_ok=True)
         state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rngs[0],
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
         if len(rngs) > 1: state["rng_ranks"] = rngs
-        _atomic_save(state, self.run/"checkpoints"/"last.pth")
-        for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
+        self.run.save_checkpoint(state)
+        for stem, enc in run_encoders(self.learn).items(): self.run.save_weights(enc.state_dict(), stem)
         self.saved_epoch = self.epoch
 
 # %% ../nbs/09_train.ipynb #9b1e0a01
@@ -367,28 +342,26 @@ def fit_run(learn: Learner,
             epochs: int,
             run_dir: str | Path,
             config: dict,  # JSON-serialisable settings; must include "model" (create_vit kwargs) and "method"
-            resume: bool = False,  # continue from run_dir/checkpoints/last.pth
+            resume: bool = False,  # continue from the run's checkpoint
             cbs: list | None = None,  # extra callbacks for this fit
             validate: bool = False,  # also run the validation loader each epoch
            ) -> Learner:
     "Fit `learn` for `epochs`, writing a run folder (config, metrics, bias history, encoder, resumable checkpoints)"
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     if epochs < 1: raise UsageError(f"--epochs must be >= 1, got {epochs}")
     n, batches = len(getattr(learn.dls.train, "dataset", ())), len(learn.dls.train)
     if not batches:
         raise UsageError(f"no training images in {config.get('data') or 'the training loader'!r}: give a folder with "
                          "images in train/<class>/" if not n else f"{n} training images make no full batch: lower --bs")
-    cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
     world = max(num_distrib(), 1)
     config = dict(config, epochs=epochs, world_size=world)
     if "bs" in config: config["total_bs"] = config["bs"] * world  # what the learning rate was scaled by
     config = json.loads(json.dumps(config))  # normalise tuples etc.
     state, start = None, 0
+    run.check_start(resume)
     if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
-        old = json.loads(cfg_file.read_text())
-        if rank_distrib() == 0: clean_tmp(run)  # what a killed run was writing
+        old = run.config()
+        if rank_distrib() == 0: clean_tmp(run.path)  # what a killed run was writing
         old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
         if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:
@@ -397,22 +370,14 @@ def fit_run(learn: Learner,
         saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
                                   f"with the saved {saved} or use another --out")
-        try: state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or damaged
-            raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}): the checkpoint is damaged; restore it "
-                             "or start a new --out") from e
+        state = run.load_checkpoint()
         start = state["epoch"] + 1
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
-            print(f"{run}: all {epochs} epochs already done")
+            print(f"{run.path}: all {epochs} epochs already done")
             if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
-                atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))))
+                run.mark_finished(old.get("epochs", epochs))
             return learn
-    elif ckpt.exists():
-        raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
-    if _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-        (run/FINISHED).unlink(missing_ok=True)  # a resumed run that grows its epochs is unfinished again
-        atomic_write(cfg_file, json.dumps(config, indent=1))
+    if _is_main(): run.write_config(config)
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     if world > 1 and config.get("seed") is not None:  # each process its own augmentations and MAE masks (as MAE's
@@ -426,7 +391,7 @@ def fit_run(learn: Learner,
     extra = [SSLTarget(), guard, replicas, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
     with distributed(learn): learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
-        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=epochs)))
+        run.mark_finished(epochs)
     return learn
 
 # %% ../nbs/09_train.ipynb #f2c0a002
@@ -435,11 +400,9 @@ def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining 
                    config: dict,  # the settings of the run it is the start of; recorded with `epochs: 0`
                   ) -> Path:
     "A run folder of an untrained encoder (`epochs: 0`, `init: random`): the random-init floor, evaluated as any run"
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     if _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-        _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
-        config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
-        atomic_write(run/"config.json", json.dumps(config, indent=1))
-        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=0)))  # last: the folder is complete
-    return run
+        run.save_weights(encoder_of(encoder).state_dict())
+        run.write_config(dict(config, epochs=0, init="random"))
+        run.mark_finished(0)  # last: the folder is complete
+    return run.path

@@ -214,8 +214,8 @@ def test_nothing_stored_is_lost_nor_left_behind(cases):
 def test_success_is_silent_and_exits_0(cases):
     r = cases["results"]["eval-ok"][1]
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
-    from mgab.results import read_results
-    assert [row["protocol"] for row in read_results(cases["tmp"]/"e3")] == ["knn"]
+    from mgab.runs import RunFolder
+    assert [row["protocol"] for row in RunFolder(cases["tmp"]/"e3").results()] == ["knn"]
 
 
 def test_debug_shows_the_traceback(cases):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 
 from mgab.cli.evaluate import eval_cli, eval_main, report_cli, report_main
-from mgab.results import RESULT_COLUMNS, evaluate_run, load_predictions, read_results
+from mgab.results import evaluate_run, load_predictions
+from mgab.runs import RESULT_COLUMNS, RunFolder
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4
@@ -70,7 +71,7 @@ def test_evaluate_run_all_protocols_append_rows(tmp_path):
     lin = evaluate_run(run, dls, "linear", epochs=2, precompute=True, progress=False)
     ft = evaluate_run(run, dls, "finetune", fraction=0.5, epochs=1, progress=False)
     assert (run/"results.csv").read_text().splitlines()[0] == ",".join(RESULT_COLUMNS)
-    rows = read_results(run)
+    rows = RunFolder(run).results()
     assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in rows] == [
         ("knn", 1.0, True), ("knn", 1.0, False), ("linear", 1.0, True), ("finetune", 0.5, True)]
     assert all(r["metric"] == "top1" and r["arch"] == ARCH and r["method"] == "mae" and r["epochs"] == "2"
@@ -92,7 +93,7 @@ def test_evaluate_run_masks_setting_recorded_truthfully(tmp_path):
     biased = make_run(tmp_path/"biased")
     assert evaluate_run(biased, tiny_dls(has_masks=False), "knn", progress=False)["with_masks"] is False
     row = evaluate_run(biased, tiny_dls(), "knn", save=False, progress=False)
-    assert row["with_masks"] is True and len(read_results(biased)) == 1
+    assert row["with_masks"] is True and len(RunFolder(biased).results()) == 1
 
 
 def test_eval_main_errors_before_data(tmp_path, capsys):
@@ -174,7 +175,7 @@ def test_mgab_eval_student_entry_point(tmp_path, capsys):
     assert (float(student["value"]), student["encoder"]) == (50.0, "student")
     teacher = eval_cli([str(a) for a in common])  # encoder.pth, in this process
     assert teacher["value"] > 90 and teacher["encoder"] == "encoder"
-    assert [(x["encoder"], x["value"]) for x in read_results(run)] == [("student", 50.0), ("encoder", teacher["value"])]
+    assert [(x["encoder"], x["value"]) for x in RunFolder(run).results()] == [("student", 50.0), ("encoder", teacher["value"])]
     (run/"student.pth").unlink()
     r = entry("mgab-eval", *common, "--student")
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
@@ -235,7 +236,7 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
     assert (calls[-1]["augment"], calls[-1]["fraction"], calls[-1]["seed"], calls[-1]["img_size"]) == (
         "finetune", 0.1, 3, 48)
     assert ft["fraction"] == 0.1
-    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in read_results(run)] == [
+    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in RunFolder(run).results()] == [
         ("knn", 1.0, True), ("linear", 1.0, False), ("finetune", 0.1, False)]
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == ",".join(RESULT_COLUMNS) and out[-1].startswith("finetune,0.1,False,top1,")
@@ -258,7 +259,7 @@ def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
     assert (knn["value"], lin["value"]) == pytest.approx((77 / 3, 29 / 3), abs=1e-3)
     out = capsys.readouterr().out.splitlines()
     assert ",".join(RESULT_COLUMNS) in out and out[-1].startswith("linear,1.0,False,top1,")
-    assert [r["protocol"] for r in read_results(run)] == ["knn", "linear"]
+    assert [r["protocol"] for r in RunFolder(run).results()] == ["knn", "linear"]
 
 
 def test_eval_main_embedded_with_masks(tmp_path, embedded):
@@ -281,7 +282,7 @@ def test_eval_main_recipes_flags_and_subset_file(tmp_path, fake_data, capsys, mo
     common = ["--run", str(run), "--epochs", "1", "--bs", "8", "--no-progress"]
     lin = eval_cli(common + ["--no-masks", "--protocol", "linear", "--recipe", "dino", "--augment", "none",
                              "--n-last-blocks", "2"])
-    assert lin["recipe"] == "dino" and read_results(run)[-1]["recipe"] == "dino"
+    assert lin["recipe"] == "dino" and RunFolder(run).results()[-1]["recipe"] == "dino"
     seen = {}
     def fake_fine_tune(encoder, dls, **kw):
         seen.update(kw)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import inspect
 from mgab.cli.train import method_defaults, pretrain_config, pretrain_main
+from mgab.core import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +19,12 @@ def folders(tmp_path):
 
 
 def _error(argv, capsys):
-    with pytest.raises(SystemExit) as e: pretrain_config(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
+    try: pretrain_config(argv)
+    except UsageError as e: return str(e)
+    except SystemExit as e:
+        assert e.code == 2
+        return capsys.readouterr().err
+    raise AssertionError(f"{argv} was accepted")
 
 
 def test_mae_config_from_flags(folders):
@@ -122,7 +126,7 @@ def test_data_and_run_folder_errors(folders, capsys):
     (d/"run"/"checkpoints").mkdir(parents=True); (d/"run"/"checkpoints"/"last.pth").write_bytes(b"")
     argv = ["--method", "mae", "--data", str(d/"data"), "--no-bias", "--epochs", "1", "--out", str(d/"run")]
     assert "already holds a run; add --resume" in _error(argv, capsys)
-    (d/"run"/"config.json").write_text(json.dumps(dict(warmup_epochs=0.3)))
+    (d/"run"/"config.json").write_text(json.dumps(dict(warmup_epochs=0.3, model=dict(name="vit_tiny_patch16_224"))))
     cfg, resume = pretrain_config(argv[:-4] + ["--epochs", "20", "--out", str(d/"run"), "--resume"])
     assert resume and cfg["warmup_epochs"] == 0.3  # extending a run keeps its automatic warmup
 
@@ -195,8 +199,8 @@ def test_end_to_end_with_resume(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [0, 1]
     cfg = json.loads((run/"config.json").read_text())
     assert cfg["epochs"] == 2 and cfg["model"]["img_size"] == 32 and cfg["masks"] == str((tmp_path/"masks").resolve())
-    from mgab.vit import load_run_encoder
-    u = load_run_encoder(run).bias_values()["u_pos"]  # the saved encoder is the one the log followed
+    from mgab.runs import RunFolder
+    u = RunFolder(run).load_encoder().bias_values()["u_pos"]  # the saved encoder is the one the log followed
     assert float(u.mean()) == pytest.approx(rows[-1]["u_pos_mean"], abs=1e-7) and u.abs().max() > 1e-4
 
 

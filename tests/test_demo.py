@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 from mgab.demo import main, run_demo
-from mgab.vit import load_run_encoder
+from mgab.runs import RunFolder
 
 VARIANTS = ("random", "vanilla", "biased", "distilled")
 
@@ -46,7 +46,7 @@ def test_demo_tiny_produces_every_artifact_and_resumes(tmp_path, capsys):
     assert cells["MAE + our method"].startswith(  # the seeds' mean ± std, and the difference carrying its interval
         f"{ours.mean():.1f} ± {ours.std(ddof=1):.1f} ({ours.mean() - base.mean():+.1f} ["), cells
     # the random-init floor is the encoder the vanilla run started from: the trained one moved away from it
-    floor, trained = (load_run_encoder(out / f"mae-{v}").state_dict() for v in ("random", "vanilla"))
+    floor, trained = (RunFolder(out / f"mae-{v}").load_encoder().state_dict() for v in ("random", "vanilla"))
     assert any(not np.allclose(floor[k], trained[k]) for k in floor)
     with open(out / "mae-biased" / "results.csv") as f: res = list(csv.DictReader(f))
     assert sorted(r["with_masks"] for r in res) == ["False", "True"]

@@ -16,7 +16,7 @@ from mgab.sam import SamMasker, build_tiny_sam
 from mgab.store import make_mask_store
 from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
-from mgab.results import find_runs
+from mgab.runs import find_runs
 from mgab.widgets.runs import RunViewer
 from mgab.widgets.bias import BiasExplorer
 from mgab.widgets.masks import MaskExplorer
@@ -308,7 +308,7 @@ def test_run_viewer(tmp_path):
     png = rv.views["loss"].value
     rv.controls["runs"].value = ("mae-nobias",)
     assert [l.get_label() for l in rv.figs["loss"].axes[0].lines] == ["mae-nobias"]
-    assert rv.views["loss"].value != png and len(rv.results) == 0 and "no results.csv" in rv.results_html.value
+    assert rv.views["loss"].value != png and len(rv.results) == 0 and "no results in the selected runs" in rv.results_html.value
     rv.set(metric="lr", log_y=True)
     assert rv.figs["loss"].axes[0].get_yscale() == "log" and rv.figs["loss"].axes[0].get_ylabel() == "lr"
 

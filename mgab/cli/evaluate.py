@@ -11,14 +11,13 @@ from pathlib import Path
 from ..core import RunFailed, add_debug_flag, cli_main
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-    from mgab.vit import load_run_encoder
     from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool
     from mgab.vit import uses_masks
     from mgab.report import report
-    from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, find_runs, read_run_config
+    from mgab.results import PROTOCOLS, RECIPES, evaluate_run
+    from mgab.runs import RESULT_COLUMNS, RunFolder, find_runs
     from mgab.finetune import MAE_FINETUNE, finetune_augs
     from mgab.precision import PRECISIONS, resolve_precision
-    from mgab.train import unfinished_reason
 
 # %% auto #0
 __all__ = ['eval_cli', 'eval_main', 'report_cli', 'report_main']
@@ -105,9 +104,9 @@ def _fail(msg: str, prog: str = "mgab-eval"):
 def eval_cli(argv: list[str] | None = None) -> dict:
     "`mgab-eval` as a function: evaluate, record and print the results row; return it"
     args = _eval_parser().parse_args(argv)
-    run = Path(args.run)
+    run = RunFolder(args.run)
     if args.subset_file and args.fraction is None:
-        _fail("--subset-file needs --fraction too (the fraction the file stands for, recorded in results.csv)")
+        _fail("--subset-file needs --fraction too (the fraction the file stands for, recorded with the result)")
     recipe = args.recipe or RECIPES[args.protocol][0]
     if recipe not in RECIPES[args.protocol]:
         _fail(f"--protocol {args.protocol} has the recipes {', '.join(RECIPES[args.protocol])}, got --recipe {recipe}")
@@ -119,15 +118,15 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     try: resolve_precision(args.precision)  # fp16 on a CPU: refused before any data is read
     except ValueError as e: _fail(str(e))
     try:
-        cfg = read_run_config(run)
+        cfg = run.config()
         img_size = args.img_size or cfg["model"].get("img_size", 224)
         which = "student" if args.student else "encoder"
-        if args.student and not (run/"student.pth").is_file():
-            _fail(f"run {str(run)!r} has no student.pth: --student evaluates the student of a DINO run "
-                  f"(this run's method: {cfg.get('method', '?')})")
-        encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
+        if args.student and not run.weights("student").is_file():
+            _fail(f"run {str(run)!r} has no {run.weights('student').name}: --student evaluates the student of a DINO "
+                  f"run (this run's method: {cfg.get('method', '?')})")
+        encoder = run.load_encoder(which, num_classes=0, img_size=img_size)
     except (FileNotFoundError, ValueError) as e: _fail(str(e))
-    if not args.allow_unfinished and (why := unfinished_reason(run)):
+    if not args.allow_unfinished and (why := run.unfinished_reason()):
         raise RunFailed(f"run {why}: finish it with --resume, or pass --allow-unfinished to evaluate it as it is")
     pool = args.pool
     if dino_flags:  # DINO's choice for this architecture, where not overridden
@@ -159,7 +158,7 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     augment = dict(knn="none", linear=args.augment, finetune="finetune")[args.protocol]
     dl_kw = dict(masks=masks, img_size=img_size, patch_size=encoder.patch_embed.patch_size[0], bs=args.bs,
                  augment=augment, fraction=None if args.subset_file else args.fraction, subset_file=args.subset_file,
-                 seed=args.seed)  # with a subset file, --fraction only names the subset in results.csv
+                 seed=args.seed)  # with a subset file, --fraction only names the subset in the results
     if args.num_workers is not None: dl_kw["num_workers"] = args.num_workers
     dls = mdata.labelled_dls(path, **dl_kw)
     kw = {k: v for k, v in dict(lr=args.lr, blr=args.blr).items() if v is not None}

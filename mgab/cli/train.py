@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse, os, re, sys
 from pathlib import Path
 from ..core import UsageError, add_debug_flag, cli_main
+from ..runs import RunFolder
 
 # %% auto #0
 __all__ = ['method_defaults', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
@@ -154,10 +155,7 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
     if masks is None and a.missing_masks != "empty" and (bias is not None or a.decoder_bias):
         p.error("--masks STORE is needed for mask-guided attention bias: build one with mgab-masks, pass --no-bias "
                 "for the vanilla baseline, or --missing-masks empty to train on purpose without any masks")
-    ckpt = out/"checkpoints"/"last.pth"
-    if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-    if not a.resume and ckpt.exists():
-        p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
+    RunFolder(out).check_start(a.resume)
     from mgab.train import resume_warmup
     model = dict(name=a.arch or method_defaults(a.method)["arch"], img_size=a.img_size, num_classes=0, bias=bias,
                  relations=a.relations,
@@ -229,16 +227,12 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
     p = _distill_parser()
     a = p.parse_args(argv)
     teacher, out = Path(a.teacher).expanduser(), Path(a.out).expanduser()
-    for f in ("config.json", "checkpoints/last.pth"):
-        if not (teacher/f).is_file(): p.error(f"--teacher {a.teacher!r}: no {f} (is it a finished mgab-pretrain run?)")
+    RunFolder(teacher).check_trained("--teacher")
     _check_numbers(p, a)
     if a.data is not None and not Path(a.data).expanduser().is_dir(): p.error(f"--data {a.data!r}: no such folder")
     if a.masks is not None and not Path(a.masks).expanduser().exists():
         p.error(f"--masks {a.masks!r}: no such mask store")
-    ckpt = out/"checkpoints"/"last.pth"
-    if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-    if not a.resume and ckpt.exists():
-        p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
+    RunFolder(out).check_start(a.resume)
     try: layers = None if a.layers is None else [int(l) for l in a.layers.split(",")]
     except ValueError: p.error(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,1,2")
     res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
