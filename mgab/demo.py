@@ -12,8 +12,7 @@ from pathlib import Path
 from .core import add_debug_flag, cli_main
 import torch
 from fastai.torch_core import rank_distrib, set_seed
-from .masks import SuperpixelMasker
-from .sam import SamMasker
+from .sam import SamMasker, make_masker
 from .store import MaskStore, coverage_line, make_mask_store, store_stats
 from .data import labelled_dls
 from .datasets import resolve_data
@@ -60,14 +59,15 @@ def _random_init(run: Path, method: str, config: dict) -> Path:
 # %% ../nbs/53_demo.ipynb #d943d831
 def demo_masker(path: Path, checkpoint=None, model_type="vit_h", points_per_side=32) -> tuple:
     "The study's masker and a line naming it: SAM with a checkpoint, else an offline stand-in (said so)"
-    if checkpoint is not None:
-        return (SamMasker(checkpoint, model_type=model_type, points_per_side=points_per_side),
-                f"SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid")
-    if (Path(path)/"regions.npz").is_file():
-        return (EmbeddedMasker(path), "no SAM checkpoint (--checkpoint): the embedded data's drawn objects and "
-                                      "background as an ideal segmenter would give them -- a STAND-IN, not SAM")
-    return (SuperpixelMasker(points_per_side=points_per_side),
-            "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM")
+    embedded = (Path(path)/"regions.npz").is_file()  # the embedded data knows its own regions
+    masker = make_masker(checkpoint=checkpoint, stand_in=EmbeddedMasker(path) if embedded else None,
+                         model_type=model_type, points_per_side=points_per_side)
+    if isinstance(masker, SamMasker):
+        return masker, f"SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid"
+    if isinstance(masker, EmbeddedMasker):
+        return masker, ("no SAM checkpoint (--checkpoint): the embedded data's drawn objects and background as an "
+                        "ideal segmenter would give them -- a STAND-IN, not SAM")
+    return masker, "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM"
 
 def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
                progress=True) -> Path:

@@ -21,7 +21,8 @@ from .vit import create_vit, uses_masks
 from .mae import MAE, MAE_DEFAULTS
 from .dino import DINOStudent, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
 from .runs import RunFolder
-from .train import SSLSchedule, encoder_of, fit_run, init_processes, model_loss, resume_warmup, ssl_splitter, unwrap
+from .train import (WarmupCosine, encoder_of, fit_run, init_processes, model_loss, resume_warmup, scaled_lr,
+                        ssl_splitter, unwrap)
 
 # %% auto #0
 __all__ = ['ATTN_LOSSES', 'ATTN_TOKENS', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill',
@@ -307,7 +308,7 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     c.update(method=method, distill=True, teacher=str(c["teacher"]), model=_bias_free(tcfg["model"]))
     if c["lr"] is None:
         base = c["blr"] or (MAE_DEFAULTS if method == "mae" else DINO_DEFAULTS)["blr"]
-        c["lr"] = base * c["bs"] * max(num_distrib(), 1) / 256
+        c["lr"] = scaled_lr(base, c["bs"], max(num_distrib(), 1))
     c["warmup_epochs"] = resume_warmup(c["warmup_epochs"], c["out"], resume)
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
     enc = model.encoder
@@ -327,7 +328,8 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
                                 local_scale=tuple(d["local_scale"]), **kw)
     for k in ("data", "masks", "out"):
         if c.get(k) is not None: c[k] = str(c[k])
-    sched = SSLSchedule(c["lr"], c.get("min_lr") or 0., c["warmup_epochs"], c.get("weight_decay") or 0.05)
+    sched = WarmupCosine(c["lr"], c.get("min_lr") or 0., c["warmup_epochs"], c.get("weight_decay") or 0.05,
+                         whole_iters=True)
     betas = (0.9, 0.95) if method == "mae" else (0.9, 0.999)
     mae = method == "mae"
     gap = AttentionGap(c["out"], dict(loss=c["attn_loss"] if mae else None, lam=float(c["lam"]) if mae else None,

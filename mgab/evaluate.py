@@ -6,17 +6,14 @@ Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
 # %% ../nbs/30_evaluate.ipynb #baa68664
 from __future__ import annotations
-import copy, math
+import copy
 from dataclasses import dataclass
 from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
-from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
-from fastai.callback.core import Callback
-from fastai.callback.schedule import ParamScheduler
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -25,11 +22,12 @@ from fastai.optimizer import Optimizer, SGD
 from timm.layers import trunc_normal_
 from .vit import MaskBiasViT
 from .precision import autocast, set_precision
+from .train import WarmupCosine, scaled_lr
 
 # %% auto #0
 __all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'plain_tensor',
-           'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine', 'lars_step', 'LARS',
-           'linear_head', 'dino_linear_head', 'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1']
+           'extract_features', 'knn_scores', 'knn_accuracy', 'lars_step', 'LARS', 'linear_head', 'dino_linear_head',
+           'Classifier', 'fit_learner', 'feature_dls', 'linear_probe', 'top1']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -149,29 +147,6 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
     "Top-1 accuracy (%) of `knn_scores` on labelled test features"
     scores = knn_scores(train_features, train_labels, test_features, k, T, num_classes)
     return 100. * (scores.argmax(1).cpu() == test_labels.long().cpu()).float().mean().item()
-
-# %% ../nbs/30_evaluate.ipynb #00aa90eb
-def warmup_cosine(pct: float,  # training progress in [0, 1)
-                  lr: float,  # peak learning rate
-                  warmup_pct: float = 0.05,  # share of training spent warming up (MAE: warmup epochs / epochs)
-                  min_lr: float = 0.,  # final learning rate
-                 ) -> float:
-    "MAE's `adjust_learning_rate` with epochs replaced by the share of training done"
-    if pct < warmup_pct: return lr * pct / warmup_pct
-    return min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * (pct - warmup_pct) / (1. - warmup_pct)))
-
-class WarmupCosine(Callback):
-    "Set every group's lr to `warmup_cosine(pct_train)` times its `lr_scale` hyper-parameter, before each batch"
-    order = ParamScheduler.order
-    def __init__(self, warmup_pct: float = 0.05, min_lr: float = 0.):
-        if warmup_pct < 0: raise ValueError(f"`warmup_pct` must be >= 0, got {warmup_pct}")
-        # a warmup longer than training (>= 1) never reaches the peak lr, as in MAE's schedule with few epochs
-        store_attr()
-    def before_fit(self): self.peak_lr = self.opt.hypers[-1]["lr"]  # `Learner.fit` has just set it from `lr`
-    def before_batch(self):
-        if not self.training: return
-        lr = warmup_cosine(self.pct_train, self.peak_lr, self.warmup_pct, self.min_lr)
-        self.opt.set_hyper("lr", [lr * h.get("lr_scale", 1.) for h in self.opt.hypers])
 
 # %% ../nbs/30_evaluate.ipynb #391e2eae
 def lars_step(p, lr, mom=0.9, wd=0., trust_coeff=0.001, mu=None, **kwargs):
@@ -299,10 +274,11 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
     clf = Classifier(encoder, head, pool, with_masks, freeze_encoder=True)
     data, model = ((feature_dls(encoder, dls, with_masks, pool, progress, precision), clf.head) if precompute
                    else (dls, clf))
-    lr = c["blr"] * data.train.bs / 256 if lr is None else lr  # both: the linear scaling rule
+    lr = scaled_lr(c["blr"], data.train.bs) if lr is None else lr  # both: the linear scaling rule
     opt_func = partial(LARS, wd=c["wd"]) if c["opt"] == "lars" else partial(SGD, mom=0.9, wd=c["wd"])
     learn = Learner(data, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
-                    cbs=WarmupCosine(c["warmup_pct"], c["min_lr"]))  # DINO steps its cosine per epoch, we per batch
+                    cbs=WarmupCosine(min_lr=c["min_lr"], warmup_epochs=c["warmup_pct"] * c["epochs"]))
+    # (DINO steps its cosine per epoch, we per batch)
     learn.classifier, learn.recipe = clf, recipe
     return fit_learner(learn, c["epochs"], progress, precision)
 

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import hashlib, json, os, random, time
+import hashlib, json, math, os, random, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -23,8 +23,8 @@ from .runs import RunFolder
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
-           'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup', 'run_encoders',
+__all__ = ['cosine_schedule', 'scaled_lr', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
+           'LaunchTrainer', 'distributed', 'WarmupCosine', 'model_loss', 'SSLTarget', 'resume_warmup', 'run_encoders',
            'RunLogger', 'rng_state', 'set_rng_state', 'RunCheckpoint', 'StopOnNonFinite', 'state_digest',
            'CheckReplicas', 'SkipValidation', 'fit_run', 'write_init_run']
 
@@ -32,15 +32,22 @@ __all__ = ['cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_proc
 def cosine_schedule(base: float,  # value after warmup
                     final: float,  # value at the last iteration
                     total_iters: int,
-                    warmup_iters: int = 0,
+                    warmup_iters: float = 0,  # may be fractional (MAE), or exceed `total_iters` (ends below `base`)
                     start_warmup: float = 0.,  # value at iteration 0 when warming up
                    ) -> np.ndarray:  # (total_iters,)
     "Per-iteration values: linear warmup `start_warmup -> base`, then cosine `base -> final` (DINO's cosine_scheduler)"
-    warmup_iters = min(warmup_iters, total_iters)
-    warm = np.linspace(start_warmup, base, warmup_iters, endpoint=False)
-    t = np.arange(total_iters - warmup_iters)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(len(t), 1)))
+    n = min(math.ceil(warmup_iters), total_iters)  # the iterations i < warmup_iters
+    warm = start_warmup + np.arange(n) * ((base - start_warmup) / warmup_iters) if n else np.zeros(0)
+    t = np.arange(n, total_iters) - warmup_iters  # iterations since the warmup: MAE's `epoch - warmup_epochs`
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(total_iters - warmup_iters, 1)))
     return np.concatenate([warm, cos])
+
+def scaled_lr(blr: float,  # base learning rate, at a total batch of 256
+              bs: int,  # batch size per process
+              world_size: int = 1,  # processes
+             ) -> float:
+    "The linear scaling rule of MAE and DINO: `lr = blr x total batch / 256`"
+    return blr * bs * world_size / 256
 
 # %% ../nbs/09_train.ipynb #5aa7f311
 def unwrap(model: nn.Module) -> nn.Module:
@@ -132,21 +139,32 @@ def distributed(learn: Learner):
         if bar is not None: learn.add_cb(bar)
 
 # %% ../nbs/09_train.ipynb #faa4ca95
-class SSLSchedule(Callback):
-    "Per-iteration cosine lr (with warmup) and weight decay; `u_pos`/`u_neg` get `bias_lr_mult` x lr and no decay"
+class WarmupCosine(Callback):
+    "Per-iteration `cosine_schedule` of every loop's lr (and weight decay); `u_pos`/`u_neg` get `bias_lr_mult` x lr"
     order = 55
-    def __init__(self, lr: float, min_lr: float = 1e-6, warmup_epochs: float = 0., wd: float = 0.05,
-                 wd_end: float | None = None, bias_lr_mult: float = 1.):
-        if not lr > 0: raise UsageError(f"the learning rate must be > 0, got {lr} (--lr / --blr)")
+    def __init__(self,
+                 lr: float | None = None,  # peak lr; None: the one `Learner.fit` set
+                 min_lr: float = 0.,  # lr at the last iteration
+                 warmup_epochs: float = 0.,  # linear warmup from 0 (may be longer than the fit, see above)
+                 wd: float | None = None,  # weight decay of the decayed weights (`split_params`); None: the optimiser's
+                 wd_end: float | None = None,  # the weight decay's value at the last iteration; None: `wd`
+                 bias_lr_mult: float = 1.,  # learning-rate multiplier of the bias, which is never decayed
+                 whole_iters: bool = False,  # warmup rounded down to whole iterations (DINO's counting, as pretraining
+                                             # has always done: resumed runs keep their schedule); False: MAE's fraction
+                ):
+        if lr is not None and not lr > 0: raise UsageError(f"the learning rate must be > 0, got {lr} (--lr / --blr)")
+        if warmup_epochs < 0: raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
         self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
-        self.wd, self.bias_lr_mult = wd, bias_lr_mult
+        self.wd, self.bias_lr_mult, self.whole_iters = wd, bias_lr_mult, whole_iters
         self.wd_end = wd if wd_end is None else wd_end
 
     def before_fit(self):
         self.n_per_epoch = len(self.dls.train)
         total = self.n_epoch * self.n_per_epoch
-        self.lrs = cosine_schedule(self.lr, self.min_lr, total, int(self.warmup_epochs * self.n_per_epoch))
-        self.wds = cosine_schedule(self.wd, self.wd_end, total)
+        lr = self.opt.hypers[-1]["lr"] if self.lr is None else self.lr
+        warmup = self.warmup_epochs * self.n_per_epoch
+        self.lrs = cosine_schedule(lr, self.min_lr, total, int(warmup) if self.whole_iters else warmup)
+        self.wds = None if self.wd is None else cosine_schedule(self.wd, self.wd_end, total)
         self.travel = np.cumsum(self.lrs)
         decay, _, bias = (set(map(id, g)) for g in split_params(unwrap(self.learn.model)))
         self.kinds = ["bias" if id(pl[0]) in bias else "decay" if id(pl[0]) in decay else "no_decay"
@@ -156,12 +174,15 @@ class SSLSchedule(Callback):
         if not self.training: return
         it = min(self.epoch * self.n_per_epoch + self.iter, len(self.lrs) - 1)
         self.learn.sched_iter = it  # other callbacks (DINO's teacher momentum) follow the same clock
-        lr, wd = float(self.lrs[it]), float(self.wds[it])
-        self.opt.set_hyper("lr", [lr * self.bias_lr_mult if k == "bias" else lr for k in self.kinds])
+        lr = float(self.lrs[it])
+        self.opt.set_hyper("lr", [(lr * self.bias_lr_mult if k == "bias" else lr) * h.get("lr_scale", 1.)
+                                  for k, h in zip(self.kinds, self.opt.hypers)])  # `lr_scale`: fine-tuning's layers
         if "bias" in self.kinds:  # AdamW moves a parameter by at most ~lr per step: the farthest u can have gone
             self.learn.run_metrics = getattr(self.learn, "run_metrics", {})
             self.learn.run_metrics["u_travel"] = float(self.travel[it]) * self.bias_lr_mult
-        self.opt.set_hyper("wd", [wd if k == "decay" else 0. for k in self.kinds])
+        if self.wds is not None:
+            wd = float(self.wds[it])
+            self.opt.set_hyper("wd", [wd if k == "decay" else 0. for k in self.kinds])
 
 # %% ../nbs/09_train.ipynb #a31bf294
 def model_loss(out, *yb):
@@ -245,8 +266,11 @@ def set_rng_state(s: dict, learn: Learner | None = None):
 class RunCheckpoint(Callback):
     "Save the run's checkpoint and `run_encoders` every epoch (`RunFolder`); restore a state at `before_fit`"
     order = 99  # after the logger: the saved state includes this epoch's logs
-    def __init__(self, run_dir: str | Path, resume_state: dict | None = None):
-        self.run, self.resume_state = RunFolder(run_dir), resume_state
+    def __init__(self, run_dir: str | Path,
+                 resume_state: dict | None = None,  # a checkpoint to restore at `before_fit`
+                 start: int = 0,  # the fit's first epoch: fastai's `start_epoch` passes over the earlier ones
+                ):
+        self.run, self.resume_state, self.start = RunFolder(run_dir), resume_state, start
 
     def _extra(self): return {type(cb).__name__: cb for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
 
@@ -265,7 +289,7 @@ class RunCheckpoint(Callback):
         self.resume_state = None
 
     def after_epoch(self):
-        if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        if self.epoch < self.start: return  # passed over: fastai still calls `after_epoch`
         rngs = gather_objects(rng_state(self.learn))  # each process's loader, augmentation and masking-noise RNGs
         if not _is_main(): return
         model = unwrap(self.learn.model)
@@ -280,7 +304,8 @@ class RunCheckpoint(Callback):
 class StopOnNonFinite(Callback):
     "Fail the run on a NaN/inf loss or weights, naming epoch and step, before anything non-finite is saved"
     order = 90  # `after_epoch` before the logger and the checkpoint
-    def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
+    def __init__(self, run_dir: str | Path, start: int = 0):  # start: see `RunCheckpoint`
+        self.run, self.start = Path(run_dir), start
 
     def _fail(self, what: str, step: bool = True):
         kept = f"the checkpoint of epoch {self.epoch} is kept" if self.epoch else "no epoch finished, nothing saved"
@@ -293,7 +318,7 @@ class StopOnNonFinite(Callback):
         if self.training and not bool(torch.isfinite(loss).all()): self._fail(f"the loss became {float(loss.mean())}")
 
     def after_epoch(self):  # a last step that broke the weights gives a finite loss but a non-finite checkpoint
-        if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        if self.epoch < self.start: return
         if not all(bool(torch.isfinite(p).all()) for p in self.learn.model.parameters()):
             self._fail("the weights became non-finite", step=False)
 
@@ -320,9 +345,9 @@ def state_digest(*states) -> str:
 class CheckReplicas(Callback):
     "After every epoch of a multi-process run: the same model and callback states (DINO's teacher, centre) everywhere"
     order = 93  # after the epoch's last step and EMA update, before the logger writes the row
+    def __init__(self, start: int = 0): self.start = start  # see `RunCheckpoint`
     def after_epoch(self):
-        skipped = getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0)
-        if num_distrib() <= 1 or skipped: return
+        if num_distrib() <= 1 or self.epoch < self.start: return
         extra = {type(cb).__name__: cb.checkpoint_state() for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
         digests = gather_objects(state_digest(unwrap(self.learn.model).state_dict(), extra))
         if len(set(digests)) > 1:
@@ -382,13 +407,9 @@ def fit_run(learn: Learner,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     if world > 1 and config.get("seed") is not None:  # each process its own augmentations and MAE masks (as MAE's
         set_seed(config["seed"] + rank_distrib())  # seed + rank); the models were built alike, DDP also syncs them
-    ckpt_cb = RunCheckpoint(run, state)
-    ckpt_cb._start = start
-    guard = StopOnNonFinite(run)
-    guard._start = start
-    replicas = CheckReplicas()
-    replicas._start = start
-    extra = [SSLTarget(), guard, replicas, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
+    ckpt_cb = RunCheckpoint(run, state, start)
+    extra = [SSLTarget(), StopOnNonFinite(run, start), CheckReplicas(start), RunLogger(run), ckpt_cb]
+    extra += [] if validate else [SkipValidation()]
     with distributed(learn): learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
         run.mark_finished(epochs)

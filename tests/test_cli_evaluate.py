@@ -208,7 +208,7 @@ def fake_data(tmp_path, monkeypatch):
         def __init__(self, root): self.root = root
 
     data = types.SimpleNamespace(labelled_dls=labelled_dls)
-    datasets = types.SimpleNamespace(embedded_dataset=lambda: root)
+    datasets = types.SimpleNamespace(resolve_data=lambda spec: root if spec == "embedded" else Path(spec))
     store = types.SimpleNamespace(MaskStore=MaskStore)
     for name, mod in (("data", data), ("datasets", datasets), ("store", store)):
         monkeypatch.setitem(sys.modules, f"mgab.{name}", mod)

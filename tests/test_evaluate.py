@@ -13,7 +13,7 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 
 from mgab.evaluate import (LARS, Classifier, LastBlocks, dino_pool, encoder_features, extract_features, knn_accuracy,
-                           knn_scores, linear_head, linear_probe, top1, warmup_cosine)
+                           knn_scores, linear_head, linear_probe, top1)
 from mgab.report import (Cell, bias_stats, load_runs, plot_attention, plot_bias_stats, recipe_notes, report, table1,
                          table2, to_markdown)
 from mgab.runs import RESULT_COLUMNS, RunFolder
@@ -189,8 +189,12 @@ def mae_adjust_lr(epoch, lr, min_lr, warmup_epochs, epochs):
 
 
 def test_warmup_cosine_matches_mae():
-    for e in np.linspace(0, 9.9, 34):
-        assert warmup_cosine(e / 10, 2., 0.2, 1e-3) == pytest.approx(mae_adjust_lr(e, 2., 1e-3, 2, 10))
+    "The one schedule (mgab.train.cosine_schedule) is MAE's per iteration: 10 epochs of 7 steps, 2 warmup epochs"
+    from mgab.train import cosine_schedule
+    lrs = cosine_schedule(2., 1e-3, 70, 14)
+    for i in range(70): assert lrs[i] == pytest.approx(mae_adjust_lr(i / 7, 2., 1e-3, 2, 10))
+    short = cosine_schedule(2., 1e-3, 14, 28)  # 2 epochs of a 4-epoch warmup: half the peak at the end, as MAE
+    for i in range(14): assert short[i] == pytest.approx(mae_adjust_lr(i / 7, 2., 1e-3, 4, 2))
 
 
 # ---------------------------------------------------------------- linear probe

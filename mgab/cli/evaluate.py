@@ -37,7 +37,8 @@ def _eval_parser() -> CommandParser:
     p = CommandParser("mgab-eval", "Evaluate a pretrained run folder with one protocol and record the top-1 accuracy "
                       "with the run's results", defaults=_eval_defaults())
     p.add("run", required=True, help="run folder written by mgab-pretrain / mgab-distill")
-    p.add("data", help="ImageFolder root with train/ and val/ (default: the embedded dataset)")
+    p.add("data", help="ImageFolder root with train/ and val/, or embedded, imagenette, imagenet100:ROOT (default: "
+          "the embedded dataset)")
     p.add("masks", help="mask store for the images of --data (needed by runs trained with bias)")
     p.add("no_masks", action="store_true", help="evaluate a biased run without masks (Table 2)")
     p.add("protocol", required=True, choices=PROTOCOLS, help="linear probe, kNN, or fine-tuning")
@@ -146,11 +147,9 @@ def eval_cli(argv: list[str] | None = None) -> dict:
     if args.protocol == "finetune":  # refused before any data is read
         try: finetune_augs(masks is not None, **augs)
         except ValueError as e: raise UsageError(str(e)) from e
-    from mgab.datasets import embedded_dataset
-    path = Path(args.data) if args.data else embedded_dataset()
-    for split in ("train", "val"):
-        if not (path/split).is_dir():
-            raise UsageError(f"{str(path/split)!r} is missing: --data must hold train/ and val/ folders")
+    from mgab.datasets import resolve_data
+    try: path = resolve_data(args.data or "embedded")  # a folder, or a name (embedded, imagenette, ...) as everywhere
+    except FileNotFoundError as e: raise UsageError(str(e)) from e
     augment = dict(knn="none", linear=args.augment, finetune="finetune")[args.protocol]
     dl_kw = dict(masks=masks, img_size=img_size, patch_size=encoder.patch_embed.patch_size[0], bs=args.bs,
                  augment=augment, fraction=None if args.subset_file else args.fraction, subset_file=args.subset_file,

@@ -6,16 +6,16 @@ Docs: https://mgab-dev.github.io/mgab/cli_masks.html.md"""
 
 # %% ../../nbs/50_cli_masks.ipynb #2a872139
 from __future__ import annotations
-import argparse, importlib, os, sys
+import os, sys
 from pathlib import Path
 from ..core import UsageError, cli_main
 from ..flags import CommandParser, signature_defaults
 from ..masks import SuperpixelMasker
-from ..sam import SamMasker, SAM_CHECKPOINTS_URL
+from ..sam import SamMasker, SAM_CHECKPOINTS_URL, make_masker
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
-__all__ = ['launch_device', 'make_masker', 'shard_args', 'main']
+__all__ = ['launch_device', 'shard_args', 'main']
 
 # %% ../../nbs/50_cli_masks.ipynb #7c75525f
 def _parser() -> CommandParser:
@@ -62,28 +62,19 @@ def launch_device(env=None) -> str | None:
     r = int(env["LOCAL_RANK"])
     return f"cuda:{r}" if torch.cuda.is_available() and r < torch.cuda.device_count() else None
 
-def make_masker(a: argparse.Namespace, log=print):
-    "The masker the command-line options ask for"
-    gen = a.generator or ("sam" if a.checkpoint else "superpixel")
-    if gen == "sam":
-        if not a.checkpoint:
-            raise ValueError(f"--generator sam needs --checkpoint (official checkpoints: {SAM_CHECKPOINTS_URL}); "
-                             "without one, --generator superpixel is the offline stand-in")
-        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device or launch_device(),
-                         points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
-                         stability_score_thresh=a.stability_score_thresh, crop_n_layers=a.crop_n_layers,
-                         min_mask_region_area=a.min_mask_region_area, encoder_bf16=a.encoder_bf16)
-    if gen == "superpixel":
-        if a.generator is None:
-            log(f"mgab-masks: no --checkpoint given, so masks come from the superpixel stand-in ({a.method}), "
-                f"NOT from SAM. For the paper's masks pass --checkpoint sam_vit_h_4b8939.pth ({SAM_CHECKPOINTS_URL}).")
-        return SuperpixelMasker(a.method, c=a.c, points_per_side=a.points_per_side)
-    if ":" in gen:
-        mod, name = gen.split(":", 1)
-        try: factory = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e: raise ValueError(f"--generator {gen}: cannot import it ({e})") from e
-        return factory()
-    raise ValueError(f"--generator must be sam, superpixel or MODULE:NAME, got {gen!r}")
+_SAM_FLAGS = ("model_type", "points_per_side", "c", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+              "crop_n_layers", "min_mask_region_area", "encoder_bf16")
+
+def _masker(a, log=print):
+    "The masker the flags ask for (`mgab.sam.make_masker`), SAM on this process's GPU under a launcher"
+    sam = a.generator == "sam" or (a.generator is None and a.checkpoint)
+    device = a.device or (launch_device() if sam else None)  # launch_device imports torch: only for SAM
+    masker = make_masker(a.generator, a.checkpoint, method=a.method, device=device,
+                         **{k: getattr(a, k) for k in _SAM_FLAGS})
+    if a.generator is None and isinstance(masker, SuperpixelMasker):
+        log(f"mgab-masks: no --checkpoint given, so masks come from the superpixel stand-in ({a.method}), NOT from "
+            f"SAM. For the paper's masks pass --checkpoint sam_vit_h_4b8939.pth ({SAM_CHECKPOINTS_URL}).")
+    return masker
 
 def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
     bad = {k: res[k] for k in ("missing", "stale", "corrupt")}
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
     if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
-    masker = make_masker(a, log=lambda m: print(m, file=sys.stderr))
+    masker = _masker(a, log=lambda m: print(m, file=sys.stderr))
     store = make_mask_store(a.image_dir, a.out, masker, a.shard, a.num_shards, progress=not a.no_progress,
                             repair=a.repair)
     s = store.run_stats
