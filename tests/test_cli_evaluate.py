@@ -243,13 +243,8 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
 
 
 # ---------------------------------------------------------------- end to end, with mgab.data (and mgab.masks)
-@pytest.fixture
-def embedded():
-    from mgab.datasets import embedded_dataset
-    return embedded_dataset()
-
-
-def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
+def test_eval_main_embedded_no_masks(tmp_path, embedded_store, capsys):
+    embedded = embedded_store[0]
     run = make_run(tmp_path/"run")
     common = ["--run", str(run), "--data", str(embedded), "--img-size", "32", "--bs", "16", "--no-progress"]
     knn = eval_cli(common + ["--no-masks", "--protocol", "knn"])
@@ -262,12 +257,10 @@ def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
     assert [r["protocol"] for r in RunFolder(run).results()] == ["knn", "linear"]
 
 
-def test_eval_main_embedded_with_masks(tmp_path, embedded):
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    make_mask_store(embedded, tmp_path/"store", SuperpixelMasker("slic", c=5), progress=False)
+def test_eval_main_embedded_with_masks(tmp_path, embedded_store):
+    embedded, store = embedded_store  # its masks: SuperpixelMasker("slic", c=5)
     run = make_run(tmp_path/"run")
-    row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
+    row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(store), "--protocol", "knn",
                      "--img-size", "32", "--bs", "16", "--no-progress"])
     # seeded, measured: at 2x2 tokens the masks change 1 of the 300 kNN outcomes, not how many are right
     assert row["with_masks"] is True and row["value"] == pytest.approx(77 / 3, abs=1e-3)

@@ -224,18 +224,14 @@ def test_end_to_end_with_resume(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def distill_teacher(tmp_path_factory):
-    "A finished biased MAE run on 20 tiny embedded images (32 px, depth 2): something for mgab-distill to distil"
-    from mgab.datasets import make_embedded
+def distill_teacher(tmp_path_factory, tiny_embedded):
+    "A finished biased MAE run on 20 tiny embedded images (32 px crops, depth 2): something for mgab-distill to distil"
     from mgab.mae import pretrain_mae
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    root = tmp_path_factory.mktemp("distill-cli")
-    data = make_embedded(root/"data", n_train=2, n_val=1, size=32, progress=False)
-    make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False)
+    data, store = tiny_embedded
     model = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=2)
-    return pretrain_mae(dict(method="mae", data=str(data), masks=str(root/"store"), out=str(root/"teacher"), epochs=1,
-                             bs=8, model=model, progress=False, num_workers=0))
+    out = tmp_path_factory.mktemp("distill-cli")/"teacher"
+    return pretrain_mae(dict(method="mae", data=str(data), masks=str(store), out=str(out), epochs=1, bs=8, model=model,
+                             progress=False, num_workers=0))
 
 
 def test_distill_entry_point_student_init(distill_teacher, tmp_path):

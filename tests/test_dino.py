@@ -558,15 +558,11 @@ def test_pretrain_dino_bf16_cuda(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
-def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch):
+def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch, embedded_store):
     "A short real run on the embedded data with superpixel masks: the loss falls and no collapse is flagged"
-    from mgab.datasets import embedded_dataset
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    monkeypatch.setenv("MGAB_DATA", str(tmp_path))
-    store = make_mask_store(embedded_dataset(progress=False), tmp_path / "store", SuperpixelMasker("slic"),
-                            progress=False)
-    run = pretrain_dino(dict(data="embedded", masks=str(store.root), out=str(tmp_path / "run"), epochs=3, bs=128,
+    path, store = embedded_store
+    monkeypatch.setenv("MGAB_DATA", str(path.parent))  # data="embedded" names it
+    run = pretrain_dino(dict(data="embedded", masks=str(store), out=str(tmp_path / "run"), epochs=3, bs=128,
                              lr=5e-4, warmup_epochs=1, global_size=32, local_size=16, n_local=2, out_dim=256,
                              head_hidden_dim=256, head_bottleneck_dim=64, progress=False, num_workers=0,
                              model=dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=4,

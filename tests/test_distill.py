@@ -1,28 +1,10 @@
 "Distillation end to end on the embedded data: biased teacher run -> mask-free student run -> evaluation."
 import json
-import os
 import pytest
 import torch
 from pathlib import Path
 from mgab.core import UsageError
 
-
-
-@pytest.fixture(scope="module")
-def embedded_store(tmp_path_factory):
-    from mgab.datasets import embedded_dataset
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    root = tmp_path_factory.mktemp("embedded")
-    old = os.environ.get("MGAB_DATA")
-    os.environ["MGAB_DATA"] = str(root)
-    try:
-        path = embedded_dataset(progress=False)
-        store = make_mask_store(path, root / "store", SuperpixelMasker("slic"), progress=False)
-    finally:
-        if old is None: os.environ.pop("MGAB_DATA", None)
-        else: os.environ["MGAB_DATA"] = old
-    return path, store.root
 
 
 TINY = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=64, num_classes=0, depth=4)
