@@ -56,7 +56,7 @@ def signature_defaults(*fns: Callable,  # functions whose keyword defaults a com
     return out
 
 def show_default(v) -> str:
-    "A default as `--help` shows it: numbers short (`1.5e-4` as 0.00015), lists comma-separated"
+    "A default as `--help` shows it: floats in `%g` (1.5e-4 as 0.00015), lists and tuples comma-separated"
     if isinstance(v, (list, tuple)): return ",".join(map(show_default, v))
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -106,8 +106,8 @@ class CommandParser(argparse.ArgumentParser):
         shown = self.shown_defaults()
         for a in self._actions:
             v = shown.get(a.dest)
-            if a.help in (None, argparse.SUPPRESS) or "(default" in a.help or a.required or a.nargs == 0: continue
-            if v is None or v is argparse.SUPPRESS: continue  # switches (`nargs == 0`) say what they do
+            if a.help in (None, argparse.SUPPRESS) or "(default" in a.help or a.required: continue
+            if a.nargs == 0 or v is None or v is argparse.SUPPRESS: continue  # a switch says what it does
             a.help += f" (default: {show_default(v)})"
         return super().format_help()
 
