@@ -7,9 +7,10 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import argparse, json, time
+import json, time
 from pathlib import Path
-from .core import add_debug_flag, cli_main
+from .core import cli_main
+from .flags import CommandParser, signature_defaults
 import torch
 from fastai.torch_core import rank_distrib, set_seed
 from .sam import SamMasker, make_masker
@@ -178,39 +179,32 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
 @cli_main("mgab-demo")
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-demo`"
-    p = argparse.ArgumentParser(prog="mgab-demo", description=run_demo.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = DEMO_DEFAULTS
-    p.add_argument("--out", default="runs/demo", help="study folder; rerun to resume")
-    p.add_argument("--data", default=d["data"], help="embedded, imagenette, imagenet100:ROOT or a folder "
-                   "with train/ and val/")
-    p.add_argument("--masks", help="an existing mask store for --data (default: build one in OUT/masks)")
-    p.add_argument("--checkpoint", help="SAM checkpoint (e.g. sam_vit_h_4b8939.pth) to make real SAM masks")
-    p.add_argument("--model-type", default=d["model_type"], help="SAM model type of --checkpoint")
-    p.add_argument("--points-per-side", type=int, default=d["points_per_side"])
-    p.add_argument("--method", choices=("mae", "dino"), default=d["method"])
-    p.add_argument("--arch", default=d["arch"], help="timm ViT name")
-    p.add_argument("--patch-size", type=int, default=d["patch_size"], help="0: the architecture's own")
-    p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks (0: the architecture's)")
-    p.add_argument("--img-size", type=int, default=d["img_size"])
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
-    p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"])
-    p.add_argument("--distill-init", choices=("scratch", "teacher"), default=d["distill_init"],
-                   help="the distilled student's initial weights (mgab-distill --student-init)")
-    p.add_argument("--bs", type=int, default=d["bs"])
-    p.add_argument("--lr", type=float, default=d["lr"], help="absolute peak learning rate of pretraining")
-    p.add_argument("--distill-lr", type=float, default=d["distill_lr"], help="absolute peak lr of distillation")
-    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
-    p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u")
-    p.add_argument("--pool", choices=("cls", "avg"), default=d["pool"], help="features of the linear probe and kNN")
-    p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
-    p.add_argument("--seed", type=int, default=d["seed"], help="the first seed")
-    p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds of every variant (mean and spread reported)")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--no-progress", action="store_true")
-    a = add_debug_flag(p).parse_args(argv)
-    protocols = tuple(o for o in a.protocols.split(",") if o)
-    bad = [o for o in protocols if o not in ("linear", "knn", "finetune")]
+    p = CommandParser("mgab-demo", run_demo.__doc__, defaults=dict(signature_defaults(run_demo), **DEMO_DEFAULTS))
+    p.add("out", help="study folder; rerun to resume")
+    p.add("data", help="embedded, imagenette, imagenet100:ROOT or a folder with train/ and val/")
+    p.add("masks", help="an existing mask store for --data (default: build one in OUT/masks)")
+    p.add("checkpoint", help="SAM checkpoint (e.g. sam_vit_h_4b8939.pth) to make real SAM masks")
+    p.add("model_type", help="SAM model type of --checkpoint")
+    p.add("points_per_side")
+    p.add("method", choices=("mae", "dino"), help="the self-supervised method")
+    p.add("arch", "img_size")
+    p.add("patch_size", help="ViT patch side in pixels (0: the architecture's own)")
+    p.add("depth", type=int, help="transformer blocks (0: the architecture's)")
+    p.add("epochs", help="pretraining epochs of each model")
+    p.add("distill_epochs", type=int, help="distillation epochs")
+    p.add("distill_init", choices=("scratch", "teacher"),
+          help="the distilled student's initial weights (mgab-distill --student-init)")
+    p.add("bs")
+    p.add("lr", help="absolute peak learning rate of pretraining")
+    p.add("distill_lr", type=float, help="absolute peak lr of distillation")
+    p.add("warmup_epochs")
+    p.add("bias_lr_mult", type=float, help="learning-rate multiplier of u")
+    p.add("pool", choices=("cls", "avg"), help="features of the linear probe and kNN")
+    p.add("protocols", type=lambda s: tuple(o for o in s.split(",") if o), help="comma-separated: linear,knn,finetune")
+    p.add("seed", help="the first seed")
+    p.add("seeds", type=int, help="seeds of every variant (mean and spread reported)")
+    a = p.add("num_workers", "no_progress").parse_args(argv)
+    bad = [o for o in a.protocols if o not in ("linear", "knn", "finetune")]
     if bad: p.error(f"--protocols: unknown {bad}; choose from linear, knn, finetune")
     for flag, v in (("--epochs", a.epochs), ("--distill-epochs", a.distill_epochs), ("--bs", a.bs),
                     ("--seeds", a.seeds)):
@@ -222,6 +216,6 @@ def main(argv: list[str] | None = None):
              distill_init=a.distill_init, bs=a.bs,
              lr=a.lr, distill_lr=a.distill_lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
              pool=a.pool,
-             protocols=protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
+             protocols=a.protocols, seed=a.seed, seeds=a.seeds, num_workers=a.num_workers,
              progress=not a.no_progress)
     return 0
