@@ -7,22 +7,22 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import argparse, json, math, time
+import json, time
 from pathlib import Path
 import torch
 from fastai.torch_core import rank_distrib, set_seed
-from .core import add_debug_flag, cli_main
-from .masks import SuperpixelMasker
-from .sam import SamMasker
+from .core import cli_main
+from .flags import CommandParser, signature_defaults
+from .sam import SamMasker, make_masker
 from .store import MaskStore, coverage_line, make_mask_store, store_stats
 from .mre import token_line, token_stats
 from .data import labelled_dls
 from .datasets import EmbeddedMasker, resolve_data
-from .train import unfinished_reason, write_init_run
-from .vit import load_run_encoder
+from .runs import RunFolder
+from .train import write_init_run
 from .evaluate import extract_features
 from .report import Cell, load_runs, report, table1, table_columns
-from .results import CI_LEVEL, MDE_POWER, evaluate_run, read_results, read_run_config
+from .results import CI_LEVEL, MDE_POWER, evaluate_run
 
 
 # %% auto #0
@@ -41,22 +41,17 @@ DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="v
 def _say(*a):
     if rank_distrib() == 0: print("mgab-demo:", *a, flush=True)
 
-def _done_epochs(run: Path) -> int:
-    "Epochs of a finished run (its `finished.json`), else 0"
-    f = run/"config.json"
-    return json.loads(f.read_text())["epochs"] if f.is_file() and unfinished_reason(run) is None else 0
-
 def _train(run: Path, epochs: int, fn, config: dict) -> Path:
     "Run a training step unless done; continue it when interrupted"
-    done = _done_epochs(run)
+    done = RunFolder(run).done_epochs()
     if done >= epochs: _say(f"{run.name}: done ({done} epochs), skipped"); return run
-    resume = (run/"checkpoints"/"last.pth").is_file()
+    resume = RunFolder(run).checkpoint.is_file()
     _say(f"{run.name}: " + ("resuming its last checkpoint" if resume else f"training {epochs} epochs"))
     return fn(dict(config, out=str(run), epochs=epochs), resume=resume)
 
 def _random_init(run: Path, method: str, config: dict) -> Path:
     "The floor of Table 1: the encoder exactly as pretraining starts it (same seed), as a run folder with 0 epochs"
-    if (run/"config.json").is_file() and (run/"encoder.pth").is_file():
+    if RunFolder(run).finished:
         _say(f"{run.name}: done, skipped"); return run
     _say(f"{run.name}: the untrained encoder (random-init floor)")
     if method == "mae":
@@ -69,27 +64,28 @@ def _random_init(run: Path, method: str, config: dict) -> Path:
 
 def _control(run: Path, floor: Path, biased: Path) -> Path:
     "The control: the floor's untrained weights with the trained `u` of `biased` (same seed), to be read with masks"
-    if (run/"config.json").is_file() and (run/"encoder.pth").is_file():
+    if RunFolder(run).finished:
         _say(f"{run.name}: done, skipped"); return run
     _say(f"{run.name}: the untrained encoder with {biased.name}'s trained u (control)")
-    enc = load_run_encoder(biased)  # the biased architecture, with its trained `u`
+    biased, floor = RunFolder(biased), RunFolder(floor)
+    enc = biased.load_encoder()  # the biased architecture, with its trained `u`
     u = {k: v for k, v in enc.state_dict().items() if k.rsplit(".", 1)[-1] in ("u_pos", "u_neg")}
-    enc.load_state_dict(dict(load_run_encoder(floor).state_dict(), **u))  # strict: the floor has all but `u`
-    cfg = read_run_config(floor)
-    return write_init_run(enc, run, dict(cfg, model=read_run_config(biased)["model"], u_from=str(biased)))
+    enc.load_state_dict(dict(floor.load_encoder().state_dict(), **u))  # strict: the floor has all but `u`
+    return write_init_run(enc, run, dict(floor.config(), model=biased.config()["model"], u_from=str(biased)))
 
 
 # %% ../nbs/53_demo.ipynb #d943d831
 def demo_masker(path: Path, checkpoint=None, model_type="vit_h", points_per_side=32) -> tuple:
     "The study's masker and a line naming it: SAM with a checkpoint, else an offline stand-in (said so)"
-    if checkpoint is not None:
-        return (SamMasker(checkpoint, model_type=model_type, points_per_side=points_per_side),
-                f"SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid")
-    if (Path(path)/"regions.npz").is_file():
-        return (EmbeddedMasker(path), "no SAM checkpoint (--checkpoint): the embedded data's drawn objects and "
-                                      "background as an ideal segmenter would give them -- a STAND-IN, not SAM")
-    return (SuperpixelMasker(points_per_side=points_per_side),
-            "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM")
+    embedded = (Path(path)/"regions.npz").is_file()  # the embedded data knows its own regions
+    masker = make_masker(checkpoint=checkpoint, stand_in=EmbeddedMasker(path) if embedded else None,
+                         model_type=model_type, points_per_side=points_per_side)
+    if isinstance(masker, SamMasker):
+        return masker, f"SAM {model_type} from {checkpoint}, {points_per_side}x{points_per_side} point grid"
+    if isinstance(masker, EmbeddedMasker):
+        return masker, ("no SAM checkpoint (--checkpoint): the embedded data's drawn objects and background as an "
+                        "ideal segmenter would give them -- a STAND-IN, not SAM")
+    return masker, "no SAM checkpoint (--checkpoint): the calibrated SUPERPIXEL STAND-IN (scikit-image), not SAM"
 
 def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
                progress=True, grid: int | None = None, mask_ratio: float = 0.75) -> Path:
@@ -111,9 +107,7 @@ def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="v
 # %% ../nbs/53_demo.ipynb #d3a0b001
 def bias_reach(run: Path) -> dict | None:
     "How far the learned `u` went against the farthest AdamW allowed (`u_travel`): the check on `bias_lr_mult`"
-    run = Path(run)
-    rows = json.loads((run/"metrics.json").read_text()) if (run/"metrics.json").is_file() else []
-    hist = json.loads((run/"bias_history.json").read_text()) if (run/"bias_history.json").is_file() else []
+    rows, hist = RunFolder(run).metrics(), RunFolder(run).bias_history()
     if not rows or not hist or "u_travel" not in rows[-1]: return None
     u = torch.tensor([hist[-1]["u_pos"], hist[-1]["u_neg"]])  # (2, layers, heads)
     travel, far = float(rows[-1]["u_travel"]), float(u.abs().max())
@@ -132,13 +126,13 @@ def demo_evaluations(protocols=("linear", "knn"), probe: str = "logreg", pools=(
     return out
 
 def _evaluate(run: Path, dls, with_masks: bool, evals: list, progress: bool):
-    "Evaluate a run with each (protocol, recipe, pool) not yet in its results.csv; the features extracted once"
+    "Evaluate a run with each (protocol, recipe, pool) not yet in its results; the features extracted once"
     def done(proto, rec, pool):
         return any(r["protocol"] == proto and r["with_masks"] == with_masks and r["fraction"] == 1.
-                   and r["recipe"] == rec and r["pool"] == pool for r in read_results(run))
+                   and r["recipe"] == rec and r["pool"] == pool for r in RunFolder(run).results())
     todo = [e for e in evals if not done(*e)]
     if not todo: return
-    enc = load_run_encoder(run, num_classes=0)
+    enc = RunFolder(run).load_encoder(num_classes=0)
     shared = [e for e in todo if e[0] == "knn" or e[1] == "logreg"]  # these read fixed features
     feats = {}
     if shared:
@@ -344,7 +338,7 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
         runs = []
         for seed in seeds:
             vanilla = out/_seed_name("mae-vanilla", seed, c["seed"])
-            if not (vanilla/"results.csv").is_file(): raise FileNotFoundError(f"{vanilla} is missing: run the study")
+            if not RunFolder(vanilla).results(): raise FileNotFoundError(f"{vanilla} is missing: run the study")
             run = out/_seed_name("mae-biased" if own else f"mae-biased-x{m:g}", seed, c["seed"])
             if not own:
                 _train(run, c["epochs"], pretrain_mae, dict(base, seed=seed, bias_lr_mult=m,
@@ -352,8 +346,8 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
             for with_masks in (False, True): _evaluate(run, dls, with_masks, evals, c["progress"])
             runs.append((run, vanilla))
         def outcomes(masks):
-            pick = lambda r, wm: next(x for x in read_results(r) if x["protocol"] == "linear" and x["with_masks"] == wm
-                                      and x["pool"] == evals[0][2] and x["recipe"] == evals[0][1])
+            pick = lambda r, wm: next(x for x in RunFolder(r).results() if x["protocol"] == "linear"
+                                      and x["with_masks"] == wm and (x["recipe"], x["pool"]) == evals[0][1:])
             a = [load_predictions(r/pick(r, masks)["predictions"])["correct"] for r, _ in runs]
             b = [load_predictions(v/pick(v, False)["predictions"])["correct"] for _, v in runs]
             return compare_outcomes(a, b)
@@ -383,65 +377,68 @@ def parse_budget(text: str) -> float:
     if not m or float(m[1]) <= 0: raise ValueError(f"--budget {text!r}: give a time such as 60m, 1.5h or 3600s")
     return float(m[1]) * dict(s=1 / 60, m=1., min=1., h=60.)[m[2] or "m"]
 
+def _listed(text: str) -> tuple[str, ...]: return tuple(o for o in text.split(",") if o)  # "a,b" -> ("a", "b")
+
+def _demo_parser() -> CommandParser:
+    "`mgab-demo`'s flags, their defaults `DEMO_DEFAULTS` (and `run_demo`'s `out`)"
+    p = CommandParser("mgab-demo", run_demo.__doc__, defaults=dict(signature_defaults(run_demo), **DEMO_DEFAULTS))
+    p.add("out", help="study folder; rerun to resume")
+    p.add("data", help="embedded, imagenette, imagenet100:ROOT or a folder with train/ and val/")
+    p.add("masks", help="an existing mask store for --data (default: build one in OUT/masks)")
+    p.add("checkpoint", help="SAM checkpoint (e.g. sam_vit_h_4b8939.pth) to make real SAM masks")
+    p.add("model_type", help="SAM model type of --checkpoint")
+    p.add("points_per_side")
+    p.add("method", choices=("mae", "dino"), help="the self-supervised method")
+    p.add("arch")
+    p.add("patch_size", help="ViT patch side in pixels (0: the architecture's own)")
+    for k, h in (("depth", "transformer blocks (0: the architecture's)"),
+                 ("embed_dim", "width (0: the architecture's)"), ("num_heads", "heads (0: the architecture's)"),
+                 ("decoder_embed_dim", "MAE decoder width"), ("decoder_depth", "MAE decoder blocks"),
+                 ("decoder_num_heads", "MAE decoder heads")):
+        p.add(k, type=int, help=h)
+    p.add("img_size")
+    p.add("epochs", help="pretraining epochs of each model")
+    p.add("seeds", type=int, help="paired seeds: every variant once per seed")
+    p.add("seed", help="the first seed")
+    p.add("budget", help="plan seeds and epochs to fit this time on this machine (e.g. 60m, 1.5h); overrides --seeds "
+          "and may change --epochs")
+    p.add("bs")
+    p.add("lr", help="absolute peak learning rate of pretraining")
+    p.add("warmup_epochs")
+    p.add("bias_lr_mult", type=float,
+          help="learning-rate multiplier of u (this project's choice; the paper gives none)")
+    p.add("distill_epochs", type=int, help="post-processing epochs (0: none)")
+    p.add("distill_init", choices=("teacher", "scratch"),
+          help="the distilled student's initial weights (mgab-distill --student-init)")
+    p.add("distill_lr", type=float, help="absolute peak lr of distillation")
+    p.add("distill_warmup", type=float, help="warmup epochs of distillation")
+    p.add("probe", choices=("logreg", "mae", "dino"), help="the linear probe's recipe")
+    p.add("pools", type=_listed, help="comma-separated features of the probe: avg, cls (the first is also kNN's)")
+    p.add("protocols", type=_listed, help="comma-separated: linear,knn,finetune")
+    p.add("no_controls", action="store_true", help="skip the random-init floor and its control")
+    p.add("bias_lr_sweep", type=_listed, help="after the study, measure these bias_lr_mult values too (e.g. 1,10): "
+          "report/bias_lr_sweep.md")
+    return p.add("num_workers", "no_progress")
+
 @cli_main("mgab-demo")
 def main(argv: list[str] | None = None):
     "Entry point of `mgab-demo`"
-    p = argparse.ArgumentParser(prog="mgab-demo", description=run_demo.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = DEMO_DEFAULTS
-    p.add_argument("--out", default="runs/demo", help="study folder; rerun to resume")
-    p.add_argument("--data", default=d["data"], help="embedded, imagenette, imagenet100:ROOT or a folder "
-                   "with train/ and val/")
-    p.add_argument("--masks", help="an existing mask store for --data (default: build one in OUT/masks)")
-    p.add_argument("--checkpoint", help="SAM checkpoint (e.g. sam_vit_h_4b8939.pth) to make real SAM masks")
-    p.add_argument("--model-type", default=d["model_type"], help="SAM model type of --checkpoint")
-    p.add_argument("--points-per-side", type=int, default=d["points_per_side"])
-    p.add_argument("--method", choices=("mae", "dino"), default=d["method"])
-    p.add_argument("--arch", default=d["arch"], help="timm ViT name")
-    for k, h in (("patch_size", "0: the architecture's own"), ("depth", "transformer blocks (0: the architecture's)"),
-                 ("embed_dim", "width (0: the architecture's)"), ("num_heads", "heads (0: the architecture's)"),
-                 ("decoder_embed_dim", "MAE decoder width"), ("decoder_depth", "MAE decoder blocks"),
-                 ("decoder_num_heads", "MAE decoder heads"), ("img_size", "image side in pixels")):
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=d[k], help=h)
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="pretraining epochs of each model")
-    p.add_argument("--seeds", type=int, default=d["seeds"], help="paired seeds: every variant once per seed")
-    p.add_argument("--seed", type=int, default=d["seed"], help="the first seed")
-    p.add_argument("--budget", help="plan seeds and epochs to fit this time on this machine (e.g. 60m, 1.5h); "
-                   "overrides --seeds and may change --epochs")
-    p.add_argument("--bs", type=int, default=d["bs"])
-    p.add_argument("--lr", type=float, default=d["lr"], help="absolute peak learning rate of pretraining")
-    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
-    p.add_argument("--bias-lr-mult", type=float, default=d["bias_lr_mult"], help="learning-rate multiplier of u "
-                   "(this project's choice; the paper gives none)")
-    p.add_argument("--distill-epochs", type=int, default=d["distill_epochs"], help="post-processing epochs (0: none)")
-    p.add_argument("--distill-init", choices=("teacher", "scratch"), default=d["distill_init"],
-                   help="the distilled student's initial weights (mgab-distill --student-init)")
-    p.add_argument("--distill-lr", type=float, default=d["distill_lr"], help="absolute peak lr of distillation")
-    p.add_argument("--distill-warmup", type=float, default=d["distill_warmup"], help="warmup epochs of distillation")
-    p.add_argument("--probe", choices=("logreg", "mae", "dino"), default=d["probe"], help="the linear probe's recipe")
-    p.add_argument("--pools", default=",".join(d["pools"]), help="comma-separated features of the probe: avg, cls "
-                   "(the first is also kNN's)")
-    p.add_argument("--protocols", default=",".join(d["protocols"]), help="comma-separated: linear,knn,finetune")
-    p.add_argument("--no-controls", action="store_true", help="skip the random-init floor and its control")
-    p.add_argument("--bias-lr-sweep", help="after the study, measure these bias_lr_mult values too (e.g. 1,10): "
-                   "report/bias_lr_sweep.md")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--no-progress", action="store_true")
-    a = add_debug_flag(p).parse_args(argv)
-    protocols, pools = (tuple(o for o in s.split(",") if o) for s in (a.protocols, a.pools))
-    bad = [o for o in protocols if o not in ("linear", "knn", "finetune")]
+    p = _demo_parser()
+    a = p.parse_args(argv)
+    bad = [o for o in a.protocols if o not in ("linear", "knn", "finetune")]
     if bad: p.error(f"--protocols: unknown {bad}; choose from linear, knn, finetune")
-    bad = [o for o in pools if o not in ("avg", "cls")]
-    if bad or not pools: p.error(f"--pools: unknown {bad or pools}; choose from avg, cls")
+    bad = [o for o in a.pools if o not in ("avg", "cls")]
+    if bad or not a.pools: p.error(f"--pools: unknown {bad or list(a.pools)}; choose from avg, cls")
     for flag, v in (("--epochs", a.epochs), ("--bs", a.bs), ("--seeds", a.seeds)):
         if v < 1: p.error(f"{flag} must be >= 1, got {v}")
     if a.distill_epochs < 0: p.error(f"--distill-epochs must be >= 0, got {a.distill_epochs}")
     if a.lr <= 0: p.error(f"--lr must be > 0, got {a.lr}")
-    try:
-        budget = None if a.budget is None else parse_budget(a.budget)
-        sweep = [float(x) for x in a.bias_lr_sweep.split(",") if x] if a.bias_lr_sweep else []
-    except ValueError as e: p.error(str(e) if "budget" in str(e) else f"--bias-lr-sweep {a.bias_lr_sweep!r}: {e}")
-    if any(m <= 0 for m in sweep): p.error(f"--bias-lr-sweep: multipliers must be > 0, got {a.bias_lr_sweep}")
+    try: budget = None if a.budget is None else parse_budget(a.budget)
+    except ValueError as e: p.error(str(e))
+    mults = ",".join(a.bias_lr_sweep)
+    try: sweep = tuple(float(x) for x in a.bias_lr_sweep)
+    except ValueError as e: p.error(f"--bias-lr-sweep {mults!r}: {e}")
+    if any(m <= 0 for m in sweep): p.error(f"--bias-lr-sweep: multipliers must be > 0, got {mults}")
     kw = dict(data=a.data, masks=a.masks, checkpoint=a.checkpoint, model_type=a.model_type,
               points_per_side=a.points_per_side, method=a.method, arch=a.arch, patch_size=a.patch_size or None,
               depth=a.depth or None, embed_dim=a.embed_dim or None, num_heads=a.num_heads or None,
@@ -449,8 +446,8 @@ def main(argv: list[str] | None = None):
               decoder_num_heads=a.decoder_num_heads, img_size=a.img_size, epochs=a.epochs, seeds=a.seeds, seed=a.seed,
               budget=budget, bs=a.bs, lr=a.lr, warmup_epochs=a.warmup_epochs, bias_lr_mult=a.bias_lr_mult,
               distill_epochs=a.distill_epochs, distill_init=a.distill_init, distill_lr=a.distill_lr,
-              distill_warmup=a.distill_warmup, probe=a.probe, pools=pools, protocols=protocols,
-              controls=not a.no_controls, bias_lr_sweep=tuple(sweep), num_workers=a.num_workers,
+              distill_warmup=a.distill_warmup, probe=a.probe, pools=a.pools, protocols=a.protocols,
+              controls=not a.no_controls, bias_lr_sweep=sweep, num_workers=a.num_workers,
               progress=not a.no_progress)
     run_demo(a.out, **kw)
     return 0

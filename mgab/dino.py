@@ -23,7 +23,8 @@ from .precision import set_precision
 from fastai.distributed import rank0_first
 from .vit import MaskBiasViT, create_vit
 from .mre import TokenRelations
-from .train import SSLSchedule, cosine_schedule, fit_run, init_processes, resume_warmup, ssl_splitter, unwrap
+from .train import (WarmupCosine, cosine_schedule, fit_run, init_processes, resume_warmup, scaled_lr, ssl_splitter,
+                        unwrap)
 
 # %% auto #0
 __all__ = ['DINO_DEFAULTS', 'DINOHead', 'DINOStudent', 'DINOLoss', 'dino_kd_loss', 'ema_update', 'collapse_mode', 'DINO',
@@ -191,7 +192,7 @@ def collapse_mode(teacher_entropy: float,  # mean per-image entropy of `P_t` (na
 # %% ../nbs/10_dino.ipynb #0cd6e07b
 class DINO(Callback):
     "DINO training (Eq. 6) for a `DINOStudent` `learn.model`: EMA teacher, centred loss, clipping, collapse watch"
-    order = 60  # after SSLSchedule (sched_iter), before RunLogger (run_metrics) and RunCheckpoint (restores us)
+    order = 60  # after WarmupCosine (sched_iter), before RunLogger (run_metrics) and RunCheckpoint (restores us)
     def __init__(self,
                  out_dim: int,  # K, the head's output size
                  teacher_temp: float = 0.04,
@@ -334,7 +335,7 @@ def dino_config(config: dict) -> dict:
     if model["num_classes"] != 0: raise ValueError("DINO trains the encoder's CLS features: use `num_classes=0`")
     c["model"], c["arch"] = model, model["name"]
     if config.get("lr") is not None and config.get("blr") is None: c["blr"] = None  # not used: say so
-    if c["lr"] is None: c["lr"] = c["blr"] * c["bs"] * max(num_distrib(), 1) / 256  # DINO's linear scaling rule
+    if c["lr"] is None: c["lr"] = scaled_lr(c["blr"], c["bs"], max(num_distrib(), 1))
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(10., c["epochs"] / 10)  # DINO's 10, a tenth of short runs
     return c
 
@@ -357,8 +358,8 @@ def dino_learner(config: dict,  # resolved by `dino_config`
     dino = DINO(c["out_dim"], teacher_temp=c["teacher_temp"], warmup_teacher_temp=c["warmup_teacher_temp"],
                 warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"], momentum_teacher=c["momentum_teacher"],
                 clip_grad=c["clip_grad"], freeze_last_layer=c["freeze_last_layer"])
-    sched = SSLSchedule(c["lr"], c["min_lr"], c["warmup_epochs"], wd=c["weight_decay"], wd_end=c["weight_decay_end"],
-                        bias_lr_mult=c["bias_lr_mult"])
+    sched = WarmupCosine(c["lr"], c["min_lr"], c["warmup_epochs"], wd=c["weight_decay"], wd_end=c["weight_decay_end"],
+                         bias_lr_mult=c["bias_lr_mult"], whole_iters=True)
     return Learner(dls, model if model is not None else dino_student(c), loss_func=dino.compute_loss,
                    splitter=ssl_splitter, opt_func=partial(OptimWrapper, opt=torch.optim.AdamW), cbs=[sched, dino])
 
@@ -366,14 +367,15 @@ def dino_learner(config: dict,  # resolved by `dino_config`
 def _multicrop_data(c: dict, patch_size: int):
     from mgab.data import multicrop_dls
     from mgab.datasets import resolve_data # data loading only where a run needs it
-    path = resolve_data(c["data"]) if isinstance(c["data"], str) else Path(c["data"])
+    path = resolve_data(str(c["data"]))
     masks = c["masks"]
     if isinstance(masks, (str, Path)):
         from mgab.store import MaskStore
         masks = MaskStore(masks)
     return multicrop_dls(path, masks, global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"],
                          patch_size=patch_size, bs=c["bs"], global_scale=tuple(c["global_scale"]),
-                         local_scale=tuple(c["local_scale"]), valid=False, num_workers=c["num_workers"])
+                         local_scale=tuple(c["local_scale"]), valid=False, num_workers=c["num_workers"],
+                         **({} if c.get("missing_masks") is None else dict(missing_masks=c["missing_masks"])))
 
 def pretrain_dino(config: dict,  # run settings, see `DINO_DEFAULTS`; needs `out`
                   resume: bool = False,  # continue the run in `config["out"]`

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/distill.html.md"""
 
 # %% ../nbs/20_distill.ipynb #bb436ea5
 from __future__ import annotations
-import json, random
+import random
 from functools import partial
 from pathlib import Path
 import torch
@@ -15,13 +15,13 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib, rank_distrib, set_seed, to_device
-from .core import atomic_write
 from .precision import set_precision
 from .vit import create_vit, uses_masks
 from .mae import MAE, MAE_DEFAULTS
 from .dino import DINOStudent, DINO_DEFAULTS, dino_kd_loss, dino_config, dino_student
-from .train import (SSLSchedule, encoder_of, fit_run, init_processes, model_loss, resume_warmup, ssl_splitter,
-                        unfinished_reason, unwrap)
+from .runs import RunFolder
+from .train import (WarmupCosine, encoder_of, fit_run, init_processes, model_loss, resume_warmup, scaled_lr,
+                        ssl_splitter, unwrap)
 
 # %% auto #0
 __all__ = ['ATTN_LOSSES', 'ATTN_TOKENS', 'DISTILL_DEFAULTS', 'STUDENT_INITS', 'attention_kl', 'attention_sse', 'MAEDistill',
@@ -195,14 +195,14 @@ def gap_batch(dl,  # a training loader of `mgab.data.MaskedImages` (one view or 
     return dl.after_batch(to_device((x, m), dl.device))
 
 class AttentionGap(Callback):
-    "`attention_gap` of the distillation model on `gap_batch`: `attn_gap` per epoch, `distill.json` at the end"
+    "`attention_gap` of the distillation model on `gap_batch`: `attn_gap` per epoch, the run's record at the end"
     order = 91  # before `RunLogger` (95) writes the epoch's row
     def __init__(self,
                  run_dir: str | Path,
-                 info: dict | None = None,  # more entries of distill.json (loss, lam, student_init)
+                 info: dict | None = None,  # more entries of the record (loss, lam, student_init)
                  n_images: int = 64,
                 ):
-        self.run, self.info, self.n_images, self.before = Path(run_dir), dict(info or {}), n_images, None
+        self.run, self.info, self.n_images, self.before = RunFolder(run_dir), dict(info or {}), n_images, None
 
     def gap(self) -> float:
         model = unwrap(self.learn.model)
@@ -223,7 +223,7 @@ class AttentionGap(Callback):
     def after_fit(self):
         if rank_distrib() != 0: return
         rec = dict(attn_gap_before=self.before, attn_gap_after=self.gap(), **self.info)
-        atomic_write(self.run/"distill.json", json.dumps(rec, indent=1))
+        self.run.write_distill_record(rec)
 
     def checkpoint_state(self) -> dict: return dict(before=self.before)
     def load_checkpoint_state(self, state: dict): self.before = state["before"]
@@ -235,18 +235,13 @@ DISTILL_DEFAULTS = dict(lam=1., layers=None, attn_loss="kl", attn_tokens="all", 
                         precision="auto")
 STUDENT_INITS = ("teacher", "scratch")
 
-def _teacher_state(run: Path, allow_unfinished: bool = False) -> tuple[dict, dict]:
-    cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
-    for f in (cfg_file, ckpt):
-        if not f.is_file(): raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a pretraining run folder?")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("distill"): raise ValueError(f"{str(run)!r} is itself a distillation run; give its teacher run")
-    if not allow_unfinished and (why := unfinished_reason(run)):
+def _teacher_state(run: RunFolder, allow_unfinished: bool = False) -> tuple[dict, dict]:
+    run.check_trained()
+    cfg = run.config()
+    if cfg.get("distill"): raise ValueError(f"{str(run.path)!r} is itself a distillation run; give its teacher run")
+    if not allow_unfinished and (why := run.unfinished_reason()):
         raise ValueError(f"teacher {why}: finish it with mgab-pretrain --resume, or pass --allow-unfinished")
-    try: return cfg, torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or damaged: torch says "PytorchStreamReader failed ..." or an unpickling error
-        raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}: {str(e).split('. ')[0]}): the file is "
-                         "damaged; restore it or train the teacher again") from e
+    return cfg, run.load_checkpoint(fix="restore it or train the teacher again")
 
 def distill_models(teacher_run: str | Path,
                    student_init: str = "teacher",  # "teacher": the teacher's weights but the bias; "scratch": random
@@ -256,7 +251,7 @@ def distill_models(teacher_run: str | Path,
     "The `MAEDistill`/`DINODistill` module for a pretraining run folder, and the teacher run's config"
     if student_init not in STUDENT_INITS:
         raise ValueError(f"`student_init` must be one of {STUDENT_INITS}, got {student_init!r}")
-    tcfg, state = _teacher_state(Path(teacher_run), allow_unfinished)
+    tcfg, state = _teacher_state(RunFolder(teacher_run), allow_unfinished)
     method = tcfg.get("method")
     if tcfg["model"].get("bias", "learnable") is None and not (lam == 0 and method == "mae"):  # learnable: default
         raise ValueError(f"{str(teacher_run)!r} was trained without bias: there is nothing to distil (lam=0 continues "
@@ -318,7 +313,7 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
     c.update(method=method, distill=True, teacher=str(c["teacher"]), model=_bias_free(tcfg["model"]))
     if c["lr"] is None:
         base = c["blr"] or (MAE_DEFAULTS if method == "mae" else DINO_DEFAULTS)["blr"]
-        c["lr"] = base * c["bs"] * max(num_distrib(), 1) / 256
+        c["lr"] = scaled_lr(base, c["bs"], max(num_distrib(), 1))
     c["warmup_epochs"] = resume_warmup(c["warmup_epochs"], c["out"], resume)
     if c["warmup_epochs"] is None: c["warmup_epochs"] = min(c["epochs"] / 10, 5.)
     enc = model.encoder
@@ -338,7 +333,8 @@ def distill_run(config: dict,  # needs "teacher" (a run folder), "out", "epochs"
                                 local_scale=tuple(d["local_scale"]), **kw)
     for k in ("data", "masks", "out"):
         if c.get(k) is not None: c[k] = str(c[k])
-    sched = SSLSchedule(c["lr"], c.get("min_lr") or 0., c["warmup_epochs"], c.get("weight_decay") or 0.05)
+    sched = WarmupCosine(c["lr"], c.get("min_lr") or 0., c["warmup_epochs"], c.get("weight_decay") or 0.05,
+                         whole_iters=True)
     betas = (0.9, 0.95) if method == "mae" else (0.9, 0.999)
     mae = method == "mae"
     gap = AttentionGap(c["out"], dict(loss=c["attn_loss"] if mae else None, lam=float(c["lam"]) if mae else None,

@@ -6,9 +6,10 @@ Docs: https://mgab-dev.github.io/mgab/docs.html.md"""
 
 # %% ../nbs/60_docs.ipynb #0a4b472e
 from __future__ import annotations
-import argparse, hashlib, html, json, re, shutil, subprocess, sys, tempfile
+import hashlib, html, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
-from .core import RunFailed, add_debug_flag, cli_main
+from .core import RunFailed, cli_main
+from .flags import CommandParser, signature_defaults
 
 # %% auto #0
 __all__ = ['page_notebook', 'nbdev_command', 'execute_cached', 'build_docs', 'main']
@@ -232,13 +233,12 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
 @cli_main("mgab-docs")
 def main(argv=None):
     "`mgab-docs [--out _docs] [--no-execute]`: HTML docs without Quarto"
-    p = argparse.ArgumentParser(prog="mgab-docs", description=build_docs.__doc__)
-    p.add_argument("--out", default="_docs")
-    p.add_argument("--root", default=".")
-    p.add_argument("--cache", default=None, help="executed notebooks kept between builds (default: OUT/.cache)")
-    p.add_argument("--no-execute", action="store_true",
-                   help="run nothing: pages carry the outputs of the last build's executions (the cache)")
-    a = add_debug_flag(p).parse_args(argv)
+    p = CommandParser("mgab-docs", build_docs.__doc__, defaults=signature_defaults(build_docs))
+    p.add("out", help="output folder for the HTML pages")
+    p.add("root", help="repository root (holds pyproject.toml and nbs/)")
+    p.add("cache", help="executed notebooks kept between builds (default: OUT/.cache)")
+    a = p.add("no_execute", action="store_true",
+              help="run nothing: pages carry the outputs of the last build's executions (the cache)").parse_args(argv)
     try: pages = build_docs(a.root, a.out, execute=not a.no_execute, cache=a.cache)
     except RuntimeError as e: raise RunFailed(str(e)) from e  # a notebook that does not render: one line, exit 1
     st = list(build_docs.status.values())

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/evaluate.html.md"""
 
 # %% ../nbs/30_evaluate.ipynb #baa68664
 from __future__ import annotations
-import copy, json, math, shutil
+import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,10 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
-from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from fastai.callback.core import Callback, CancelStepException
-from fastai.callback.schedule import ParamScheduler
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -27,13 +25,14 @@ from timm.layers import trunc_normal_
 from .core import bars_shown
 from .vit import MaskBiasViT
 from .precision import autocast, set_precision
-from .train import fit_run, progress_shown
+from .runs import RunFolder
+from .train import WarmupCosine, fit_run, progress_shown, scaled_lr
 
 # %% auto #0
 __all__ = ['POOLS', 'LINEAR_RECIPES', 'pool_tokens', 'LastBlocks', 'dino_pool', 'encoder_features', 'feature_dim', 'pool_name',
-           'plain_tensor', 'extract_features', 'knn_scores', 'knn_accuracy', 'warmup_cosine', 'WarmupCosine',
-           'lars_step', 'LARS', 'linear_head', 'dino_linear_head', 'Classifier', 'EvalCheckpoints', 'fit_learner',
-           'feature_dls', 'linear_probe', 'top1', 'Standardize', 'LBFGSStep', 'logreg_probe']
+           'plain_tensor', 'extract_features', 'knn_scores', 'knn_accuracy', 'lars_step', 'LARS', 'linear_head',
+           'dino_linear_head', 'Classifier', 'EvalCheckpoints', 'fit_learner', 'feature_dls', 'linear_probe', 'top1',
+           'Standardize', 'LBFGSStep', 'logreg_probe']
 
 # %% ../nbs/30_evaluate.ipynb #6c3cce55
 POOLS = ("cls", "avg")
@@ -167,29 +166,6 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
     scores = knn_scores(train_features, train_labels, test_features, k, T, num_classes)
     return 100. * (scores.argmax(1).cpu() == test_labels.long().cpu()).float().mean().item()
 
-# %% ../nbs/30_evaluate.ipynb #00aa90eb
-def warmup_cosine(pct: float,  # training progress in [0, 1)
-                  lr: float,  # peak learning rate
-                  warmup_pct: float = 0.05,  # share of training spent warming up (MAE: warmup epochs / epochs)
-                  min_lr: float = 0.,  # final learning rate
-                 ) -> float:
-    "MAE's `adjust_learning_rate` with epochs replaced by the share of training done"
-    if pct < warmup_pct: return lr * pct / warmup_pct
-    return min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * (pct - warmup_pct) / (1. - warmup_pct)))
-
-class WarmupCosine(Callback):
-    "Set every group's lr to `warmup_cosine(pct_train)` times its `lr_scale` hyper-parameter, before each batch"
-    order = ParamScheduler.order
-    def __init__(self, warmup_pct: float = 0.05, min_lr: float = 0.):
-        if warmup_pct < 0: raise ValueError(f"`warmup_pct` must be >= 0, got {warmup_pct}")
-        # a warmup longer than training (>= 1) never reaches the peak lr, as in MAE's schedule with few epochs
-        store_attr()
-    def before_fit(self): self.peak_lr = self.opt.hypers[-1]["lr"]  # `Learner.fit` has just set it from `lr`
-    def before_batch(self):
-        if not self.training: return
-        lr = warmup_cosine(self.pct_train, self.peak_lr, self.warmup_pct, self.min_lr)
-        self.opt.set_hyper("lr", [lr * h.get("lr_scale", 1.) for h in self.opt.hypers])
-
 # %% ../nbs/30_evaluate.ipynb #391e2eae
 def lars_step(p, lr, mom=0.9, wd=0., trust_coeff=0.001, mu=None, **kwargs):
     "One LARS update of `p` as MAE's `util/lars.py`: no decay or rate scaling for parameters <= 1-D"
@@ -267,23 +243,20 @@ class Classifier(nn.Module):
 @dataclass
 class EvalCheckpoints:
     "Where an evaluation's training saves its state every epoch (`train.fit_run`), so that a killed one resumes"
-    folder: Path  # a run-like folder of its own: config.json, metrics.json, checkpoints/last.pth
+    folder: Path  # a run-like folder of its own (`RunFolder`: settings, per-epoch log, checkpoint)
     settings: dict  # what decides the result (JSON); recorded there, and a resume must match it
     resume: bool | None = None  # continue the saved state; False: refuse one; None: continue one if there is one
 
-    @property
-    def last(self) -> Path: return Path(self.folder)/"checkpoints"/"last.pth"
-
     def drop(self):
         "Remove the checkpoint once the result is recorded; the settings and the per-epoch log stay (small)"
-        shutil.rmtree(self.last.parent, ignore_errors=True)
+        RunFolder(self.folder).drop_checkpoint()
 
     def fit(self, learn: Learner, epochs: int, progress: bool = True) -> Learner:
         "`fit_run` into `folder`: every epoch validated, logged and checkpointed; resumed as `resume` says"
-        folder, saved = Path(self.folder), self.last.is_file()
+        run = RunFolder(self.folder)
+        folder, saved = run.path, run.checkpoint.is_file()
         if saved:
-            f = folder/"metrics.json"
-            done = f"{len(json.loads(f.read_text())) if f.is_file() else 0} of {epochs} epochs done"
+            done = f"{len(run.metrics())} of {epochs} epochs done"
             if self.resume is False:
                 raise FileExistsError(f"{str(folder)!r} holds a partial evaluation ({done}): continue it with --resume "
                                       "(resume=True), or remove that folder to start over")
@@ -354,10 +327,11 @@ def linear_probe(encoder: MaskBiasViT,  # frozen during the probe (its parameter
     clf = Classifier(encoder, head, pool, with_masks, freeze_encoder=True)
     data, model = ((feature_dls(encoder, dls, with_masks, pool, progress, precision), clf.head) if precompute
                    else (dls, clf))
-    lr = c["blr"] * data.train.bs / 256 if lr is None else lr  # both: the linear scaling rule
+    lr = scaled_lr(c["blr"], data.train.bs) if lr is None else lr  # both: the linear scaling rule
     opt_func = partial(LARS, wd=c["wd"]) if c["opt"] == "lars" else partial(SGD, mom=0.9, wd=c["wd"])
     learn = Learner(data, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
-                    cbs=WarmupCosine(c["warmup_pct"], c["min_lr"]))  # DINO steps its cosine per epoch, we per batch
+                    cbs=WarmupCosine(min_lr=c["min_lr"], warmup_epochs=c["warmup_pct"] * c["epochs"]))
+    # (DINO steps its cosine per epoch, we per batch)
     learn.classifier, learn.recipe = clf, recipe
     return fit_learner(learn, c["epochs"], progress, precision, checkpoints)
 

@@ -24,7 +24,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .vit import MaskBiasViT, split_params
 from .data import IMAGENET_MEAN, IMAGENET_STD, MaskedImages, loader_workers
-from .evaluate import Classifier, EvalCheckpoints, WarmupCosine, fit_learner, plain_tensor
+from .evaluate import Classifier, EvalCheckpoints, fit_learner, plain_tensor
+from .train import WarmupCosine, scaled_lr
 from .vit import uses_masks
 
 # %% auto #0
@@ -252,11 +253,12 @@ def fine_tune(encoder: MaskBiasViT,  # trained in place
     trunc_normal_(fc.weight, std=2e-5); nn.init.zeros_(fc.bias)  # MAE's head init
     clf = Classifier(encoder, fc, pool, masked, fc_norm=pool == "avg")
     groups = lrd_param_groups(clf, wd, layer_decay)
-    lr = blr * dls.train.bs / 256 if lr is None else lr
+    lr = scaled_lr(blr, dls.train.bs) if lr is None else lr
     opt_func = _grouped(partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8), groups)  # torch AdamW's defaults
     batch_augs = MixupErase(len(dls.vocab), augs["mixup"], augs["cutmix"], augs["cutmix_minmax"], mixup_prob,
                             mixup_switch_prob, mixup_mode, label_smoothing, augs["reprob"], remode, recount)
-    cbs = [WarmupCosine(warmup_pct, min_lr)] + ([batch_augs] if batch_augs.mixup_fn or augs["reprob"] > 0 else [])
+    cbs = [WarmupCosine(min_lr=min_lr, warmup_epochs=warmup_pct * epochs)]
+    cbs += [batch_augs] if batch_augs.mixup_fn or augs["reprob"] > 0 else []
     learn = Learner(dls, clf, loss_func=MixedTargetLoss(label_smoothing), opt_func=opt_func,
                     splitter=lambda m: [g["params"] for g in groups], lr=lr, metrics=accuracy, cbs=cbs)
     learn.param_groups, learn.augs, learn.recipe = groups, augs, "mae"

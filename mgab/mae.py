@@ -19,7 +19,8 @@ from fastai.torch_core import set_seed
 from .precision import set_precision
 from .core import check_shape
 from .vit import MaskBiasAttention, MaskBiasBlock, MaskBiasViT, as_relations, create_vit, uses_masks
-from .train import SSLSchedule, fit_run, init_processes, model_loss, resume_warmup, ssl_splitter, write_init_run
+from .train import (WarmupCosine, fit_run, init_processes, model_loss, resume_warmup, scaled_lr, ssl_splitter,
+                        write_init_run)
 
 # %% auto #0
 __all__ = ['MAE_DEFAULTS', 'sincos_pos_embed', 'random_masking', 'decoder_defaults', 'MAE', 'mae_config', 'mae_model',
@@ -247,10 +248,10 @@ def mae_config(config: dict,  # run settings; None values mean "the default"
     if config.get("lr") is not None and config.get("blr") is None: cfg["blr"] = None  # not used: say so
     model = dict(name=cfg["arch"], img_size=cfg["img_size"])
     model.update(config.get("model") or {})
-    model["num_classes"] = 0  # the encoder is trained headless; load_run_encoder(run, num_classes=...) adds one
+    model["num_classes"] = 0  # the encoder is trained headless; RunFolder.load_encoder(num_classes=...) adds one
     cfg.update(model=model, arch=model["name"], img_size=model["img_size"])
     if cfg["warmup_epochs"] is None: cfg["warmup_epochs"] = min(40., cfg["epochs"] / 10)
-    if cfg["lr"] is None: cfg["lr"] = cfg["blr"] * cfg["bs"] * world_size / 256  # MAE's linear scaling rule
+    if cfg["lr"] is None: cfg["lr"] = scaled_lr(cfg["blr"], cfg["bs"], world_size)
     if cfg["weight_decay_end"] is None: cfg["weight_decay_end"] = cfg["weight_decay"]
     for k in ("data", "masks", "out"):
         if cfg[k] is not None: cfg[k] = str(cfg[k])
@@ -288,14 +289,15 @@ def pretrain_mae(config: dict,  # see `MAE_DEFAULTS`; needs "epochs", "out", and
     if dls is None:
         if cfg["data"] is None: raise ValueError("the MAE config needs 'data' (an image folder) when no `dls` is given")
         from mgab.data import pretrain_dls
+        from mgab.datasets import resolve_data  # "embedded", "imagenette", ... as for every method
         kw = dict(img_size=cfg["img_size"], patch_size=encoder.patch_embed.patch_size[0], bs=cfg["bs"])
         if cfg["num_workers"] is not None: kw["num_workers"] = cfg["num_workers"]
         if cfg["missing_masks"] != "error": kw["missing_masks"] = cfg["missing_masks"]
-        make = partial(pretrain_dls, cfg["data"], cfg["masks"], **kw)
+        make = lambda: pretrain_dls(resolve_data(cfg["data"]), cfg["masks"], **kw)
         dls = rank0_first(make) if world > 1 else make()  # rank 0 first: it may generate the embedded dataset
     if getattr(dls, "n_inp", 2) != 2: raise ValueError(f"MAE takes batches (x, m) with n_inp=2, got n_inp={dls.n_inp}")
-    sched = SSLSchedule(cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["weight_decay"], cfg["weight_decay_end"],
-                        cfg["bias_lr_mult"])
+    sched = WarmupCosine(cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["weight_decay"], cfg["weight_decay_end"],
+                         cfg["bias_lr_mult"], whole_iters=True)
     learn = Learner(dls, model, loss_func=model_loss, splitter=ssl_splitter,
                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW, betas=(0.9, 0.95)), cbs=[sched])
     cfg["precision"] = set_precision(learn, cfg["precision"])  # "auto": bf16 on CUDA, fp32 elsewhere

@@ -12,10 +12,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from .masks import load_image
-from .vit import MaskBiasViT, load_run_encoder
+from .vit import MaskBiasViT
 from .data import MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder, token_labels
 from .results import (CI_LEVEL, MDE_POWER, PROTOCOLS, RECIPES, RECIPE_SOURCES, compare_outcomes,
-                          load_predictions, paired_outcomes, read_results, read_run_config, within_noise)
+                          load_predictions, paired_outcomes, within_noise)
+from .runs import RunFolder
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import torch.nn as nn
@@ -72,29 +73,29 @@ def _teacher_dir(cfg: dict, run_dir: Path, key: str = "teacher") -> Path | None:
     t = cfg.get(key)
     if not isinstance(t, str): return None
     cands = (Path(run_dir)/t, Path(t), Path(run_dir).parent/Path(t).name)  # the last: a study read from elsewhere
-    return next((p for p in cands if (p/"config.json").is_file()), None)
+    return next((p for p in cands if RunFolder(p).has_config), None)
 
 def replicate_key(cfg: dict, run_dir: str | Path) -> str:
     "The config without `REPLICATE_KEYS` (a teacher folder replaced by its own key): equal for the seeds of a variant"
     c = {k: v for k, v in cfg.items() if k not in REPLICATE_KEYS}
     for k in ("teacher", "u_from"):  # the seeds of a variant name different runs of one variant
-        if (t := _teacher_dir(cfg, run_dir, k)) is not None: c[k] = json.loads(replicate_key(read_run_config(t), t))
+        if (t := _teacher_dir(cfg, run_dir, k)) is not None: c[k] = json.loads(replicate_key(RunFolder(t).config(), t))
     return json.dumps(c, sort_keys=True, default=str)
 
 def load_runs(run_dirs: list) -> list[dict]:
     "Each run folder's settings and results: run, method, name, variant, arch, epochs, kind, bias, seed, key, results"
     runs = []
     for d in run_dirs:
-        cfg = read_run_config(d)
+        cfg = RunFolder(d).config()
         kind, key = run_kind(cfg), replicate_key(cfg, d)
         if kind in ("distilled", "continued"):  # the method from the teacher; epochs: the teacher's + its own
             t = _teacher_dir(cfg, d)
-            teacher = {} if t is None else read_run_config(t)
+            teacher = {} if t is None else RunFolder(t).config()
             epochs = f"{teacher['epochs']} + {cfg.get('epochs', '?')}" if "epochs" in teacher else cfg.get("epochs", "")
             cfg = dict(cfg, epochs=epochs, **{k: teacher[k] for k in ("method",) if k in teacher})
         method = re.sub(r"[_+\- ]*distill(ed|ation)?", "", str(cfg.get("method", "?")), flags=re.I).lower() or "?"
         runs.append(dict(run=Path(d), method=method, name=_METHODS.get(method, method), arch=arch_name(cfg["model"]),
-                         epochs=str(cfg.get("epochs", "")), kind=kind, results=read_results(d),
+                         epochs=str(cfg.get("epochs", "")), kind=kind, results=RunFolder(d).results(),
                          variant=_variant(cfg["model"]) if kind in ("biased", "control") else "",
                          bias=cfg["model"].get("bias", "learnable"), seed=cfg.get("seed"), key=key))
     return runs
@@ -161,7 +162,7 @@ def recipe_notes(runs: list[dict],  # from `load_runs`
     for title, proto, _, rec, pool in table_columns(runs, protocols): groups.setdefault((proto, rec, pool), []).append(title)
     def _on(pool): return f"; features: {POOL_NOTES.get(pool, pool)}" if pool else ""
     return "\n".join(f"- {', '.join(titles)}: `{rec or '?'}` recipe, " + RECIPE_SOURCES.get(
-        (proto, rec), "not recorded (results.csv written before mgab recorded recipes)") + _on(pool)
+        (proto, rec), f"not recorded ({RunFolder.RESULTS} written before mgab recorded recipes)") + _on(pool)
         for (proto, rec, pool), titles in groups.items()) + "\n"
 
 def _key(run: dict) -> tuple: return run["method"], run["arch"], run["epochs"]
@@ -430,12 +431,12 @@ def plot_attention(run_dir: str | Path,  # a run folder whose encoder has mask-g
                    n_images: int = 3,  # validation images, spread evenly over the (class-sorted) list
                    layers: list[int] | None = None,  # blocks to show, see `attention_layers`
                    query: int | None = None,  # patch index of the query; default: see `query_token`
-                   which: str = "encoder",  # the run's weights, see `load_run_encoder`
+                   which: str = "encoder",  # the run's weights, see `RunFolder.load_encoder`
                   ):
     "Attention of one query patch per image, bias on (`m`) and off (`m` = 0), masks outlined, query starred"
     import matplotlib.pyplot as plt
-    cfg = read_run_config(run_dir)
-    encoder = load_run_encoder(run_dir, which=which, num_classes=0).eval()
+    cfg = RunFolder(run_dir).config()
+    encoder = RunFolder(run_dir).load_encoder(which, num_classes=0).eval()
     device, size = next(encoder.parameters()).device, int(cfg["model"].get("img_size", 224))
     files, labels, vocab = image_folder(data, "val")
     ds = MaskedImages(files, data, [eval_view(size)], store, encoder.patch_embed.patch_size[0], labels, vocab)
@@ -477,12 +478,11 @@ DISTILL_COLUMNS = ("Run", "Loss", "λ", "Student init", "Attn gap before", "Attn
 _DISTILL_KEYS = ("run", "loss", "lam", "student_init", "attn_gap_before", "attn_gap_after", "ratio")  # distill.csv
 
 def distill_table(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    "The attention gap of each distilled run before and after distillation (its `distill.json`), and their ratio"
+    "Each distilled run's attention gap before and after distillation (`RunFolder.distill_record`), and their ratio"
     rows = []
     for r in sorted(runs, key=_order):
-        f = Path(r["run"])/"distill.json"
-        if r["kind"] != "distilled" or not f.is_file(): continue  # a continued run (λ = 0) distils nothing
-        d = json.loads(f.read_text())
+        d = RunFolder(r["run"]).distill_record()
+        if r["kind"] != "distilled" or d is None: continue  # a continued run (λ = 0) distils nothing
         before, after = d.get("attn_gap_before"), d.get("attn_gap_after")
         ratio = after / before if isinstance(before, (int, float)) and before and after is not None else None
         vals = (Path(r["run"]).name, d.get("loss", ""), d.get("lam"), d.get("student_init", ""), before, after, ratio)
@@ -516,7 +516,7 @@ def report(run_dirs: list,  # run folders
         written[f"{name}.md"], written[f"{name}.csv"] = out/f"{name}.md", write_table_csv(cols, rows, out/f"{name}.csv")
     trained = [v for v in variants(runs) if v["kind"] == "biased" and v["bias"] == "learnable"]  # no random init
     stats = {f"{r['run'].name}: {r['name']}{r['variant']} {arch_label(r['arch'])} {r['epochs']} ep":
-             bias_stats(load_run_encoder(r["run"])) for r in trained}  # the first seed of each variant
+             bias_stats(RunFolder(r["run"]).load_encoder()) for r in trained}  # the first seed of each variant
     if stats:
         plot_bias_stats(stats, out/"fig4.png")
         written["fig4.png"] = out/"fig4.png"

@@ -1,4 +1,4 @@
-"""Stage 6, evaluation results: run discovery, `evaluate_run` (any protocol on a run folder), `results.csv`, per-image predictions, and the paired statistics every comparison carries (interval, minimum detectable effect).
+"""Stage 6, evaluation results: `evaluate_run` (any protocol on a run folder), its rows and per-image predictions, and the paired statistics every comparison carries (interval, minimum detectable effect).
 
 Docs: https://mgab-dev.github.io/mgab/results.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/results.html.md"""
 
 # %% ../nbs/32_results.ipynb #c4010b53
 from __future__ import annotations
-import csv, hashlib, io, json, os
+import hashlib, io, json
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -18,7 +18,7 @@ from scipy.stats import norm, t as t_dist
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from .vit import MaskBiasViT, RUN_ENCODERS, load_run_encoder
+from .vit import MaskBiasViT
 from .evaluate import (EvalCheckpoints, LastBlocks, dino_pool, extract_features, knn_scores, linear_probe,
                            logreg_probe, pool_name)
 from .vit import uses_masks
@@ -26,17 +26,14 @@ from .finetune import fine_tune
 from .core import atomic_write
 from .train import state_digest
 from .data import loader_workers
+from .runs import RUN_ENCODERS, RunFolder
 
 # %% auto #0
-__all__ = ['RESULT_COLUMNS', 'PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'CI_LEVEL', 'MDE_POWER', 'read_run_config', 'find_runs',
-           'append_result', 'read_results', 'items_digest', 'predictions_name', 'evaluation_dir', 'save_predictions',
+__all__ = ['PROTOCOLS', 'RECIPES', 'RECIPE_SOURCES', 'CI_LEVEL', 'MDE_POWER', 'items_digest', 'save_predictions',
            'load_predictions', 'paired_outcomes', 'valid_predictions', 'evaluation_checkpoints', 'evaluate_run',
            'within_noise', 'Comparison', 'compare_outcomes', 'SimulatedStudy']
 
 # %% ../nbs/32_results.ipynb #961d8cd7
-RESULT_COLUMNS = ("protocol", "fraction", "with_masks", "metric", "value", "epochs", "arch", "method", "timestamp",
-                  "encoder", "predictions", "recipe", "pool")
-_RESULT_DEFAULTS = dict(encoder="encoder", predictions="", recipe="", pool="")  # added later: older files lack them
 PROTOCOLS = ("linear", "knn", "finetune")
 RECIPES = dict(linear=("mae", "dino", "logreg"), knn=("dino",), finetune=("mae",))  # per protocol, the default first
 RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footnotes cite these
@@ -49,70 +46,6 @@ RECIPE_SOURCES = {  # where each protocol's recipe comes from: the tables' footn
                          "random erasing; with masks only the loader's aligned crops, flips, colour jitter)",
 }
 
-def read_run_config(run_dir: str | Path) -> dict:
-    "The `config.json` of a run folder, checked for the `model` entry evaluation needs"
-    f = Path(run_dir)/"config.json"
-    if not f.is_file(): raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run_dir)!r} an mgab run folder?")
-    try: cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from e
-    if not isinstance(cfg.get("model"), dict) or "name" not in cfg["model"]:
-        raise ValueError(f"{str(f)!r} has no 'model' entry with the encoder's timm 'name'")
-    return cfg
-
-def find_runs(run_dirs) -> list[Path]:
-    "Run folders (`config.json` or `metrics.csv`): a run folder, a folder of them (searched recursively), or a list"
-    items = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
-    out = []
-    for d in map(Path, items):
-        if not d.is_dir(): raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
-        if (d/"config.json").is_file() or (d/"metrics.csv").is_file(): out.append(d)
-        else:
-            found = sorted({f.parent for pat in ("config.json", "metrics.csv") for f in d.rglob(pat)})
-            runs = set(found)
-            found = [f for f in found if not runs & set(f.parents)]  # a run's evaluation folders are not runs
-            if not found: raise ValueError(f"{str(d)!r} holds no run folder (config.json or metrics.csv)")
-            out += found
-    return list(dict.fromkeys(out))
-
-def _raw_rows(f: Path) -> list[dict]:
-    with open(f, newline="") as fh: return list(csv.DictReader(fh))
-
-def _write_rows(f: Path, rows: list[dict]):
-    "All of `rows` under the current header, older rows completed with the defaults of newer columns"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
-    w.writeheader()
-    w.writerows({k: r.get(k) if r.get(k) is not None else _RESULT_DEFAULTS.get(k, "") for k in RESULT_COLUMNS}
-                for r in rows)
-    atomic_write(f, buf.getvalue())
-
-def append_result(run_dir: str | Path, row: dict) -> Path:
-    "Append `row` (keys `RESULT_COLUMNS`) to the run's `results.csv`; a file with an older header is rewritten first"
-    f = Path(run_dir)/"results.csv"
-    new = not f.exists() or f.stat().st_size == 0
-    if not new:
-        with open(f, newline="") as fh: header = next(csv.reader(fh), [])
-        if header != list(RESULT_COLUMNS): _write_rows(f, _raw_rows(f))  # e.g. written before `encoder` existed
-    with open(f, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
-        if new: w.writeheader()
-        w.writerow({k: row.get(k, _RESULT_DEFAULTS.get(k, "")) for k in RESULT_COLUMNS})
-    return f
-
-def read_results(run_dir: str | Path) -> list[dict]:
-    "Rows of a run's `results.csv` with typed `fraction`, `with_masks`, `value` (empty list without a file)"
-    f = Path(run_dir)/"results.csv"
-    if not f.exists(): return []
-    rows = _raw_rows(f)
-    required = [c for c in RESULT_COLUMNS if c not in _RESULT_DEFAULTS]
-    if rows and set(required) - set(rows[0]):
-        raise ValueError(f"{str(f)!r} lacks columns {sorted(set(required) - set(rows[0]))}")
-    for r in rows:
-        r["fraction"] = float(r["fraction"] or 1.)
-        r["with_masks"] = r["with_masks"].strip().lower() in ("true", "1", "yes")
-        r["value"] = float(r["value"])
-        for k, v in _RESULT_DEFAULTS.items(): r[k] = r.get(k) or v
-    return rows
 
 # %% ../nbs/32_results.ipynb #4cef856c
 def items_digest(ds) -> str:
@@ -124,19 +57,6 @@ def items_digest(ds) -> str:
         try: return Path(f).relative_to(root).as_posix()  # the same images at another place pair
         except (TypeError, ValueError): return Path(f).as_posix()
     return hashlib.sha256("\n".join(map(_name, files)).encode()).hexdigest()[:16]
-
-def predictions_name(protocol: str, with_masks: bool, fraction: float = 1., which: str = "encoder",
-                     recipe: str = "", pool: str = "",  # two recipes or poolings of one run keep two files
-                    ) -> str:
-    "Where `evaluate_run` keeps the per-image outcomes of one evaluation, relative to the run folder"
-    extra = "".join(f"-{x}" for x in (recipe, pool) if x)
-    return f"predictions/{protocol}{extra}-{'masks' if with_masks else 'nomasks'}-{float(fraction):g}-{which}.npz"
-
-def evaluation_dir(run_dir: str | Path, protocol: str, with_masks: bool, fraction: float = 1.,
-                   which: str = "encoder", recipe: str = "mae") -> Path:
-    "Where `evaluate_run` checkpoints the training of one evaluation (linear probe, fine-tuning): inside the run folder"
-    masks = "masks" if with_masks else "nomasks"
-    return Path(run_dir)/"evals"/f"{protocol}-{recipe}-{masks}-{float(fraction):g}-{which}"
 
 def save_predictions(fname: str | Path,  # .npz file to write (atomically)
                      pred,  # (N,) predicted class of each validation image, in the loader's order
@@ -182,28 +102,28 @@ def evaluation_checkpoints(run_dir: str | Path,  # the run folder evaluated
                            resume: bool | None = None,  # as `EvalCheckpoints.resume`
                            **settings,  # the evaluation's protocol, recipe, fraction, with_masks, which and options
                           ) -> EvalCheckpoints:
-    "Checkpoints of one evaluation in `evaluation_dir`, with every setting that decides its result (a resume matches)"
+    "Checkpoints of one evaluation in `RunFolder.evaluation_dir`, with every setting that decides its result"
     s = dict(settings, fraction=1. if settings.get("fraction") is None else float(settings["fraction"]),
              bs=dls.train.bs, workers=loader_workers(dls.train), encoder_digest=state_digest(encoder.state_dict()),
              train_items=items_digest(getattr(dls.train, "dataset", ())),
              valid_items=items_digest(getattr(dls.valid, "dataset", ())))
     s = {f"eval_{k}" if k in ("epochs", "seed") else k: v for k, v in s.items()}  # `fit_run`'s keys mean other things
-    folder = evaluation_dir(run_dir, s["protocol"], s["with_masks"], s["fraction"], s["which"], s["recipe"])
-    return EvalCheckpoints(folder, json.loads(json.dumps(s, default=repr)), resume)
+    folder = RunFolder(run_dir).evaluation_dir(s["protocol"], s["with_masks"], s["fraction"], s["which"], s["recipe"])
+    return EvalCheckpoints(folder, json.loads(json.dumps(s, default=repr)), resume)  # a resume must match them
 
-def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
+def evaluate_run(run_dir: str | Path,  # a run folder (`RunFolder`): its settings and encoder
                  dls: DataLoaders,  # labelled loaders (contract 3) built for this protocol and fraction
                  protocol: str,  # "linear", "knn" or "finetune"
                  fraction: float | None = None,  # labelled fraction `dls` were built with, for the record (None: all)
                  with_masks: bool = True,  # feed masks to a biased encoder (only if `dls.has_masks`)
-                 encoder: MaskBiasViT | None = None,  # default: `load_run_encoder(run_dir, which)`
+                 encoder: MaskBiasViT | None = None,  # default: the run's `which` (`RunFolder.load_encoder`)
                  img_size: int | None = None,  # image size of `dls`, when loading the encoder
                  epochs: int | None = None,  # training epochs (default: the protocol's)
                  pool: str | LastBlocks | None = None,  # default: "cls"; finetune "avg"; DINO's linear `dino_pool`
                  k: int = 20, T: float = 0.07,  # kNN settings
-                 which: str = "encoder",  # the run's weights: "encoder" (encoder.pth) or "student" (student.pth)
+                 which: str = "encoder",  # the run's weights: "encoder", or "student" (DINO), see `RUN_ENCODERS`
                  recipe: str | None = None,  # the reference followed (`RECIPES`): default mae, for kNN dino
-                 save: bool = True,  # append the row to `run_dir/results.csv` and keep the per-image outcomes
+                 save: bool = True,  # append the row to the run's results and keep the per-image outcomes
                  progress: bool = True,
                  precision: str | None = "auto",  # "auto", "fp32", "bf16" or "fp16" (`mgab.precision`)
                  seed: int = 0,  # seeds the head's initialisation and the loaders' shuffling: same run, same score
@@ -217,10 +137,10 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
     recipe = recipe or RECIPES[protocol][0]
     if recipe not in RECIPES[protocol]:
         raise ValueError(f"the {protocol} protocol has the recipes {RECIPES[protocol]}, got {recipe!r}")
-    cfg = read_run_config(run_dir)
+    run = RunFolder(run_dir)
+    cfg = run.config()
     if encoder is None:
-        encoder = load_run_encoder(run_dir, which=which, num_classes=0,
-                                   **({} if img_size is None else dict(img_size=img_size)))
+        encoder = run.load_encoder(which, num_classes=0, **({} if img_size is None else dict(img_size=img_size)))
     with_masks = bool(with_masks) and uses_masks(encoder) and getattr(dls, "has_masks", True)
     if pool is None and (protocol, recipe) == ("linear", "dino"): pool = dino_pool(encoder)
     pool = pool or ("avg" if protocol == "finetune" else "cls")
@@ -248,15 +168,15 @@ def evaluate_run(run_dir: str | Path,  # run folder: config.json + encoder.pth
                                             precision=precision, checkpoints=ckpts, **kwargs))
     value = 100. * (pred == label).float().mean().item()  # top-1, from the very outcomes that are saved
     frac = 1. if fraction is None else float(fraction)
-    name = predictions_name(protocol, with_masks, frac, which, recipe, pool_name(pool)) if save else ""
+    name = RunFolder.predictions_name(protocol, with_masks, frac, which, recipe, pool_name(pool)) if save else ""
     row = dict(protocol=protocol, fraction=frac, with_masks=with_masks, metric="top1", value=round(value, 4),
                epochs=cfg.get("epochs", ""), arch=cfg["model"]["name"], method=cfg.get("method", ""),
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), encoder=which, predictions=name,
                recipe=recipe, pool=pool_name(pool))
     if save:
-        save_predictions(Path(run_dir)/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
+        save_predictions(run.path/name, pred, label, items_digest(getattr(dls.valid, "dataset", ())),
                          protocol=protocol, with_masks=with_masks, fraction=frac, which=which, value=value)
-        append_result(run_dir, row)
+        run.append_result(row)
         if ckpts is not None: ckpts.drop()  # the result is recorded: only the settings and the epochs' log stay
     return row
 

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/sam.html.md"""
 
 # %% ../nbs/01_sam.ipynb #3740baf4
 from __future__ import annotations
-import os
+import importlib, os
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -15,8 +15,8 @@ import numpy as np
 from .masks import SuperpixelMasker, check_image, label_map, mask_ratio, masker_info, show_masks
 
 # %% auto #0
-__all__ = ['SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'load_sam', 'build_tiny_sam', 'SamMasker', 'label_map_agreement',
-           'prompt_grid_maps', 'grid_mask_ratios', 'show_prompt_grid']
+__all__ = ['SAM_CHECKPOINTS_URL', 'SAM_CHECKPOINT_FILES', 'load_sam', 'build_tiny_sam', 'SamMasker', 'make_masker',
+           'label_map_agreement', 'prompt_grid_maps', 'grid_mask_ratios', 'show_prompt_grid']
 
 # %% ../nbs/01_sam.ipynb #3115b562
 SAM_CHECKPOINTS_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
@@ -178,6 +178,31 @@ class SamMasker:
         s = self.info["settings"]
         return (f"SamMasker({s['model_type']}, points_per_side={s['points_per_side']}, c={self.c}, "
                 f"device={self.device!r})")
+
+# %% ../nbs/01_sam.ipynb #8a19dc65
+_SUPERPIXEL_OPTIONS = ("method", "c", "points_per_side")  # what the superpixel stand-in takes of the options
+
+def make_masker(generator: str | None = None,  # "sam", "superpixel" or "MODULE:NAME"; None: sam with a checkpoint
+                checkpoint: str | os.PathLike | None = None,  # a SAM checkpoint file
+                stand_in: Callable | None = None,  # the masker without a checkpoint; default: the superpixel stand-in
+                **options,  # `SamMasker` options (model_type, points_per_side, c, device, ...); the stand-in's
+               ) -> Callable:  # a masker: (H, W, 3) uint8 -> (H, W) uint8 label map
+    "The masker a command asks for: SAM from `checkpoint`, else the stand-in, or a named factory"
+    gen = generator or ("sam" if checkpoint else "superpixel")
+    if gen == "sam":
+        if not checkpoint:
+            raise ValueError(f"--generator sam needs --checkpoint (official checkpoints: {SAM_CHECKPOINTS_URL}); "
+                             "without one, --generator superpixel is the offline stand-in")
+        return SamMasker(checkpoint, **{k: v for k, v in options.items() if k != "method"})
+    if gen == "superpixel":
+        if generator is None and stand_in is not None: return stand_in
+        return SuperpixelMasker(**{k: v for k, v in options.items() if k in _SUPERPIXEL_OPTIONS and v is not None})
+    if ":" in gen:
+        mod, name = gen.split(":", 1)
+        try: factory = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e: raise ValueError(f"--generator {gen}: cannot import it ({e})") from e
+        return factory()
+    raise ValueError(f"--generator must be sam, superpixel or MODULE:NAME, got {gen!r}")
 
 # %% ../nbs/01_sam.ipynb #a9d0343e
 def label_map_agreement(masker_a: Callable, masker_b: Callable,  # two maskers to compare

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #3cd656aa
 from __future__ import annotations
-import csv, hashlib, json, math, os, random, time
+import hashlib, json, math, os, random, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -18,29 +18,37 @@ from fastai.callback.progress import ProgressCallback  # also progress bars for 
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner, Recorder
 from fastai.torch_core import find_bs, num_distrib, rank_distrib, set_seed
-from .core import clean_tmp, RunFailed, UsageError, atomic_path, atomic_write, bars_shown
+from .core import clean_tmp, RunFailed, UsageError, bars_shown
+from .runs import RunFolder
 from .vit import split_params
 
 # %% auto #0
-__all__ = ['FINISHED', 'cosine_schedule', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
-           'LaunchTrainer', 'distributed', 'SSLSchedule', 'model_loss', 'SSLTarget', 'resume_warmup',
-           'unfinished_reason', 'run_encoders', 'RunLogger', 'EpochLines', 'progress_shown', 'rng_state',
-           'set_rng_state', 'RunCheckpoint', 'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation',
-           'settings_diff', 'fit_run', 'write_init_run']
+__all__ = ['cosine_schedule', 'scaled_lr', 'unwrap', 'encoder_of', 'ssl_splitter', 'init_processes', 'gather_objects', 'LaunchDL',
+           'LaunchTrainer', 'distributed', 'WarmupCosine', 'model_loss', 'SSLTarget', 'resume_warmup', 'run_encoders',
+           'RunLogger', 'EpochLines', 'progress_shown', 'rng_state', 'set_rng_state', 'RunCheckpoint',
+           'StopOnNonFinite', 'state_digest', 'CheckReplicas', 'SkipValidation', 'settings_diff', 'fit_run',
+           'write_init_run']
 
 # %% ../nbs/09_train.ipynb #0c4da0f1
 def cosine_schedule(base: float,  # value after warmup
                     final: float,  # value at the last iteration
                     total_iters: int,
-                    warmup_iters: int = 0,
+                    warmup_iters: float = 0,  # may be fractional (MAE), or exceed `total_iters` (ends below `base`)
                     start_warmup: float = 0.,  # value at iteration 0 when warming up
                    ) -> np.ndarray:  # (total_iters,)
     "Per-iteration values: linear warmup `start_warmup -> base`, then cosine `base -> final` (DINO's cosine_scheduler)"
-    warmup_iters = min(warmup_iters, total_iters)
-    warm = np.linspace(start_warmup, base, warmup_iters, endpoint=False)
-    t = np.arange(total_iters - warmup_iters)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(len(t), 1)))
+    n = min(math.ceil(warmup_iters), total_iters)  # the iterations i < warmup_iters
+    warm = start_warmup + np.arange(n) * ((base - start_warmup) / warmup_iters) if n else np.zeros(0)
+    t = np.arange(n, total_iters) - warmup_iters  # iterations since the warmup: MAE's `epoch - warmup_epochs`
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(total_iters - warmup_iters, 1)))
     return np.concatenate([warm, cos])
+
+def scaled_lr(blr: float,  # base learning rate, at a total batch of 256
+              bs: int,  # batch size per process
+              world_size: int = 1,  # processes
+             ) -> float:
+    "The linear scaling rule of MAE and DINO: `lr = blr x total batch / 256`"
+    return blr * bs * world_size / 256
 
 # %% ../nbs/09_train.ipynb #5aa7f311
 def unwrap(model: nn.Module) -> nn.Module:
@@ -132,21 +140,32 @@ def distributed(learn: Learner):
         if bar is not None: learn.add_cb(bar)
 
 # %% ../nbs/09_train.ipynb #faa4ca95
-class SSLSchedule(Callback):
-    "Per-iteration cosine lr (with warmup) and weight decay; `u_pos`/`u_neg` get `bias_lr_mult` x lr and no decay"
+class WarmupCosine(Callback):
+    "Per-iteration `cosine_schedule` of every loop's lr (and weight decay); `u_pos`/`u_neg` get `bias_lr_mult` x lr"
     order = 55
-    def __init__(self, lr: float, min_lr: float = 1e-6, warmup_epochs: float = 0., wd: float = 0.05,
-                 wd_end: float | None = None, bias_lr_mult: float = 1.):
-        if not lr > 0: raise UsageError(f"the learning rate must be > 0, got {lr} (--lr / --blr)")
+    def __init__(self,
+                 lr: float | None = None,  # peak lr; None: the one `Learner.fit` set
+                 min_lr: float = 0.,  # lr at the last iteration
+                 warmup_epochs: float = 0.,  # linear warmup from 0 (may be longer than the fit, see above)
+                 wd: float | None = None,  # weight decay of the decayed weights (`split_params`); None: the optimiser's
+                 wd_end: float | None = None,  # the weight decay's value at the last iteration; None: `wd`
+                 bias_lr_mult: float = 1.,  # learning-rate multiplier of the bias, which is never decayed
+                 whole_iters: bool = False,  # warmup rounded down to whole iterations (DINO's counting, as pretraining
+                                             # has always done: resumed runs keep their schedule); False: MAE's fraction
+                ):
+        if lr is not None and not lr > 0: raise UsageError(f"the learning rate must be > 0, got {lr} (--lr / --blr)")
+        if warmup_epochs < 0: raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
         self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
-        self.wd, self.bias_lr_mult = wd, bias_lr_mult
+        self.wd, self.bias_lr_mult, self.whole_iters = wd, bias_lr_mult, whole_iters
         self.wd_end = wd if wd_end is None else wd_end
 
     def before_fit(self):
         self.n_per_epoch = len(self.dls.train)
         total = self.n_epoch * self.n_per_epoch
-        self.lrs = cosine_schedule(self.lr, self.min_lr, total, int(self.warmup_epochs * self.n_per_epoch))
-        self.wds = cosine_schedule(self.wd, self.wd_end, total)
+        lr = self.opt.hypers[-1]["lr"] if self.lr is None else self.lr
+        warmup = self.warmup_epochs * self.n_per_epoch
+        self.lrs = cosine_schedule(lr, self.min_lr, total, int(warmup) if self.whole_iters else warmup)
+        self.wds = None if self.wd is None else cosine_schedule(self.wd, self.wd_end, total)
         self.travel = np.cumsum(self.lrs)
         decay, _, bias = (set(map(id, g)) for g in split_params(unwrap(self.learn.model)))
         self.kinds = ["bias" if id(pl[0]) in bias else "decay" if id(pl[0]) in decay else "no_decay"
@@ -156,12 +175,15 @@ class SSLSchedule(Callback):
         if not self.training: return
         it = min(self.epoch * self.n_per_epoch + self.iter, len(self.lrs) - 1)
         self.learn.sched_iter = it  # other callbacks (DINO's teacher momentum) follow the same clock
-        lr, wd = float(self.lrs[it]), float(self.wds[it])
-        self.opt.set_hyper("lr", [lr * self.bias_lr_mult if k == "bias" else lr for k in self.kinds])
+        lr = float(self.lrs[it])
+        self.opt.set_hyper("lr", [(lr * self.bias_lr_mult if k == "bias" else lr) * h.get("lr_scale", 1.)
+                                  for k, h in zip(self.kinds, self.opt.hypers)])  # `lr_scale`: fine-tuning's layers
         if "bias" in self.kinds:  # AdamW moves a parameter by at most ~lr per step: the farthest u can have gone
             self.learn.run_metrics = getattr(self.learn, "run_metrics", {})
             self.learn.run_metrics["u_travel"] = float(self.travel[it]) * self.bias_lr_mult
-        self.opt.set_hyper("wd", [wd if k == "decay" else 0. for k in self.kinds])
+        if self.wds is not None:
+            wd = float(self.wds[it])
+            self.opt.set_hyper("wd", [wd if k == "decay" else 0. for k in self.kinds])
 
 # %% ../nbs/09_train.ipynb #a31bf294
 def model_loss(out, *yb):
@@ -175,34 +197,15 @@ class SSLTarget(Callback):
         if not len(self.yb): self.learn.yb = (torch.zeros(find_bs(self.xb)),)
 
 # %% ../nbs/09_train.ipynb #b28212a1
-def _atomic_save(obj, path: Path):
-    with atomic_path(path) as tmp: torch.save(obj, tmp)  # a kill never leaves a half-written file under the real name
-
 def resume_warmup(warmup_epochs: float | None,  # as given; None: automatic (it depends on the run's epochs)
                   run_dir: str | Path,  # the run folder that may be resumed
                   resume: bool,
                  ) -> float | None:
     "On resume, an automatic warmup keeps the saved run's `warmup_epochs` (extending epochs must not move it)"
     if warmup_epochs is not None or not resume: return warmup_epochs
-    saved = Path(run_dir)/"config.json"
-    return json.loads(saved.read_text()).get("warmup_epochs") if saved.is_file() else None
+    return RunFolder(run_dir).config(missing_ok=True).get("warmup_epochs")
 
 def _is_main() -> bool: return rank_distrib() == 0
-
-FINISHED = "finished.json"  # written last: the run's final checkpoint and encoders are on disk
-
-def unfinished_reason(run_dir: str | Path) -> str | None:
-    "Why `run_dir` is not a finished run, or `None`: `finished.json` must record the epochs of its `config.json`"
-    run = Path(run_dir)
-    cfg = json.loads((run/"config.json").read_text()) if (run/"config.json").is_file() else {}
-    done = json.loads((run/FINISHED).read_text()) if (run/FINISHED).is_file() else None
-    if done is not None and done.get("finished") and done.get("epochs") == cfg.get("epochs"): return None
-    if not (run/"checkpoints"/"last.pth").is_file() and (run/"encoder.pth").is_file():
-        return None  # an untrained (random-init) or hand-made encoder: nothing was left half-way
-    f = run/"metrics.json"
-    logged = len(json.loads(f.read_text())) if f.is_file() else 0
-    return (f"{str(run)!r} is unfinished ({logged} of {cfg.get('epochs', '?')} epochs logged, no {FINISHED}): "
-            "training stopped before its final checkpoint and encoder.pth were written")
 
 # %% ../nbs/09_train.ipynb #87ee44fb
 def run_encoders(learn: Learner) -> dict[str, nn.Module]:
@@ -213,16 +216,13 @@ def run_encoders(learn: Learner) -> dict[str, nn.Module]:
 
 # %% ../nbs/09_train.ipynb #abbf2166
 class RunLogger(Callback):
-    "After every epoch, write `metrics.csv`/`metrics.json` (with `learn.run_metrics`, a validation's values), `bias_history.json`"
+    "After every epoch, write the run's metrics (`learn.run_metrics`, a validation's values) and bias history"
     order = 95
-    def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
+    def __init__(self, run_dir: str | Path): self.run = RunFolder(run_dir)
 
     def before_fit(self):
         self.learn.run_metrics, self.n = {}, 0
-        f = self.run/"metrics.json"
-        self.rows = json.loads(f.read_text()) if f.exists() else []
-        h = self.run/"bias_history.json"
-        self.history = json.loads(h.read_text()) if h.exists() else []
+        self.rows, self.history = self.run.metrics(), self.run.bias_history()  # a resumed run's earlier epochs
 
     def before_epoch(self): self.tot, self.n, self.t0 = 0., 0, time.time()
 
@@ -240,7 +240,7 @@ class RunLogger(Callback):
         row.update({k: float(v) for k, v in self.learn.run_metrics.items()})
         rec = getattr(self.learn, "recorder", None)  # a validated epoch (an evaluation's): valid_loss and the metrics
         if rec is not None: row.update(zip(rec.metric_names[2:], map(float, rec.final_record[1:])))
-        enc = run_encoders(self.learn)["encoder"]  # the network encoder.pth holds
+        enc = run_encoders(self.learn)["encoder"]  # the network the run saves as its encoder
         if hasattr(enc, "bias_values"):
             u = enc.bias_values()
             row.update(u_pos_mean=float(u["u_pos"].mean()), u_neg_mean=float(u["u_neg"].mean()))
@@ -248,11 +248,8 @@ class RunLogger(Callback):
             self.history.append(dict(epoch=self.epoch, u_pos=u["u_pos"].tolist(), u_neg=u["u_neg"].tolist()))
         self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
         if not _is_main(): return
-        atomic_write(self.run/"metrics.json", json.dumps(self.rows, indent=1))
-        atomic_write(self.run/"bias_history.json", json.dumps(self.history))
-        cols = list(dict.fromkeys(k for r in self.rows for k in r))
-        with atomic_path(self.run/"metrics.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
+        self.run.write_metrics(self.rows)
+        self.run.write_bias_history(self.history)
 
 # %% ../nbs/09_train.ipynb #e9c1a001
 class EpochLines(Callback):
@@ -306,11 +303,15 @@ def set_rng_state(s: dict, learn: Learner | None = None):
 
 # %% ../nbs/09_train.ipynb #5f70c2f5
 class RunCheckpoint(Callback):
-    "Save `checkpoints/last.pth` and `run_encoders` (`encoder.pth`, ...) every epoch; restore a state at `before_fit`"
+    "Save the run's checkpoint and `run_encoders` every epoch (`RunFolder`); restore a state at `before_fit`"
     order = 99  # after the logger: the saved state includes this epoch's logs
-    def __init__(self, run_dir: str | Path, resume_state: dict | None = None,
-                 save_encoders: bool = True):  # also `run_encoders`' files (an evaluation's checkpoints need none)
-        self.run, self.resume_state, self.save_encoders = Path(run_dir), resume_state, save_encoders
+    def __init__(self, run_dir: str | Path,
+                 resume_state: dict | None = None,  # a checkpoint to restore at `before_fit`
+                 start: int = 0,  # the fit's first epoch: fastai's `start_epoch` passes over the earlier ones
+                 save_encoders: bool = True,  # also `run_encoders`' weights (an evaluation's checkpoints need none)
+                ):
+        self.run, self.resume_state, self.start = RunFolder(run_dir), resume_state, start
+        self.save_encoders = save_encoders
 
     def _extra(self): return {type(cb).__name__: cb for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
 
@@ -329,24 +330,24 @@ class RunCheckpoint(Callback):
         self.resume_state = None
 
     def after_epoch(self):
-        if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        if self.epoch < self.start: return  # passed over: fastai still calls `after_epoch`
         rngs = gather_objects(rng_state(self.learn))  # each process's loader, augmentation and masking-noise RNGs
         if not _is_main(): return
         model = unwrap(self.learn.model)
-        (self.run/"checkpoints").mkdir(parents=True, exist_ok=True)
         state = dict(epoch=self.epoch, model=model.state_dict(), opt=self.opt.state_dict(), rng=rngs[0],
                      callbacks={n: cb.checkpoint_state() for n, cb in self._extra().items()})
         if len(rngs) > 1: state["rng_ranks"] = rngs
-        _atomic_save(state, self.run/"checkpoints"/"last.pth")
+        self.run.save_checkpoint(state)
         if self.save_encoders:
-            for stem, enc in run_encoders(self.learn).items(): _atomic_save(enc.state_dict(), self.run/f"{stem}.pth")
+            for stem, enc in run_encoders(self.learn).items(): self.run.save_weights(enc.state_dict(), stem)
         self.saved_epoch = self.epoch
 
 # %% ../nbs/09_train.ipynb #9b1e0a01
 class StopOnNonFinite(Callback):
     "Fail the run on a NaN/inf loss or weights, naming epoch and step, before anything non-finite is saved"
     order = 90  # `after_epoch` before the logger and the checkpoint
-    def __init__(self, run_dir: str | Path): self.run = Path(run_dir)
+    def __init__(self, run_dir: str | Path, start: int = 0):  # start: see `RunCheckpoint`
+        self.run, self.start = Path(run_dir), start
 
     def _fail(self, what: str, step: bool = True):
         kept = f"the checkpoint of epoch {self.epoch} is kept" if self.epoch else "no epoch finished, nothing saved"
@@ -359,7 +360,7 @@ class StopOnNonFinite(Callback):
         if self.training and not bool(torch.isfinite(loss).all()): self._fail(f"the loss became {float(loss.mean())}")
 
     def after_epoch(self):  # a last step that broke the weights gives a finite loss but a non-finite checkpoint
-        if getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0): return
+        if self.epoch < self.start: return
         if not all(bool(torch.isfinite(p).all()) for p in self.learn.model.parameters()):
             self._fail("the weights became non-finite", step=False)
 
@@ -386,9 +387,9 @@ def state_digest(*states) -> str:
 class CheckReplicas(Callback):
     "After every epoch of a multi-process run: the same model and callback states (DINO's teacher, centre) everywhere"
     order = 93  # after the epoch's last step and EMA update, before the logger writes the row
+    def __init__(self, start: int = 0): self.start = start  # see `RunCheckpoint`
     def after_epoch(self):
-        skipped = getattr(self.learn, "_skipped_epoch", False) or self.epoch < getattr(self, "_start", 0)
-        if num_distrib() <= 1 or skipped: return
+        if num_distrib() <= 1 or self.epoch < self.start: return
         extra = {type(cb).__name__: cb.checkpoint_state() for cb in self.learn.cbs if hasattr(cb, "checkpoint_state")}
         digests = gather_objects(state_digest(unwrap(self.learn.model).state_dict(), extra))
         if len(set(digests)) > 1:
@@ -412,31 +413,29 @@ def fit_run(learn: Learner,
             epochs: int,
             run_dir: str | Path,
             config: dict,  # JSON-serialisable settings; must include "model" (create_vit kwargs) and "method"
-            resume: bool = False,  # continue from run_dir/checkpoints/last.pth
+            resume: bool = False,  # continue from the run's checkpoint
             cbs: list | None = None,  # extra callbacks for this fit
             validate: bool = False,  # also run the validation loader each epoch
             progress: bool | None = None,  # bars or plain lines (`progress_shown`); None: the config's (default on)
-            save_encoders: bool = True,  # save `run_encoders` (encoder.pth, ...) with every checkpoint
+            save_encoders: bool = True,  # save `run_encoders`' weights with every checkpoint
             fresh_hint: str = "use another --out",  # the error's other way than resuming with the saved settings
            ) -> Learner:
     "Fit `learn` for `epochs`, writing a run folder (config, metrics, bias history, encoder, resumable checkpoints)"
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     if epochs < 1: raise UsageError(f"--epochs must be >= 1, got {epochs}")
     n, batches = len(getattr(learn.dls.train, "dataset", ())), len(learn.dls.train)
     if not batches:
         raise UsageError(f"no training images in {config.get('data') or 'the training loader'!r}: give a folder with "
                          "images in train/<class>/" if not n else f"{n} training images make no full batch: lower --bs")
-    cfg_file, ckpt = run/"config.json", run/"checkpoints"/"last.pth"
     world = max(num_distrib(), 1)
     config = dict(config, epochs=epochs, world_size=world)
     if "bs" in config: config["total_bs"] = config["bs"] * world  # what the learning rate was scaled by
     config = json.loads(json.dumps(config))  # normalise tuples etc.
     state, start = None, 0
+    run.check_start(resume)
     if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume at {str(ckpt)!r}; start without --resume")
-        old = json.loads(cfg_file.read_text())
-        if rank_distrib() == 0: clean_tmp(run)  # what a killed run was writing
+        old = run.config()
+        if rank_distrib() == 0: clean_tmp(run.path)  # what a killed run was writing
         old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
         if "precision" in config: old.setdefault("precision", config["precision"])  # saved before it was recorded:
@@ -445,39 +444,27 @@ def fit_run(learn: Learner,
         saved = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         if diff: raise ValueError(f"cannot resume {str(run)!r}: settings differ from the saved run in {diff}; resume "
                                   f"with the saved {saved} or {fresh_hint}")
-        try: state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or damaged
-            raise ValueError(f"cannot read {str(ckpt)!r} ({type(e).__name__}): the checkpoint is damaged; restore it "
-                             "or start a new --out") from e
+        state = run.load_checkpoint()
         start = state["epoch"] + 1
         if start >= epochs:  # e.g. killed between the final checkpoint and the marker
-            print(f"{run}: all {epochs} epochs already done")
+            print(f"{run.path}: all {epochs} epochs already done")
             unwrap(learn.model).load_state_dict(state["model"])  # the learner holds the final weights, as after a fit
             if _is_main() and start >= old.get("epochs", epochs):  # the marker records the saved config's epochs
-                atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=old.get("epochs", epochs))))
+                run.mark_finished(old.get("epochs", epochs))
             return learn
-    elif ckpt.exists():
-        raise FileExistsError(f"{str(run)!r} already holds a run; pass resume=True (--resume) or choose another folder")
-    if _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-        (run/FINISHED).unlink(missing_ok=True)  # a resumed run that grows its epochs is unfinished again
-        atomic_write(cfg_file, json.dumps(config, indent=1))
+    if _is_main(): run.write_config(config)
     if config.get("seed") is not None and hasattr(learn.dls.train, "rng"):  # the loader's shuffling follows the seed,
         learn.dls.train.rng.seed(config["seed"])  # whenever the loader was made (a resume restores its saved state)
     if world > 1 and config.get("seed") is not None:  # each process its own augmentations and MAE masks (as MAE's
         set_seed(config["seed"] + rank_distrib())  # seed + rank); the models were built alike, DDP also syncs them
-    ckpt_cb = RunCheckpoint(run, state, save_encoders)
-    ckpt_cb._start = start
-    guard = StopOnNonFinite(run)
-    guard._start = start
-    replicas = CheckReplicas()
-    replicas._start = start
-    extra = [SSLTarget(), guard, replicas, RunLogger(run), ckpt_cb] + ([] if validate else [SkipValidation()])
+    ckpt_cb = RunCheckpoint(run, state, start, save_encoders)
+    extra = [SSLTarget(), StopOnNonFinite(run, start), CheckReplicas(start), RunLogger(run), ckpt_cb]
+    extra += [] if validate else [SkipValidation()]
     progress = config.get("progress", True) if progress is None else progress
     with distributed(learn), progress_shown(learn, progress):
         learn.fit(epochs, start_epoch=start, cbs=extra + list(cbs or []))
     if _is_main() and getattr(ckpt_cb, "saved_epoch", None) == epochs - 1:  # not after a cancelled fit
-        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=epochs)))
+        run.mark_finished(epochs)
     return learn
 
 # %% ../nbs/09_train.ipynb #f2c0a002
@@ -486,11 +473,9 @@ def write_init_run(encoder: nn.Module,  # the untrained encoder, as pretraining 
                    config: dict,  # the settings of the run it is the start of; recorded with `epochs: 0`
                   ) -> Path:
     "A run folder of an untrained encoder (`epochs: 0`, `init: random`): the random-init floor, evaluated as any run"
-    run = Path(run_dir)
+    run = RunFolder(run_dir)
     if _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-        _atomic_save(encoder_of(encoder).state_dict(), run/"encoder.pth")
-        config = json.loads(json.dumps(dict(config, epochs=0, init="random")))
-        atomic_write(run/"config.json", json.dumps(config, indent=1))
-        atomic_write(run/FINISHED, json.dumps(dict(finished=True, epochs=0)))  # last: the folder is complete
-    return run
+        run.save_weights(encoder_of(encoder).state_dict())
+        run.write_config(dict(config, epochs=0, init="random"))
+        run.mark_finished(0)  # last: the folder is complete
+    return run.path

@@ -19,8 +19,8 @@ from .core import check_shape
 from .mre import TokenRelations, mask_bias, factor_weights
 
 # %% auto #0
-__all__ = ['RUN_ENCODERS', 'biased_sdpa', 'as_relations', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'uses_masks',
-           'create_vit', 'load_vit_checkpoint', 'split_params', 'param_groups', 'load_run_encoder']
+__all__ = ['biased_sdpa', 'as_relations', 'MaskBiasAttention', 'MaskBiasBlock', 'MaskBiasViT', 'uses_masks', 'create_vit',
+           'load_vit_checkpoint', 'split_params', 'param_groups']
 
 # %% ../nbs/04_vit.ipynb #69fcaed0
 def biased_sdpa(q: torch.Tensor,  # (B, H, N, D)
@@ -308,22 +308,3 @@ def param_groups(model: nn.Module,
     groups = [dict(params=decay, lr=lr, weight_decay=weight_decay), dict(params=no_decay, lr=lr, weight_decay=0.)]
     if bias: groups.append(dict(params=bias, lr=lr * bias_lr_mult, weight_decay=0., lr_mult=bias_lr_mult))
     return groups
-
-# %% ../nbs/04_vit.ipynb #92170e21
-RUN_ENCODERS = ("encoder", "student")  # encoder.pth: the run's encoder (DINO: its EMA teacher); student.pth: DINO
-
-def load_run_encoder(run_dir: str | Path,  # a folder written by mgab-pretrain / mgab-distill
-                     which: str = "encoder",  # "encoder" (`encoder.pth`) or "student" (`student.pth`, DINO runs)
-                     **overrides,  # create_vit options to change, e.g. num_classes=100, img_size=224
-                    ) -> MaskBiasViT:
-    "The encoder of a run folder: `create_vit(**config['model'])` loaded from `encoder.pth` or `student.pth`"
-    import json
-    if which not in RUN_ENCODERS: raise ValueError(f"`which` must be one of {RUN_ENCODERS}, got {which!r}")
-    run = Path(run_dir)
-    cfg_file, weights = run/"config.json", run/f"{which}.pth"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{str(f)!r} is missing: is {str(run)!r} a finished mgab run folder?")
-    kwargs = dict(json.loads(cfg_file.read_text())["model"])
-    kwargs.update(overrides)
-    return create_vit(checkpoint_path=weights, **kwargs)

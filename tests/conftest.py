@@ -43,6 +43,41 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+# ---------------------------------------------------------------- data shared by the test files (made once per worker)
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory):
+    "The embedded dataset (in the data folder `embedded_store[0].parent`) and its SLIC mask store"
+    from mgab.datasets import embedded_dataset
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
+    root = tmp_path_factory.mktemp("embedded")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MGAB_DATA", str(root))
+        path = embedded_dataset(progress=False)
+    return path, make_mask_store(path, root/"store", SuperpixelMasker("slic"), progress=False).root
+
+
+@pytest.fixture(scope="session")
+def tiny_embedded(tmp_path_factory):
+    "20 training images (10 classes x 2) and 10 validation images of 64 px, and their SLIC mask store"
+    from mgab.datasets import make_embedded
+    from mgab.masks import SuperpixelMasker
+    from mgab.store import make_mask_store
+    root = tmp_path_factory.mktemp("tiny-embedded")
+    data = make_embedded(root/"data", n_train=2, n_val=1, size=64, progress=False)
+    return data, make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False).root
+
+
+@pytest.fixture
+def vit_b_checkpoint(tmp_path):
+    "segment-anything's registry vit_b with random weights (seed 0), saved as a checkpoint file"
+    from segment_anything import sam_model_registry
+    torch.manual_seed(0)
+    f = tmp_path/"vit_b_random.pth"
+    torch.save(sam_model_registry["vit_b"]().state_dict(), f)
+    return f
+
+
 @pytest.fixture
 def tiny_eval_run(tmp_path):
     "A mask-free tiny encoder's run folder (1 block, 32 px, 8 px patches) and 2 classes x 4 random 32 px images"

@@ -123,10 +123,10 @@ def cases(tmp_path_factory):
     (bug/"config.json").write_text("[]")
     ev = ["--data", data, "--protocol", "knn", "--bs", "8", "--num-workers", "0", "--no-progress"]
     lin = ["--data", data, "--protocol", "linear", "--epochs", "1", "--bs", "4", "--num-workers", "0", "--no-progress"]
-    from mgab.results import evaluation_dir
+    from mgab.runs import RunFolder
     assert in_process(eval_main, ["--run", copy_run(run, tmp/"e4"), *lin]).returncode == 0  # a whole linear probe,
-    ckpt = evaluation_dir(tmp/"e4", "linear", False)/"checkpoints"/"last.pth"  # made partial again: its checkpoint
-    ckpt.parent.mkdir(); ckpt.write_bytes(b"")  # back (neither refusal below reads it)
+    ckpt = RunFolder(RunFolder(tmp/"e4").evaluation_dir("linear", False)).checkpoint  # made partial again: its
+    ckpt.parent.mkdir(); ckpt.write_bytes(b"")  # checkpoint back (neither refusal below reads it)
     pre = ["mgab-pretrain", *MAE, *TINY]
     # the installed console scripts: one or more per command, all that must be silent on success
     scripts = {  # name: (argv, (failure, command) row of the table)
@@ -249,16 +249,16 @@ def test_nothing_stored_is_lost_nor_left_behind(cases):
     assert (resumed/"finished.json").is_file() and json.loads((resumed/"config.json").read_text())["bs"] == 4
     assert not (tmp/"e2"/"results.csv").exists() and not (tmp/"e1"/"results.csv").exists()  # no score for them
     assert not (tmp/"e5"/"results.csv").exists()  # nor for the failed augmentation
-    from mgab.results import evaluation_dir, read_results
-    assert len(read_results(tmp/"e4")) == 1  # the refused evaluations left the partial one as it was
-    assert (evaluation_dir(tmp/"e4", "linear", False)/"checkpoints"/"last.pth").read_bytes() == b""
+    from mgab.runs import RunFolder
+    assert len(RunFolder(tmp/"e4").results()) == 1  # the refused evaluations left the partial one as it was
+    assert RunFolder(RunFolder(tmp/"e4").evaluation_dir("linear", False)).checkpoint.read_bytes() == b""
 
 
 def test_success_is_silent_and_exits_0(cases):
     r = cases["results"]["eval-ok"][1]
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
-    from mgab.results import read_results
-    assert [row["protocol"] for row in read_results(cases["tmp"]/"e3")] == ["knn"]
+    from mgab.runs import RunFolder
+    assert [row["protocol"] for row in RunFolder(cases["tmp"]/"e3").results()] == ["knn"]
 
 
 def test_debug_shows_the_traceback(cases):

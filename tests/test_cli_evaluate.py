@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 
 from mgab.cli.evaluate import eval_cli, eval_main, report_cli, report_main
-from mgab.results import RESULT_COLUMNS, evaluate_run, load_predictions, read_results
+from mgab.results import evaluate_run, load_predictions
+from mgab.runs import RESULT_COLUMNS, RunFolder
 from mgab.vit import create_vit
 
 ARCH, DEPTH = "vit_tiny_patch16_224", 4
@@ -53,13 +54,12 @@ def make_run(d, bias="learnable", method="mae", epochs=2):
     return d
 
 
-def exits_with(argv_fn, contains, capsys, one_line=True):
-    "The command stops with exit status 2 and a message (one line unless argparse adds its usage) on stderr"
+def exits_with(argv_fn, contains, capsys):
+    "The command stops with exit status 2 and a one-line message on stderr"
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e: argv_fn()
+    rc = argv_fn()
     err = capsys.readouterr().err
-    assert e.value.code == 2 and contains in err, err
-    if one_line: assert err.count("\n") == 1, err
+    assert rc == 2 and contains in err and err.count("\n") == 1, err
 
 
 def test_evaluate_run_all_protocols_append_rows(tmp_path):
@@ -70,7 +70,7 @@ def test_evaluate_run_all_protocols_append_rows(tmp_path):
     lin = evaluate_run(run, dls, "linear", epochs=2, precompute=True, progress=False)
     ft = evaluate_run(run, dls, "finetune", fraction=0.5, epochs=1, progress=False)
     assert (run/"results.csv").read_text().splitlines()[0] == ",".join(RESULT_COLUMNS)
-    rows = read_results(run)
+    rows = RunFolder(run).results()
     assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in rows] == [
         ("knn", 1.0, True), ("knn", 1.0, False), ("linear", 1.0, True), ("finetune", 0.5, True)]
     assert all(r["metric"] == "top1" and r["arch"] == ARCH and r["method"] == "mae" and r["epochs"] == "2"
@@ -92,7 +92,7 @@ def test_evaluate_run_masks_setting_recorded_truthfully(tmp_path):
     biased = make_run(tmp_path/"biased")
     assert evaluate_run(biased, tiny_dls(has_masks=False), "knn", progress=False)["with_masks"] is False
     row = evaluate_run(biased, tiny_dls(), "knn", save=False, progress=False)
-    assert row["with_masks"] is True and len(read_results(biased)) == 1
+    assert row["with_masks"] is True and len(RunFolder(biased).results()) == 1
 
 
 def test_eval_main_errors_before_data(tmp_path, capsys):
@@ -106,8 +106,7 @@ def test_eval_main_errors_before_data(tmp_path, capsys):
     exits_with(lambda: eval_main(["--run", str(run), "--protocol", "linear", "--fraction", "2"]), "(0, 1]", capsys)
     exits_with(lambda: eval_main(["--run", str(run), "--protocol", "knn", "--student"]),
                "has no student.pth: --student evaluates the student of a DINO run (this run's method: mae)", capsys)
-    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "svm"]), "invalid choice: 'svm'", capsys,
-               one_line=False)  # argparse prints its usage too
+    exits_with(lambda: eval_main(["--run", str(run), "--protocol", "svm"]), "invalid choice: 'svm'", capsys)
 
 
 def test_eval_help(capsys, monkeypatch):
@@ -115,7 +114,7 @@ def test_eval_help(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e: eval_main()
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--protocol {linear,knn,finetune}" in out and "--no-masks" in out
-    assert "--student" in out and "student.pth" in out
+    assert "--student" in out and "the student of a DINO run" in out
 
 
 def test_report_main(tmp_path, capsys):
@@ -174,7 +173,7 @@ def test_mgab_eval_student_entry_point(tmp_path, capsys):
     assert (float(student["value"]), student["encoder"]) == (50.0, "student")
     teacher = eval_cli([str(a) for a in common])  # encoder.pth, in this process
     assert teacher["value"] > 90 and teacher["encoder"] == "encoder"
-    assert [(x["encoder"], x["value"]) for x in read_results(run)] == [("student", 50.0), ("encoder", teacher["value"])]
+    assert [(x["encoder"], x["value"]) for x in RunFolder(run).results()] == [("student", 50.0), ("encoder", teacher["value"])]
     (run/"student.pth").unlink()
     r = entry("mgab-eval", *common, "--student")
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
@@ -209,11 +208,13 @@ def fake_data(tmp_path, monkeypatch):
         def __init__(self, root): self.root = root
 
     data = types.SimpleNamespace(labelled_dls=labelled_dls)
-    datasets = types.SimpleNamespace(embedded_dataset=lambda: root)
+    datasets = types.SimpleNamespace(resolve_data=lambda spec: root if spec == "embedded" else Path(spec))
     store = types.SimpleNamespace(MaskStore=MaskStore)
     for name, mod in (("data", data), ("datasets", datasets), ("store", store)):
         monkeypatch.setitem(sys.modules, f"mgab.{name}", mod)
         monkeypatch.setattr(mgab, name, mod, raising=False)
+    import mgab.cli.evaluate as cli  # the command imports the loaders itself: their defaults show in its --help
+    monkeypatch.setattr(cli, "labelled_dls", labelled_dls)
     return calls, root
 
 
@@ -235,20 +236,15 @@ def test_eval_main_calls_the_loaders_per_protocol(tmp_path, fake_data, capsys):
     assert (calls[-1]["augment"], calls[-1]["fraction"], calls[-1]["seed"], calls[-1]["img_size"]) == (
         "finetune", 0.1, 3, 48)
     assert ft["fraction"] == 0.1
-    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in read_results(run)] == [
+    assert [(r["protocol"], r["fraction"], r["with_masks"]) for r in RunFolder(run).results()] == [
         ("knn", 1.0, True), ("linear", 1.0, False), ("finetune", 0.1, False)]
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == ",".join(RESULT_COLUMNS) and out[-1].startswith("finetune,0.1,False,top1,")
 
 
 # ---------------------------------------------------------------- end to end, with mgab.data (and mgab.masks)
-@pytest.fixture
-def embedded():
-    from mgab.datasets import embedded_dataset
-    return embedded_dataset()
-
-
-def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
+def test_eval_main_embedded_no_masks(tmp_path, embedded_store, capsys):
+    embedded = embedded_store[0]
     run = make_run(tmp_path/"run")
     common = ["--run", str(run), "--data", str(embedded), "--img-size", "32", "--bs", "16", "--no-progress"]
     knn = eval_cli(common + ["--no-masks", "--protocol", "knn"])
@@ -258,15 +254,13 @@ def test_eval_main_embedded_no_masks(tmp_path, embedded, capsys):
     assert (knn["value"], lin["value"]) == pytest.approx((77 / 3, 29 / 3), abs=1e-3)
     out = capsys.readouterr().out.splitlines()
     assert ",".join(RESULT_COLUMNS) in out and out[-1].startswith("linear,1.0,False,top1,")
-    assert [r["protocol"] for r in read_results(run)] == ["knn", "linear"]
+    assert [r["protocol"] for r in RunFolder(run).results()] == ["knn", "linear"]
 
 
-def test_eval_main_embedded_with_masks(tmp_path, embedded):
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    make_mask_store(embedded, tmp_path/"store", SuperpixelMasker("slic", c=5), progress=False)
+def test_eval_main_embedded_with_masks(tmp_path, embedded_store):
+    embedded, store = embedded_store  # its masks: SuperpixelMasker("slic", c=5)
     run = make_run(tmp_path/"run")
-    row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(tmp_path/"store"), "--protocol", "knn",
+    row = eval_cli(["--run", str(run), "--data", str(embedded), "--masks", str(store), "--protocol", "knn",
                      "--img-size", "32", "--bs", "16", "--no-progress"])
     # seeded, measured: at 2x2 tokens the masks change 1 of the 300 kNN outcomes, not how many are right
     assert row["with_masks"] is True and row["value"] == pytest.approx(77 / 3, abs=1e-3)
@@ -281,7 +275,7 @@ def test_eval_main_recipes_flags_and_subset_file(tmp_path, fake_data, capsys, mo
     common = ["--run", str(run), "--epochs", "1", "--bs", "8", "--no-progress"]
     lin = eval_cli(common + ["--no-masks", "--protocol", "linear", "--recipe", "dino", "--augment", "none",
                              "--n-last-blocks", "2"])
-    assert lin["recipe"] == "dino" and read_results(run)[-1]["recipe"] == "dino"
+    assert lin["recipe"] == "dino" and RunFolder(run).results()[-1]["recipe"] == "dino"
     seen = {}
     def fake_fine_tune(encoder, dls, **kw):
         seen.update(kw)
@@ -300,9 +294,9 @@ def test_eval_main_recipes_flags_and_subset_file(tmp_path, fake_data, capsys, mo
     assert (calls[-1]["subset_file"], calls[-1]["fraction"], sub["fraction"]) == (str(tmp_path/"subset.txt"), None,
                                                                                   0.01)
     masked = common + ["--masks", str(tmp_path/"store"), "--protocol", "finetune"]
-    exits_with(lambda: eval_cli(masked + ["--mixup", "0.8"]), "mixup (--mixup 0.8) mixes two images", capsys)
-    exits_with(lambda: eval_cli(masked + ["--aa", "rand-m9-mstd0.5-inc1"]), "Pass --aa none", capsys)
-    exits_with(lambda: eval_cli(common + ["--no-masks", "--protocol", "knn", "--recipe", "mae"]),
+    exits_with(lambda: eval_main(masked + ["--mixup", "0.8"]), "mixup (--mixup 0.8) mixes two images", capsys)
+    exits_with(lambda: eval_main(masked + ["--aa", "rand-m9-mstd0.5-inc1"]), "Pass --aa none", capsys)
+    exits_with(lambda: eval_main(common + ["--no-masks", "--protocol", "knn", "--recipe", "mae"]),
                "--protocol knn has the recipes dino", capsys)
 
 

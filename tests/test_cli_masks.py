@@ -240,13 +240,9 @@ def test_cli_generators_and_errors(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_sam_checkpoint_vit_b(tmp_path):
+def test_cli_sam_checkpoint_vit_b(tmp_path, vit_b_checkpoint):
     "The SAM path of the command with a real registry model (vit_b, random weights saved to a file)"
-    import torch
-    from segment_anything import sam_model_registry
-    torch.manual_seed(0)
-    ckpt = tmp_path / "vit_b_random.pth"
-    torch.save(sam_model_registry["vit_b"]().state_dict(), ckpt)
+    ckpt = vit_b_checkpoint
     d = tmp_path / "imgs"; d.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(d / "a.png")
     out = run_masks(d, "--out", tmp_path / "store", "--checkpoint", ckpt, "--model-type", "vit_b",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import inspect
 from mgab.cli.train import method_defaults, pretrain_config, pretrain_main
+from mgab.core import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +19,9 @@ def folders(tmp_path):
 
 
 def _error(argv, capsys):
-    with pytest.raises(SystemExit) as e: pretrain_config(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
+    "The usage error (one line, exit 2 through `cli_main`) that `pretrain_config` raises"
+    with pytest.raises(UsageError) as e: pretrain_config(argv)
+    return str(e.value)
 
 
 def test_mae_config_from_flags(folders):
@@ -97,6 +98,28 @@ def test_cli_defaults_are_the_python_defaults(folders, method):
     assert (cfg["bias_lr_mult"], cfg["warmup_epochs"]) == (10., 2.)  # one value for both methods, both entry points
 
 
+def test_help_shows_the_defaults_of_the_dicts():
+    "Every default --help shows is the one of MAE_DEFAULTS / DINO_DEFAULTS / DISTILL_DEFAULTS, each method's own"
+    import re
+    from mgab.cli.train import _distill_parser, _parser
+    from mgab.distill import DISTILL_DEFAULTS
+    from mgab.dino import DINO_DEFAULTS
+    from mgab.flags import show_default
+    from mgab.mae import MAE_DEFAULTS
+    pre, dis = _parser(), _distill_parser()
+    text = " ".join(pre.format_help().split())
+    for k in ("mask_ratio", "out_dim", "momentum_teacher", "blr", "min_lr", "weight_decay", "teacher_temp"):
+        parts = [f"{m} {show_default(d[k])}" for m, d in (("mae", MAE_DEFAULTS), ("dino", DINO_DEFAULTS)) if k in d]
+        assert f"(default: {', '.join(parts)})" in text, k
+    for k in ("bs", "seed", "bias_lr_mult", "precision"):  # both methods alike: one value
+        assert MAE_DEFAULTS[k] == DINO_DEFAULTS[k] and f"(default: {show_default(MAE_DEFAULTS[k])})" in text, k
+    text = " ".join(dis.format_help().split())
+    for flag, k in (("--lambda LAM", "lam"), ("--attn-loss {kl,sse}", "attn_loss"), ("--student-temp", "student_temp"),
+                    ("--student-init {teacher,scratch}", "student_init")):
+        line = re.escape(flag) + r"(?:(?! --).)*"  # the flag's own help, up to the next flag
+        assert re.search(line + r"\(default: " + re.escape(show_default(DISTILL_DEFAULTS[k])) + r"\)", text), k
+
+
 @pytest.mark.parametrize("extra,message", [
     ([], "--masks STORE is needed"),
     (["--decoder-bias", "--no-bias"], "--masks STORE is needed"),
@@ -122,7 +145,7 @@ def test_data_and_run_folder_errors(folders, capsys):
     (d/"run"/"checkpoints").mkdir(parents=True); (d/"run"/"checkpoints"/"last.pth").write_bytes(b"")
     argv = ["--method", "mae", "--data", str(d/"data"), "--no-bias", "--epochs", "1", "--out", str(d/"run")]
     assert "already holds a run; add --resume" in _error(argv, capsys)
-    (d/"run"/"config.json").write_text(json.dumps(dict(warmup_epochs=0.3)))
+    (d/"run"/"config.json").write_text(json.dumps(dict(warmup_epochs=0.3, model=dict(name="vit_tiny_patch16_224"))))
     cfg, resume = pretrain_config(argv[:-4] + ["--epochs", "20", "--out", str(d/"run"), "--resume"])
     assert resume and cfg["warmup_epochs"] == 0.3  # extending a run keeps its automatic warmup
 
@@ -171,7 +194,7 @@ def test_module_entry_point_reports_errors(folders):
 def test_parsing_imports_no_torch():
     "Argument errors come before the heavy imports"
     code = ("import sys; from mgab.cli.train import pretrain_config\n"
-            "try: pretrain_config(['--method', 'mae'])\nexcept SystemExit: pass\n"
+            "try: pretrain_config(['--method', 'mae'])\nexcept ValueError: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -195,24 +218,20 @@ def test_end_to_end_with_resume(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [0, 1]
     cfg = json.loads((run/"config.json").read_text())
     assert cfg["epochs"] == 2 and cfg["model"]["img_size"] == 32 and cfg["masks"] == str((tmp_path/"masks").resolve())
-    from mgab.vit import load_run_encoder
-    u = load_run_encoder(run).bias_values()["u_pos"]  # the saved encoder is the one the log followed
+    from mgab.runs import RunFolder
+    u = RunFolder(run).load_encoder().bias_values()["u_pos"]  # the saved encoder is the one the log followed
     assert float(u.mean()) == pytest.approx(rows[-1]["u_pos_mean"], abs=1e-7) and u.abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
-def distill_teacher(tmp_path_factory):
-    "A finished biased MAE run on 20 tiny embedded images (32 px, depth 2): something for mgab-distill to distil"
-    from mgab.datasets import make_embedded
+def distill_teacher(tmp_path_factory, tiny_embedded):
+    "A finished biased MAE run on 20 tiny embedded images (32 px crops, depth 2): something for mgab-distill to distil"
     from mgab.mae import pretrain_mae
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    root = tmp_path_factory.mktemp("distill-cli")
-    data = make_embedded(root/"data", n_train=2, n_val=1, size=32, progress=False)
-    make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False)
+    data, store = tiny_embedded
     model = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=2)
-    return pretrain_mae(dict(method="mae", data=str(data), masks=str(root/"store"), out=str(root/"teacher"), epochs=1,
-                             bs=8, model=model, progress=False, num_workers=0))
+    out = tmp_path_factory.mktemp("distill-cli")/"teacher"
+    return pretrain_mae(dict(method="mae", data=str(data), masks=str(store), out=str(out), epochs=1, bs=8, model=model,
+                             progress=False, num_workers=0))
 
 
 def test_distill_entry_point_student_init(distill_teacher, tmp_path):

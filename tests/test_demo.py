@@ -8,8 +8,8 @@ import pytest
 import mgab.datasets as DS
 import mgab.demo as demo
 from mgab.demo import main, plan_budget, run_demo
-from mgab.results import compare_outcomes, load_predictions, read_results
-from mgab.vit import load_run_encoder
+from mgab.results import compare_outcomes, load_predictions
+from mgab.runs import RunFolder
 
 KINDS = ("vanilla", "biased", "distilled", "continued", "random", "control")
 TINY = dict(epochs=1, distill_epochs=1, depth=2, embed_dim=64, num_heads=2, seeds=2, bs=32, progress=False)
@@ -26,7 +26,7 @@ def _run(out, kind, seed):
 
 
 def _outcomes(run, pool="avg", masks=False, protocol="linear"):
-    row = next(r for r in read_results(run) if r["protocol"] == protocol and r["pool"] == pool
+    row = next(r for r in RunFolder(run).results() if r["protocol"] == protocol and r["pool"] == pool
                and r["with_masks"] == masks)
     return load_predictions(run / row["predictions"])["correct"], row["value"]
 
@@ -41,10 +41,10 @@ def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embed
             run = _run(out, kind, seed)
             assert (run / "encoder.pth").is_file() and (run / "results.csv").is_file(), run
     # seed s of every variant starts from the same weights: the floor is what vanilla and biased started from
-    floor, vanilla = (load_run_encoder(_run(out, v, 1)).state_dict() for v in ("random", "vanilla"))
+    floor, vanilla = (RunFolder(_run(out, v, 1)).load_encoder().state_dict() for v in ("random", "vanilla"))
     assert any(not np.allclose(floor[k], vanilla[k]) for k in floor)
-    control = load_run_encoder(_run(out, "control", 1)).state_dict()
-    biased = load_run_encoder(_run(out, "biased", 1)).state_dict()
+    control = RunFolder(_run(out, "control", 1)).load_encoder().state_dict()
+    biased = RunFolder(_run(out, "biased", 1)).load_encoder().state_dict()
     for k, v in control.items():  # the floor's weights with the biased run's trained u
         ref = biased[k] if k.rsplit(".", 1)[-1] in ("u_pos", "u_neg") else floor[k]
         assert np.array_equal(v, ref), k
@@ -83,12 +83,12 @@ def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embed
     cfg = json.loads((out / "mae-biased-x1" / "config.json").read_text())
     assert cfg["bias_lr_mult"] == 1. and cfg["seed"] == 0 and "| 1 | " in (out / "report" / "bias_lr_sweep.md").read_text()
     # a second run finds everything done: nothing recomputed, the same table
-    res = read_results(_run(out, "biased", 0))
+    res = RunFolder(_run(out, "biased", 0)).results()
     assert main(["--out", str(out), "--epochs", "1", "--distill-epochs", "1", "--depth", "2", "--embed-dim", "64",
                  "--num-heads", "2", "--seeds", "2", "--bs", "32", "--bias-lr-sweep", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 2 * (len(KINDS) + 1) and (out / "report" / "table1.md").read_text() == t1
-    assert read_results(_run(out, "biased", 0)) == res
+    assert RunFolder(_run(out, "biased", 0)).results() == res
 
 
 def test_plan_budget_arithmetic(tmp_path, monkeypatch, small_embedded):
@@ -122,7 +122,7 @@ def test_demo_bad_input(tmp_path, capsys):
                                         (["--distill-epochs", "-1"], "--distill-epochs")])
 def test_demo_usage_errors_through_the_entry_point(tmp_path, args, word):
     r = subprocess.run(["mgab-demo", "--out", str(tmp_path / "d")] + args, capture_output=True, text=True)
-    assert r.returncode == 2 and word in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and word in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()
 
 

@@ -15,7 +15,8 @@ from mgab.mre import TokenRelations
 from mgab.dino import (DINO, DINOHead, DINOLoss, DINOStudent, DINO_DEFAULTS, collapse_mode, dino_config,
                        dino_kd_loss, dino_learner, ema_update, pretrain_dino)
 from mgab.train import SSLTarget, fit_run
-from mgab.vit import create_vit, load_run_encoder
+from mgab.vit import create_vit
+from mgab.runs import RunFolder
 
 
 
@@ -369,8 +370,8 @@ def test_pretrain_dino_short_run_loss_falls_no_collapse(tmp_path, capsys):
     state = torch.load(run/"checkpoints"/"last.pth", weights_only=False)
     assert set(state["callbacks"]["DINO"]) == {"teacher", "center"}
     teacher, student = (_encoder_part(sd) for sd in (state["callbacks"]["DINO"]["teacher"], state["model"]))
-    _assert_same(load_run_encoder(run).state_dict(), teacher)  # the run folder contract: config.json + encoder.pth
-    _assert_same(load_run_encoder(run, which="student").state_dict(), student)
+    _assert_same(RunFolder(run).load_encoder().state_dict(), teacher)  # the run folder contract: config.json + encoder.pth
+    _assert_same(RunFolder(run).load_encoder("student").state_dict(), student)
     assert len(json.loads((run/"bias_history.json").read_text())) == 6
 
 
@@ -509,10 +510,10 @@ def test_dino_run_folder_holds_teacher_and_student(tmp_path):
     _assert_same(torch.load(run/"encoder.pth", weights_only=True), teacher)
     _assert_same(torch.load(run/"student.pth", weights_only=True), student)
     assert len(_differs(teacher, student)) > len(teacher) // 2  # the EMA lags the student in most tensors
-    _assert_same(load_run_encoder(run).state_dict(), teacher)
-    _assert_same(load_run_encoder(run, which="student").state_dict(), student)
+    _assert_same(RunFolder(run).load_encoder().state_dict(), teacher)
+    _assert_same(RunFolder(run).load_encoder("student").state_dict(), student)
     history = json.loads((run/"bias_history.json").read_text())
-    assert history[-1]["u_pos"] == load_run_encoder(run).bias_values()["u_pos"].tolist()  # Fig. 4's teacher
+    assert history[-1]["u_pos"] == RunFolder(run).load_encoder().bias_values()["u_pos"].tolist()  # Fig. 4's teacher
 
 
 @pytest.mark.slow
@@ -524,7 +525,7 @@ def test_pretrain_dino_on_embedded_data(tmp_path):
     run = pretrain_dino(c)
     row = json.loads((run/"metrics.json").read_text())[0]
     assert row["collapse"] == 0 and np.isfinite(row["train_loss"])
-    assert load_run_encoder(run).patch_embed.patch_size == (8, 8)
+    assert RunFolder(run).load_encoder().patch_embed.patch_size == (8, 8)
 
 
 @pytest.mark.slow
@@ -557,15 +558,11 @@ def test_pretrain_dino_bf16_cuda(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
-def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch):
+def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch, embedded_store):
     "A short real run on the embedded data with superpixel masks: the loss falls and no collapse is flagged"
-    from mgab.datasets import embedded_dataset
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    monkeypatch.setenv("MGAB_DATA", str(tmp_path))
-    store = make_mask_store(embedded_dataset(progress=False), tmp_path / "store", SuperpixelMasker("slic"),
-                            progress=False)
-    run = pretrain_dino(dict(data="embedded", masks=str(store.root), out=str(tmp_path / "run"), epochs=3, bs=128,
+    path, store = embedded_store
+    monkeypatch.setenv("MGAB_DATA", str(path.parent))  # data="embedded" names it
+    run = pretrain_dino(dict(data="embedded", masks=str(store), out=str(tmp_path / "run"), epochs=3, bs=128,
                              lr=5e-4, warmup_epochs=1, global_size=32, local_size=16, n_local=2, out_dim=256,
                              head_hidden_dim=256, head_bottleneck_dim=64, progress=False, num_workers=0,
                              model=dict(name="vit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=0, depth=4,
@@ -573,5 +570,5 @@ def test_dino_loss_falls_on_embedded_data(tmp_path, monkeypatch):
     rows = json.loads((run / "metrics.json").read_text())
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1, [r["train_loss"] for r in rows]
     assert all(r["collapse"] == 0 for r in rows)
-    u = load_run_encoder(run).bias_values()["u_pos"]  # encoder.pth is the network whose u the log followed
+    u = RunFolder(run).load_encoder().bias_values()["u_pos"]  # encoder.pth is the network whose u the log followed
     assert float(u.mean()) == pytest.approx(rows[-1]["u_pos_mean"], abs=1e-7) and u.abs().max() > 1e-4

@@ -1,27 +1,10 @@
 "Distillation end to end on the embedded data: biased teacher run -> mask-free student run -> evaluation."
 import json
-import os
 import pytest
 import torch
 from pathlib import Path
+from mgab.core import UsageError
 
-
-
-@pytest.fixture(scope="module")
-def embedded_store(tmp_path_factory):
-    from mgab.datasets import embedded_dataset
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    root = tmp_path_factory.mktemp("embedded")
-    old = os.environ.get("MGAB_DATA")
-    os.environ["MGAB_DATA"] = str(root)
-    try:
-        path = embedded_dataset(progress=False)
-        store = make_mask_store(path, root / "store", SuperpixelMasker("slic"), progress=False)
-    finally:
-        if old is None: os.environ.pop("MGAB_DATA", None)
-        else: os.environ["MGAB_DATA"] = old
-    return path, store.root
 
 
 TINY = dict(name="vit_tiny_patch16_224", patch_size=8, img_size=64, num_classes=0, depth=4)
@@ -39,8 +22,8 @@ def mae_teacher(embedded_store, tmp_path_factory):
 
 def test_mae_distillation_run(mae_teacher, tmp_path):
     from mgab.distill import distill_run
-    from mgab.vit import load_run_encoder
-    teacher_u = load_run_encoder(mae_teacher).bias_values()["u_pos"]
+    from mgab.runs import RunFolder
+    teacher_u = RunFolder(mae_teacher).load_encoder().bias_values()["u_pos"]
     assert teacher_u.abs().max() > 0  # the teacher learned a bias to distil
     out = tmp_path / "student"
     distill_run(dict(teacher=str(mae_teacher), out=str(out), epochs=1, bs=128, layers=[0, 1], progress=False,
@@ -51,7 +34,7 @@ def test_mae_distillation_run(mae_teacher, tmp_path):
     rows = json.loads((out / "metrics.json").read_text())
     assert rows[0]["att_loss"] > 0 and rows[0]["mim_loss"] > 0
     assert rows[0]["train_loss"] == pytest.approx(rows[0]["mim_loss"] + rows[0]["att_loss"], rel=1e-4)
-    student = load_run_encoder(out)
+    student = RunFolder(out).load_encoder()
     assert student.blocks[0].attn.bias is None and student.bias_parameters() == []
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(): assert torch.equal(student(x), student(x, torch.randint(0, 6, (2, 64))))  # takes no masks
@@ -118,7 +101,7 @@ def test_distilling_a_vanilla_run_is_refused(mae_teacher, tmp_path):
     (fake / "finished.json").write_text(json.dumps(dict(finished=True, epochs=cfg["epochs"])))
     with pytest.raises(ValueError, match="without bias"):
         distill_run(dict(teacher=str(fake), out=str(tmp_path / "s"), epochs=1))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UsageError, match="no config.json"):  # a usage error: `mgab-distill` exits 2
         distill_run(dict(teacher=str(tmp_path / "nothing"), out=str(tmp_path / "s"), epochs=1))
     with pytest.raises(ValueError, match="student_init='scratch'"):  # the old flag is gone, not silently ignored
         distill_run(dict(teacher=str(mae_teacher), out=str(tmp_path / "s"), epochs=1, from_scratch=True))
@@ -138,7 +121,7 @@ def _small_copy(path, dest, per_class=12):
 def test_dino_distillation_run(embedded_store, tmp_path):
     from mgab.dino import pretrain_dino
     from mgab.distill import distill_run
-    from mgab.vit import load_run_encoder
+    from mgab.runs import RunFolder
     path, store = _small_copy(embedded_store[0], tmp_path / "small")  # multi-crop is costly on 2 CPU cores
     teacher = pretrain_dino(dict(data=str(path), masks=str(store), out=str(tmp_path / "dino"), epochs=1, bs=40,
                                  model=dict(TINY, dynamic_img_size=True), global_size=64, local_size=32, n_local=2,
@@ -150,9 +133,9 @@ def test_dino_distillation_run(embedded_store, tmp_path):
     info = json.loads((out / "distill.json").read_text())
     assert (info["loss"], info["lam"], info["student_init"]) == (None, None, "teacher")  # Eq. 8 matches no attention
     assert 0 < info["attn_gap_before"] < 1 and info["attn_gap_after"] == pytest.approx(rows[0]["attn_gap"], rel=1e-5)
-    enc = load_run_encoder(out)
+    enc = RunFolder(out).load_encoder()
     assert enc.blocks[0].attn.bias is None
     # initialised from the teacher (EMA) weights, then trained: close to it but not equal
-    t_enc = load_run_encoder(teacher)
+    t_enc = RunFolder(teacher).load_encoder()
     w_s, w_t = enc.blocks[0].attn.qkv.weight, t_enc.blocks[0].attn.qkv.weight
     assert not torch.equal(w_s, w_t) and (w_s - w_t).norm() < 0.5 * w_t.norm()

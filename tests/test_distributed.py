@@ -28,18 +28,6 @@ def _launch(*argv, timeout=300):
     return r
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    "20 training images (10 classes x 2) of 64 px and their SLIC mask store"
-    from mgab.datasets import make_embedded
-    from mgab.masks import SuperpixelMasker
-    from mgab.store import make_mask_store
-    root = tmp_path_factory.mktemp("dist")
-    data = make_embedded(root/"data", n_train=2, n_val=1, size=64, progress=False)
-    make_mask_store(data, root/"store", SuperpixelMasker("slic"), progress=False)
-    return data, root/"store"
-
-
 def _rows(run): return json.loads((run/"metrics.json").read_text())
 
 
@@ -76,9 +64,9 @@ def _kill_at_first_checkpoint(p, run):
     assert subprocess.run(["pgrep", "-f", f"out {run}( |$)"], capture_output=True).stdout == b""  # all gone
 
 
-def test_mae_two_processes_kill_and_exact_resume(tiny_data, tmp_path):
+def test_mae_two_processes_kill_and_exact_resume(tiny_embedded, tmp_path):
     "MAE with bias on 2 processes, killed after epoch 0 and resumed: the same losses as the uninterrupted run"
-    data, store = tiny_data
+    data, store = tiny_embedded
     full, killed = tmp_path/"full", tmp_path/"killed"
     args = ["--method", "mae", "--data", data, "--masks", store, *TINY, "--epochs", "2", "--blr", "1e-3"]
     ref = _popen(args + ["--out", full])  # the uninterrupted reference, alongside the run that is killed
@@ -104,9 +92,9 @@ def test_mae_two_processes_kill_and_exact_resume(tiny_data, tmp_path):
     assert all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
 
 
-def test_dino_two_processes_and_rank0_eval(tiny_data, tmp_path, monkeypatch, capsys):
+def test_dino_two_processes_and_rank0_eval(tiny_embedded, tmp_path, monkeypatch, capsys):
     "DINO with bias on 2 processes: equal teacher and centre on both (checked each epoch); mgab-eval runs on rank 0"
-    data, store = tiny_data
+    data, store = tiny_embedded
     run = tmp_path/"dino"
     _launch("--method", "dino", "--data", data, "--masks", store, *TINY, "--epochs", "2", "--blr", "1e-3",
             "--out-dim", "64", "--n-local", "2", "--local-size", "32", "--out", run)
@@ -128,9 +116,9 @@ def test_dino_two_processes_and_rank0_eval(tiny_data, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.slow
-def test_launched_without_bias_real_kill_and_distill(tiny_data, tmp_path):
+def test_launched_without_bias_real_kill_and_distill(tiny_embedded, tmp_path):
     "Without bias: MAE (also SIGKILLed after epoch 0 and resumed: same losses) and DINO; mgab-distill; 2 processes each"
-    data, store = tiny_data
+    data, store = tiny_embedded
     mae = ["--method", "mae", "--data", data, "--no-bias", *TINY, "--epochs", "2", "--blr", "1e-3"]
     _launch(*mae, "--out", tmp_path/"mae")
     cfg, full = _check_launched_run(tmp_path/"mae", 1e-3)

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import IMAGENETTE
 from mgab.cli.evaluate import eval_main
-from mgab.results import evaluate_run, evaluation_dir, find_runs, load_predictions, read_results
+from mgab.results import evaluate_run, load_predictions
+from mgab.runs import RunFolder, find_runs
 from mgab.train import RunCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +49,11 @@ def rows(folder: Path) -> list[dict]: return json.loads((folder/"metrics.json").
 
 def check_resumed(killed: Path, ref: Path, protocol: str, fraction: float = 1.):
     "The resumed evaluation equals the uninterrupted one: row, saved predictions, every epoch's losses"
-    (a,), (b,) = read_results(killed), read_results(ref)
+    (a,), (b,) = RunFolder(killed).results(), RunFolder(ref).results()
     assert a["value"] == b["value"] and a["predictions"] == b["predictions"]
     pa, pb = (load_predictions(r/a["predictions"]) for r in (killed, ref))
     np.testing.assert_array_equal(pa["pred"], pb["pred"])
-    ea, eb = (evaluation_dir(r, protocol, False, fraction) for r in (killed, ref))
+    ea, eb = (RunFolder(r).evaluation_dir(protocol, False, fraction) for r in (killed, ref))
     for x, y in zip(rows(ea), rows(eb), strict=True):
         for k in ("train_loss", "valid_loss", "accuracy", "lr"):  # each epoch validated, as fastai's table shows
             assert x[k] == pytest.approx(y[k], abs=1e-6), (x["epoch"], k)
@@ -65,7 +66,7 @@ def test_sigkilled_finetune_resumes_to_the_same_result(tiny_eval_run):
     killed, ref = run.parent/"killed", run.parent/"ref"
     shutil.copytree(run, killed); shutil.copytree(run, ref)
     args = ["--data", data, "--protocol", "finetune", "--epochs", "6", "--bs", "4", "--num-workers", "0"]
-    ev = evaluation_dir(killed, "finetune", False)
+    ev = RunFolder(killed).evaluation_dir("finetune", False)
     p = subprocess.Popen(["mgab-eval", "--run", str(killed), *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
     killer = threading.Thread(target=kill_when, args=(p, (ev/"checkpoints"/"last.pth").exists))
@@ -102,7 +103,7 @@ def test_interrupted_linear_probe_resumes_to_the_same_result(tiny_eval_run, monk
     with monkeypatch.context() as m:
         m.setattr(RunCheckpoint, "after_epoch", stop_after_epoch_1)
         with pytest.raises(KeyboardInterrupt): evaluate_run(run, dls(), "linear", **kw)
-    assert len(rows(evaluation_dir(run, "linear", False))) == 2 and not read_results(run)
+    assert len(rows(RunFolder(run).evaluation_dir("linear", False))) == 2 and not RunFolder(run).results()
     evaluate_run(run, dls(), "linear", **kw)  # resume=None: a partial evaluation with these settings continues
     check_resumed(run, ref, "linear")
 
@@ -122,14 +123,14 @@ def test_mae_finetune_100_epochs_on_imagenette_runs_to_the_end_and_resumes(tmp_p
     cmd = lambda r, *more: ["mgab-eval", "--run", str(r), *map(str, args), *more]
     t0 = time.time()
     full = subprocess.Popen(cmd(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    ev = evaluation_dir(killed, "finetune", False, 0.1)
+    ev = RunFolder(killed).evaluation_dir("finetune", False, 0.1)
     p = subprocess.Popen(cmd(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                          start_new_session=True)
     kill_when(p, lambda: (ev/"metrics.json").is_file() and len(rows(ev)) >= 40)
     out, err = full.communicate(timeout=3600)
     print(f"100 epochs in {time.time() - t0:.0f} s")
     assert (full.returncode, err) == (0, ""), err
-    assert [r["epoch"] for r in rows(evaluation_dir(run, "finetune", False, 0.1))] == list(range(100))
+    assert [r["epoch"] for r in rows(RunFolder(run).evaluation_dir("finetune", False, 0.1))] == list(range(100))
     assert "epoch 100/100: train_loss" in out and "\r" not in out  # a log: plain lines, no bar frames
     r = subprocess.run(cmd(killed, "--resume"), capture_output=True, text=True, env=ENV, timeout=3600)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr

@@ -14,12 +14,12 @@ from fastai.metrics import accuracy
 from scipy.stats import norm, t as t_dist
 
 from mgab.evaluate import (LARS, Classifier, LastBlocks, dino_pool, encoder_features, extract_features, knn_accuracy,
-                           knn_scores, linear_head, linear_probe, top1, warmup_cosine)
+                           knn_scores, linear_head, linear_probe, top1)
 from mgab.report import (Cell, bias_stats, design_notes, load_runs, plot_attention, plot_bias_stats, recipe_notes,
                          report, table1, table2, to_markdown)
-from mgab.results import (RESULT_COLUMNS, append_result, compare_outcomes, evaluate_run, items_digest,
-                          load_predictions, paired_outcomes, predictions_name, read_results, save_predictions,
-                          valid_predictions)
+from mgab.runs import RESULT_COLUMNS, RunFolder
+from mgab.results import (compare_outcomes, evaluate_run, items_digest, load_predictions, paired_outcomes,
+                          save_predictions, valid_predictions)
 from mgab.finetune import (MAE_FINETUNE, UNALIGNED, MixupErase, MixedTargetLoss, fine_tune, finetune_augs,
                            lrd_param_groups, mae_train_dls)
 from mgab.vit import create_vit
@@ -189,8 +189,12 @@ def mae_adjust_lr(epoch, lr, min_lr, warmup_epochs, epochs):
 
 
 def test_warmup_cosine_matches_mae():
-    for e in np.linspace(0, 9.9, 34):
-        assert warmup_cosine(e / 10, 2., 0.2, 1e-3) == pytest.approx(mae_adjust_lr(e, 2., 1e-3, 2, 10))
+    "The one schedule (mgab.train.cosine_schedule) is MAE's per iteration: 10 epochs of 7 steps, 2 warmup epochs"
+    from mgab.train import cosine_schedule
+    lrs = cosine_schedule(2., 1e-3, 70, 14)
+    for i in range(70): assert lrs[i] == pytest.approx(mae_adjust_lr(i / 7, 2., 1e-3, 2, 10))
+    short = cosine_schedule(2., 1e-3, 14, 28)  # 2 epochs of a 4-epoch warmup: half the peak at the end, as MAE
+    for i in range(14): assert short[i] == pytest.approx(mae_adjust_lr(i / 7, 2., 1e-3, 4, 2))
 
 
 # ---------------------------------------------------------------- linear probe
@@ -311,7 +315,7 @@ def test_protocols_on_gpu(tmp_path):
     assert row["with_masks"] is False and row["recipe"] == "mae"
     row = evaluate_run(tmp_path, dls, "linear", recipe="dino", epochs=1, progress=False)
     assert row["recipe"] == "dino" and len(outcomes(row)) == 12
-    assert len(read_results(tmp_path)) == 6
+    assert len(RunFolder(tmp_path).results()) == 6
 
 
 # ---------------------------------------------------------------- report
@@ -327,7 +331,7 @@ def make_run(root, name, bias, epochs, rows, method="mae", u=None, **extra):
     (d/"config.json").write_text(json.dumps(dict(method=method, epochs=epochs, data="x", masks="y",
                                                  model=dict(name=ARCH, img_size=32, depth=DEPTH, bias=bias), **extra)))
     for proto, frac, wm, v in rows:
-        append_result(d, dict(protocol=proto, fraction=frac, with_masks=wm, metric="top1", value=v, epochs=epochs,
+        RunFolder(d).append_result(dict(protocol=proto, fraction=frac, with_masks=wm, metric="top1", value=v, epochs=epochs,
                               arch=ARCH, method=method, timestamp="t"))
     return d
 
@@ -423,9 +427,9 @@ def test_report_files_and_fig4(runs, tmp_path):
 
 
 def test_read_results_types(tmp_path):
-    append_result(tmp_path, dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=12.5))
-    append_result(tmp_path, dict(protocol="finetune", fraction=0.1, with_masks=True, metric="top1", value=50))
-    rows = read_results(tmp_path)
+    RunFolder(tmp_path).append_result(dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=12.5))
+    RunFolder(tmp_path).append_result(dict(protocol="finetune", fraction=0.1, with_masks=True, metric="top1", value=50))
+    rows = RunFolder(tmp_path).results()
     assert [(r["protocol"], r["fraction"], r["with_masks"], r["value"]) for r in rows] == [
         ("knn", 1.0, False, 12.5), ("finetune", 0.1, True, 50.0)]
     header = (tmp_path/"results.csv").read_text().splitlines()[0]
@@ -446,13 +450,13 @@ OLD_HEADER = "protocol,fraction,with_masks,metric,value,epochs,arch,method,times
 
 def test_old_results_file_reads_and_is_upgraded(tmp_path):
     (tmp_path/"results.csv").write_text(OLD_HEADER + "\r\nlinear,1.0,True,top1,61.5,100,vit_tiny_patch16_224,mae,t\r\n")
-    old = read_results(tmp_path)
+    old = RunFolder(tmp_path).results()
     assert [(r["value"], r["encoder"], r["predictions"], r["recipe"]) for r in old] == [(61.5, "encoder", "", "")]
-    append_result(tmp_path, dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=40.,
+    RunFolder(tmp_path).append_result(dict(protocol="knn", fraction=1.0, with_masks=False, metric="top1", value=40.,
                                  encoder="student", predictions="predictions/knn-nomasks-1-student.npz", recipe="dino"))
     lines = (tmp_path/"results.csv").read_text().splitlines()
     assert lines[0] == ",".join(RESULT_COLUMNS) and len(lines) == 3
-    rows = read_results(tmp_path)
+    rows = RunFolder(tmp_path).results()
     assert [(r["protocol"], r["value"], r["encoder"]) for r in rows] == [("linear", 61.5, "encoder"),
                                                                         ("knn", 40., "student")]
     assert rows[1]["predictions"] == "predictions/knn-nomasks-1-student.npz"
@@ -479,7 +483,7 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
         for proto, kw in (("knn", {}), ("linear", dict(precompute=True, epochs=2))):
             rows[run.name, proto] = evaluate_run(run, dls, proto, progress=False, **kw)
     r = rows["ours", "linear"]
-    assert r["predictions"] == predictions_name("linear", True, 1., "encoder", "mae", "cls")
+    assert r["predictions"] == RunFolder.predictions_name("linear", True, 1., "encoder", "mae", "cls")
     assert r["predictions"] == "predictions/linear-mae-cls-masks-1-encoder.npz"
     assert rows["base", "knn"]["predictions"] == "predictions/knn-dino-cls-nomasks-1-encoder.npz"  # no bias: no masks
     p = load_predictions(biased/r["predictions"])
@@ -487,7 +491,7 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
     np.testing.assert_array_equal(p["label"], dls.valid.dataset.y.numpy())
     assert 100 * p["correct"].mean() == pytest.approx(r["value"], abs=1e-3)
     assert (p["protocol"], p["fraction"], p["which"]) == ("linear", 1.0, "encoder") and p["with_masks"] is True
-    assert read_results(biased)[-1]["predictions"] == r["predictions"]
+    assert RunFolder(biased).results()[-1]["predictions"] == r["predictions"]
     assert not list(biased.glob("predictions/.*tmp"))  # written through a temporary file, which is gone
     knn = [load_predictions(d/rows[d.name, "knn"]["predictions"]) for d in (biased, vanilla)]
     a, b = paired_outcomes(knn[:1], knn[1:])
@@ -504,7 +508,7 @@ def test_evaluate_run_saves_paired_outcomes(tmp_path):
     assert load_predictions(biased/rows["ours", "knn"]["predictions"])["correct"].mean() * 100 == pytest.approx(
         rows["ours", "knn"]["value"], abs=1e-3)
     assert evaluate_run(other, dls, "knn", save=False, progress=False)["predictions"] == ""
-    assert len(read_results(other)) == 1
+    assert len(RunFolder(other).results()) == 1
 
 
 def test_valid_predictions_match_top1():
@@ -518,7 +522,7 @@ def test_valid_predictions_match_top1():
 def test_evaluate_run_which_student(tmp_path):
     dls = tiny_dls()
     run = make_eval_run(tmp_path, "dino", biased_encoder())
-    with pytest.raises(FileNotFoundError, match="student.pth"):  # forwarded to load_run_encoder
+    with pytest.raises(FileNotFoundError, match="student.pth"):  # forwarded to RunFolder.load_encoder
         evaluate_run(run, dls, "knn", which="student", progress=False)
     torch.save(biased_encoder(u_pos=0., u_neg=0., seed=3).state_dict(), run/"student.pth")
     row = evaluate_run(run, dls, "knn", which="student", progress=False)
@@ -526,7 +530,7 @@ def test_evaluate_run_which_student(tmp_path):
     evaluate_run(run, dls, "knn", progress=False)
     with pytest.raises(ValueError, match="`which` must be one of"):
         evaluate_run(run, dls, "knn", which="teacher", progress=False)
-    assert [r["encoder"] for r in read_results(run)] == ["student", "encoder"]
+    assert [r["encoder"] for r in RunFolder(run).results()] == ["student", "encoder"]
     labels = [r["Method"] for r in table1(load_runs([run]))[1]]
     assert labels == ["MAE + our method", "MAE + our method (student)"]
 
@@ -550,9 +554,9 @@ def make_seed_run(root, name, seed, correct, bias=None, epochs=100, labels=None,
     torch.save(create_vit(ARCH, img_size=32, num_classes=0, depth=DEPTH, bias=bias).state_dict(), d/"encoder.pth")
     (d/"config.json").write_text(json.dumps(dict(method="mae", epochs=epochs, seed=seed, out=str(d), data="x",
                                                  model=dict(name=ARCH, img_size=32, depth=DEPTH, bias=bias), **extra)))
-    name_ = predictions_name("linear", bias is not None, 1., "encoder")
+    name_ = RunFolder.predictions_name("linear", bias is not None, 1., "encoder")
     save_predictions(d/name_, np.where(correct, labels, (labels + 1) % 4), labels, "digest-of-val", protocol="linear")
-    append_result(d, dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
+    RunFolder(d).append_result(dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
                           value=100 * np.mean(correct), predictions=name_))
     return d
 
@@ -619,7 +623,7 @@ def test_unpaired_outcomes_give_no_interval(tmp_path):
     rng = np.random.default_rng(0)
     a, b = rng.random(100) < 0.5, rng.random(100) < 0.6
     base, ours = make_seed_run(tmp_path, "base", 0, a), make_seed_run(tmp_path, "ours", 0, b, bias="learnable")
-    f = ours/predictions_name("linear", True)
+    f = ours/RunFolder.predictions_name("linear", True)
     p = load_predictions(f)
     save_predictions(f, p["pred"], p["label"], "another-val-set")
     with pytest.warns(UserWarning, match="different validation images"):
@@ -934,7 +938,7 @@ def test_recipe_columns_and_footnotes(tmp_path):
     base, ours = (make_run(tmp_path, n, bias, 100, [], "dino") for n, bias in (("base", None), ("ours", "learnable")))
     for d, bias, mae_v, dino_v in ((base, None, 60., 70.), (ours, "learnable", 62., 75.)):
         for rec, v in (("mae", mae_v), ("dino", dino_v)):
-            append_result(d, dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
+            RunFolder(d).append_result(dict(protocol="linear", fraction=1., with_masks=bias is not None, metric="top1",
                                   value=v, recipe=rec))
     runs = load_runs([base, ours])
     cols, rows = table1(runs)

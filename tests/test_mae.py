@@ -8,9 +8,11 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from torch.utils.data import Dataset
 from mgab.mae import MAE, pretrain_mae, random_masking, sincos_pos_embed
+from mgab.core import UsageError
 from mgab.vit import uses_masks
 from mgab.mre import labels2tokens, mask_bias
-from mgab.vit import create_vit, load_run_encoder
+from mgab.vit import create_vit
+from mgab.runs import RunFolder
 
 TINY = dict(name="vit_tiny_patch16_224", img_size=32)
 
@@ -259,7 +261,7 @@ def test_short_run_learns_and_moves_u(tmp_path):
     assert u.shape == (2, 2, 3) and u.abs().mean() > 0.02  # 20 steps at bias lr 2e-2 (bias_lr_mult 10)
     saved = json.loads((run/"config.json").read_text())
     assert (saved["bias_lr_mult"], saved["lr"], saved["model"]["num_classes"]) == (10., 2e-3, 0)
-    enc = load_run_encoder(run)
+    enc = RunFolder(run).load_encoder()
     torch.testing.assert_close(enc.bias_values()["u_pos"], torch.tensor(hist[-1]["u_pos"]))
 
 
@@ -268,7 +270,7 @@ def test_bias_lr_mult_moves_u_further(tmp_path):
     for mult in (1., 10.):
         cfg = dict(epochs=2, out=tmp_path/f"run{mult}", lr=1e-3, warmup_epochs=0, progress=False, bias_lr_mult=mult,
                    decoder_embed_dim=32, decoder_depth=1, model=dict(TINY, depth=2))
-        u = load_run_encoder(pretrain_mae(cfg, dls=shapes_dls(n=16))).bias_values()
+        u = RunFolder(pretrain_mae(cfg, dls=shapes_dls(n=16))).load_encoder().bias_values()
         moved[mult] = float(torch.cat([u["u_pos"], u["u_neg"]]).abs().mean())
     assert moved[10.] > 4 * moved[1.] > 0
 
@@ -298,7 +300,7 @@ def test_pretrain_errors(tmp_path):
     cfg = dict(epochs=1, out=tmp_path/"r", progress=False, decoder_embed_dim=32, decoder_depth=1,
                model=dict(TINY, depth=1))
     pretrain_mae(cfg, dls=shapes_dls(n=8))
-    with pytest.raises(FileExistsError, match="already holds a run"): pretrain_mae(cfg, dls=shapes_dls(n=8))
+    with pytest.raises(UsageError, match="already holds a run"): pretrain_mae(cfg, dls=shapes_dls(n=8))
     with pytest.raises(ValueError, match="mask_ratio"):
         pretrain_mae(dict(cfg, mask_ratio=.6), resume=True, dls=shapes_dls(n=8))
 

@@ -215,12 +215,9 @@ def test_sam_missing_checkpoint_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_sam_registry_vit_b_file(tmp_path):
+def test_sam_registry_vit_b_file(vit_b_checkpoint):
     "The default path end to end: segment-anything's registry builds vit_b and reads the file (random weights)"
-    from segment_anything import sam_model_registry
-    torch.manual_seed(0)
-    f = tmp_path / "vit_b_random.pth"
-    torch.save(sam_model_registry["vit_b"]().state_dict(), f)
+    f = vit_b_checkpoint
     m = SamMasker(f, model_type="vit_b", device="cpu", **TINY)
     lm = m(_blobs())
     assert lm.shape == (60, 80) and lm.dtype == np.uint8 and lm.max() <= 5

@@ -16,7 +16,7 @@ from mgab.sam import SamMasker, build_tiny_sam
 from mgab.store import make_mask_store
 from mgab.mre import labels2tokens, relation_matrix
 from mgab.vit import create_vit
-from mgab.results import find_runs
+from mgab.runs import find_runs
 from mgab.widgets.runs import RunViewer
 from mgab.widgets.bias import BiasExplorer
 from mgab.widgets.masks import MaskExplorer
@@ -308,7 +308,8 @@ def test_run_viewer(tmp_path):
     png = rv.views["loss"].value
     rv.controls["runs"].value = ("mae-nobias",)
     assert [l.get_label() for l in rv.figs["loss"].axes[0].lines] == ["mae-nobias"]
-    assert rv.views["loss"].value != png and len(rv.results) == 0 and "no results.csv" in rv.results_html.value
+    assert rv.views["loss"].value != png and len(rv.results) == 0
+    assert "no results in the selected runs" in rv.results_html.value
     rv.set(metric="lr", log_y=True)
     assert rv.figs["loss"].axes[0].get_yscale() == "log" and rv.figs["loss"].axes[0].get_ylabel() == "lr"
 
@@ -337,7 +338,7 @@ def test_run_viewer_fit_run_folder(tmp_path):
     "A run folder as mgab.train.fit_run writes it"
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
-    from mgab.train import SSLSchedule, fit_run, model_loss, ssl_splitter
+    from mgab.train import WarmupCosine, fit_run, model_loss, ssl_splitter
 
     class Toy(torch.nn.Module):  # an encoder plus a loss, like the SSL wrappers
         def __init__(self):
@@ -348,7 +349,8 @@ def test_run_viewer_fit_run_folder(tmp_path):
     ds = list(zip(x, m))
     dls = DataLoaders.from_dsets(ds, ds, bs=4, device="cpu")
     dls.n_inp = 2
-    learn = Learner(dls, Toy(), loss_func=model_loss, splitter=ssl_splitter, cbs=SSLSchedule(lr=1e-2, bias_lr_mult=10))
+    learn = Learner(dls, Toy(), loss_func=model_loss, splitter=ssl_splitter,
+                    cbs=WarmupCosine(1e-2, 1e-6, wd=0.05, bias_lr_mult=10, whole_iters=True))
     model_cfg = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3,
                      num_classes=0)
     with learn.no_bar(), learn.no_logging():

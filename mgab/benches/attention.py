@@ -6,11 +6,12 @@ Docs: https://mgab-dev.github.io/mgab/bench_attention.html.md"""
 
 # %% ../../nbs/55_bench_attention.ipynb #4fc70271
 from __future__ import annotations
-import argparse, json, os, subprocess, sys
+import json, os, subprocess, sys
 import torch
 import timm
 from .timing import time_alternating
 from ..vit import create_vit
+from ..flags import CommandParser, signature_defaults
 
 # %% auto #0
 __all__ = ['bench_attention', 'main']
@@ -95,14 +96,9 @@ def bench_attention(arch: str = "vit_small_patch16_224", img_size: int = 224, bs
 # %% ../../nbs/55_bench_attention.ipynb #29908459
 def main(argv=None):
     "`mgab-bench attention [--arch A] [--img-size S] [--bs B] [--rounds R] [--device D] [--no-explicit]`"
-    p = argparse.ArgumentParser(prog="mgab-bench attention", description=bench_attention.__doc__)
-    p.add_argument("--arch", default="vit_small_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--bs", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-explicit", action="store_true")
-    a = p.parse_args(argv)
+    p = CommandParser("mgab-bench attention", bench_attention.__doc__, defaults=signature_defaults(bench_attention))
+    p.add("arch", "img_size", "bs", "rounds", "device")
+    a = p.add("no_explicit", action="store_true", help="skip the explicit (unfused) path").parse_args(argv)
     r = bench_attention(a.arch, a.img_size, a.bs, a.rounds, a.device, not a.no_explicit)
     print(f"device: {r['device']}  arch: {r['arch']}  img_size: {r['img_size']}  batch: {r['bs']}  amp: {r['amp']}")
     for k, t in r["times"].items(): print(f"  {k:9s} step {t * 1000:9.1f} ms  ({t / r['times']['vanilla']:.3f}x vanilla)")

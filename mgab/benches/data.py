@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/bench_data.html.md"""
 
 # %% ../../nbs/57_bench_data.ipynb #8bb2851d
 from __future__ import annotations
-import argparse, tempfile
+import tempfile
 from pathlib import Path
 import torch
 from .timing import time_alternating
@@ -16,6 +16,7 @@ from ..store import MaskStore, make_mask_store
 from ..data import MaskedImages, masked_dls, dino_views, image_files, mae_view
 from ..datasets import resolve_data
 from ..datasets import embedded_dataset
+from ..flags import CommandParser, signature_defaults
 
 # %% auto #0
 __all__ = ['bench_data', 'main']
@@ -73,17 +74,15 @@ def bench_data(path=None,  # ImageFolder root (`train/` is read); default the em
 # %% ../../nbs/57_bench_data.ipynb #ca2ca8e3
 def main(argv=None):
     "`mgab-bench data [--data PATH] [--masks STORE] [--pipeline pretrain|multicrop] [--img-size S] ...`"
-    p = argparse.ArgumentParser(prog="mgab-bench data", description=bench_data.__doc__)
-    p.add_argument("--data", default=None, help="ImageFolder root (default: the embedded dataset)")
-    p.add_argument("--masks", default=None, help="a mask store folder (default: a superpixel store made here)")
-    p.add_argument("--pipeline", default="pretrain", choices=["pretrain", "multicrop"])
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--batches", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--num-workers", type=int, default=0)
-    a = p.parse_args(argv)
+    p = CommandParser("mgab-bench data", bench_data.__doc__, defaults=signature_defaults(bench_data, data="path"))
+    p.add("data", help="ImageFolder root (default: the embedded dataset)")
+    p.add("masks", help="a mask store folder (default: a superpixel store made here)")
+    p.add("pipeline", choices=["pretrain", "multicrop"], help="MAE's loader (one crop) or DINO's (multi-crop)")
+    p.add("img_size", help="image side in pixels (default: 64 on the embedded data, else 224)")
+    p.add("patch_size", help="ViT patch side in pixels (default: 8 on the embedded data, else 16)")
+    p.add("bs", "rounds")
+    p.add("batches", type=int, help="batches per timed pass")
+    a = p.add("num_workers", help="data-loader worker processes").parse_args(argv)
     r = bench_data(a.data, a.masks, a.pipeline, a.img_size, a.patch_size, a.bs, a.batches, a.rounds, a.num_workers)
     print(f"data: {r['path']}  store: {r['store']}  pipeline: {r['pipeline']}  img_size: {r['img_size']}  "
           f"patch_size: {r['patch_size']}  batch: {r['bs']}  workers: {r['num_workers']}  threads: {r['threads']}")

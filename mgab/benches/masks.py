@@ -6,13 +6,14 @@ Docs: https://mgab-dev.github.io/mgab/bench_masks.html.md"""
 
 # %% ../../nbs/56_bench_masks.ipynb #d33a6136
 from __future__ import annotations
-import argparse, os, shutil, tempfile, time
+import os, shutil, tempfile, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from ..masks import SuperpixelMasker, list_images, load_image
 from ..sam import SamMasker, build_tiny_sam, label_map_agreement
 from ..store import make_mask_store, store_stats
+from ..flags import CommandParser, signature_defaults
 
 # %% auto #0
 __all__ = ['bench_images', 'time_masker', 'time_store', 'bench_masks', 'main']
@@ -104,17 +105,16 @@ def bench_masks(images: list[np.ndarray], seconds: float = 10., device: str | No
 # %% ../../nbs/56_bench_masks.ipynb #beba9e7a
 def main(argv=None):
     "`mgab-bench masks [--images DIR] [--n N] [--seconds S] [--device D] [--sam tiny,vit_b,...] [--checkpoint P]`"
-    p = argparse.ArgumentParser(prog="mgab-bench masks", description=bench_masks.__doc__)
-    p.add_argument("--images", help="image folder (default: scikit-image's bundled photos at 224x224)")
-    p.add_argument("--n", type=int, default=20, help="images")
-    p.add_argument("--seconds", type=float, default=10., help="time limit per generator")
-    p.add_argument("--device")
-    p.add_argument("--sam", help="comma-separated SAM models: tiny, vit_b, vit_l, vit_h "
-                   "(default: tiny on CPU, tiny,vit_b,vit_h on CUDA); 'none' for none")
-    p.add_argument("--checkpoint", help="a real SAM checkpoint for --model-type")
-    p.add_argument("--model-type", default="vit_h")
-    p.add_argument("--points-per-side", type=int, default=32)
-    a = p.parse_args(argv)
+    p = CommandParser("mgab-bench masks", bench_masks.__doc__,
+                      defaults=signature_defaults(bench_masks, bench_images, images="image_dir"))
+    p.add("images", help="image folder (default: scikit-image's bundled photos at 224x224)")
+    p.add("n", type=int, help="images")
+    p.add("seconds", help="time limit per generator")
+    p.add("device")
+    p.add("sam", help="comma-separated SAM models: tiny, vit_b, vit_l, vit_h (default: tiny on CPU, tiny,vit_b,vit_h "
+          "on CUDA); 'none' for none")
+    p.add("checkpoint", help="a real SAM checkpoint for --model-type")
+    a = p.add("model_type", "points_per_side").parse_args(argv)
     import torch
     images = bench_images(a.images, a.n)
     sam = None if a.sam is None else tuple(s for s in a.sam.split(",") if s and s != "none")

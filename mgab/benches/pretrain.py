@@ -6,10 +6,11 @@ Docs: https://mgab-dev.github.io/mgab/bench_pretrain.html.md"""
 
 # %% ../../nbs/58_bench_pretrain.ipynb #fa3d8b41
 from __future__ import annotations
-import argparse, time
+import time
 import torch
 from .timing import time_alternating
 from ..mae import mae_config, mae_model
+from ..flags import CommandParser, signature_defaults
 
 # %% auto #0
 __all__ = ['bench_pretrain', 'main']
@@ -54,14 +55,10 @@ def bench_pretrain(arch: str = "vit_base_patch16_224",
 # %% ../../nbs/58_bench_pretrain.ipynb #f31427ab
 def main(argv=None):
     "`mgab-bench pretrain [--arch A] [--img-size S] [--bs B] [--seconds T] [--device D] [--no-amp]`"
-    p = argparse.ArgumentParser(prog="mgab-bench pretrain", description=bench_pretrain.__doc__)
-    p.add_argument("--arch", default="vit_base_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=120., help="timed budget, both variants (default: 120)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-amp", action="store_true", help="fp32 steps on CUDA too")
-    a = p.parse_args(argv)
+    p = CommandParser("mgab-bench pretrain", bench_pretrain.__doc__, defaults=signature_defaults(bench_pretrain))
+    p.add("arch", "img_size", "bs", "device")
+    p.add("seconds", help="timed budget, both variants")
+    a = p.add("no_amp", action="store_true", help="fp32 steps on CUDA too").parse_args(argv)
     if a.bs < 1 or a.seconds <= 0: p.error("--bs must be >= 1 and --seconds > 0")
     r = bench_pretrain(a.arch, a.img_size, a.bs, a.seconds, a.device, False if a.no_amp else None)
     print(f"device: {r['device']}  arch: {r['arch']}  img_size: {r['img_size']}  batch: {r['bs']}  "

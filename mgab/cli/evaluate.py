@@ -6,130 +6,124 @@ Docs: https://mgab-dev.github.io/mgab/cli_evaluate.html.md"""
 
 # %% ../../nbs/52_cli_evaluate.ipynb #79239165
 from __future__ import annotations
-import argparse, os, sys, warnings
+import os, sys, warnings
 from pathlib import Path
-from ..core import RunFailed, add_debug_flag, cli_main
+from ..core import RunFailed, UsageError, cli_main
+from ..flags import CommandParser, signature_defaults
 with warnings.catch_warnings():  # fastai.layers calls `torch.jit.script` on import: a deprecation users cannot act on
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-    from mgab.vit import load_run_encoder
+    from mgab.data import labelled_dls
     from mgab.evaluate import LINEAR_RECIPES, LastBlocks, dino_pool
     from mgab.vit import uses_masks
     from mgab.report import report
-    from mgab.results import PROTOCOLS, RECIPES, RESULT_COLUMNS, evaluate_run, find_runs, read_run_config
+    from mgab.results import PROTOCOLS, RECIPES, evaluate_run
+    from mgab.runs import RESULT_COLUMNS, RunFolder, find_runs
     from mgab.finetune import MAE_FINETUNE, finetune_augs
-    from mgab.precision import PRECISIONS, resolve_precision
-    from mgab.train import unfinished_reason
+    from mgab.precision import resolve_precision
 
 # %% auto #0
 __all__ = ['eval_cli', 'eval_main', 'report_cli', 'report_main']
 
 # %% ../../nbs/52_cli_evaluate.ipynb #e7ccc953
-def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("mgab-eval", description="Evaluate a pretrained run folder with one protocol and "
-                                "append the top-1 accuracy to RUN_DIR/results.csv")
-    p.add_argument("--run", required=True, help="run folder written by mgab-pretrain / mgab-distill")
-    p.add_argument("--data", help="ImageFolder root with train/ and val/ (default: the embedded dataset)")
-    p.add_argument("--masks", help="mask store for the images of --data (needed by runs trained with bias)")
-    p.add_argument("--no-masks", action="store_true", help="evaluate a biased run without masks (Table 2)")
-    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    p.add_argument("--recipe", choices=sorted({r for rs in RECIPES.values() for r in rs}),
-                   help="the reference recipe: linear mae (MAE main_linprobe.py, default) or dino (DINO "
-                        "eval_linear.py); knn dino; finetune mae (MAE main_finetune.py)")
-    p.add_argument("--fraction", type=float, help="fraction of the training labels, e.g. 0.01 or 0.1")
-    p.add_argument("--subset-file", help="text file listing the training images to use, one file name per line as "
-                   "SimCLR/MSN publish for ImageNet (give --fraction too: the fraction it stands for, recorded)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: linear mae 90, dino 100; finetune "
-                   f"{MAE_FINETUNE['epochs']})")
-    p.add_argument("--bs", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--img-size", type=int, help="image size (default: the run's model img_size, else 224)")
-    p.add_argument("--pool", choices=("cls", "avg"), help="feature pooling (default: cls; finetune: avg, then "
-                   "fc_norm as MAE's global_pool; linear dino: the last blocks' CLS tokens)")
-    p.add_argument("--augment", choices=("linear", "none"), default="linear",
-                   help="linear probe augmentation; 'none' precomputes the features once (default: linear)")
-    p.add_argument("--opt", choices=("lars", "sgd"), help="linear-probe optimiser (default: the recipe's, mae lars "
-                   "(for large batches and long runs), dino sgd)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: blr * bs / 256)")
-    p.add_argument("--blr", type=float, help=f"base learning rate (default: linear mae {LINEAR_RECIPES['mae']['blr']}, "
-                   f"dino {LINEAR_RECIPES['dino']['blr']}; finetune {MAE_FINETUNE['blr']})")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours (default: 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="kNN temperature (default: 0.07)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the label subset")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers (default: mgab.data's)")
-    p.add_argument("--student", action="store_true",
-                   help="evaluate student.pth, a DINO run's student, instead of encoder.pth (its EMA teacher); the "
-                        "row is recorded with encoder=student")
+def _eval_defaults() -> dict:
+    "The defaults of `mgab-eval`'s flags: the loaders' and `evaluate_run`'s, and MAE's fine-tuning recipe"
+    sig, M = signature_defaults(labelled_dls, evaluate_run, temperature="T"), MAE_FINETUNE
+    return dict({k: sig[k] for k in ("bs", "seed", "k", "temperature", "precision")}, weight_decay=M["wd"],
+                **{k: M[k] for k in ("layer_decay", "drop_path", "warmup_epochs", "min_lr", "smoothing", "mixup_prob",
+                                     "mixup_switch_prob", "mixup_mode", "remode", "recount")})
+
+def _eval_parser() -> CommandParser:
+    L, M = LINEAR_RECIPES, MAE_FINETUNE
+    p = CommandParser("mgab-eval", "Evaluate a pretrained run folder with one protocol and record the top-1 accuracy "
+                      "with the run's results", defaults=_eval_defaults())
+    p.add("run", required=True, help="run folder written by mgab-pretrain / mgab-distill")
+    p.add("data", help="ImageFolder root with train/ and val/, or embedded, imagenette, imagenet100:ROOT (default: "
+          "the embedded dataset)")
+    p.add("masks", help="mask store for the images of --data (needed by runs trained with bias)")
+    p.add("no_masks", action="store_true", help="evaluate a biased run without masks (Table 2)")
+    p.add("protocol", required=True, choices=PROTOCOLS, help="linear probe, kNN, or fine-tuning")
+    p.add("recipe", choices=sorted({r for rs in RECIPES.values() for r in rs}),
+          help="the reference recipe: linear mae (MAE main_linprobe.py, default), dino (DINO eval_linear.py) or logreg "
+               "(mgab's converged L-BFGS probe); knn dino; finetune mae (MAE main_finetune.py)")
+    p.add("fraction", type=float, help="fraction of the training labels, e.g. 0.01 or 0.1")
+    p.add("subset_file", help="text file listing the training images to use, one file name per line as SimCLR/MSN "
+          "publish for ImageNet (give --fraction too: the fraction it stands for, recorded)")
+    p.add("epochs", help=f"training epochs (default: linear mae {L['mae']['epochs']}, dino {L['dino']['epochs']}; "
+          f"finetune {M['epochs']})")
+    p.add("bs", help="batch size")
+    p.add("img_size", help="image size (default: the run's model img_size, else 224)")
+    p.add("pool", choices=("cls", "avg"), help="feature pooling (default: cls; finetune: avg, then fc_norm as MAE's "
+          "global_pool; linear dino: the last blocks' CLS tokens)")
+    p.add("augment", choices=("linear", "none"), default="linear",
+          help="linear probe augmentation; 'none' precomputes the features once")
+    p.add("opt", choices=("lars", "sgd"), help=f"linear-probe optimiser (default: the recipe's, mae {L['mae']['opt']} "
+          f"(for large batches and long runs), dino {L['dino']['opt']})")
+    p.add("lr", help="peak learning rate (default: blr * bs / 256)")
+    p.add("blr", help=f"base learning rate (default: linear mae {L['mae']['blr']}, dino {L['dino']['blr']}; "
+          f"finetune {M['blr']})")
+    p.add("k", type=int, help="kNN neighbours")
+    p.add("temperature", type=float, help="kNN temperature")
+    p.add("seed", help="seed of the label subset")
+    p.add("num_workers")
+    p.add("student", action="store_true", help="evaluate the student of a DINO run instead of its encoder (the EMA "
+          "teacher); the row is recorded with encoder=student")
     d = p.add_argument_group("linear --recipe dino",
                              "DINO's features (eval_linear.py); default: ViT-B 1 block + avgpool, smaller 4 blocks")
-    d.add_argument("--n-last-blocks", type=int, help="concatenate the CLS tokens of the last N blocks")
-    d.add_argument("--avgpool-patchtokens", type=int, choices=(0, 1), help="1: append the mean patch token")
-    M = MAE_FINETUNE
+    p.add("n_last_blocks", group=d, type=int, help="concatenate the CLS tokens of the last N blocks")
+    p.add("avgpool_patchtokens", group=d, type=int, choices=(0, 1), help="1: append the mean patch token")
     f = p.add_argument_group("finetune", "MAE's main_finetune.py recipe, each flag with MAE's default; fine-tuning a "
                              "biased run with masks keeps only the aligned crops, flips and colour jitter: mixup, "
                              "CutMix, RandAugment and random erasing are off there and refused if asked for")
-    f.add_argument("--layer-decay", type=float, default=M["layer_decay"],
-                   help="layer-wise lr decay (default: %(default)s; FINETUNE.md's ViT-B: 0.65)")
-    f.add_argument("--drop-path", type=float, default=M["drop_path"], help="drop path rate (default: %(default)s)")
-    f.add_argument("--weight-decay", type=float, default=M["wd"], help="AdamW weight decay (default: %(default)s)")
-    f.add_argument("--warmup-epochs", type=float, default=M["warmup_epochs"],
-                   help="linear lr warmup epochs (default: %(default)s)")
-    f.add_argument("--min-lr", type=float, default=M["min_lr"], help="final lr of the cosine (default: %(default)s)")
-    f.add_argument("--smoothing", type=float, default=M["smoothing"], help="label smoothing (default: %(default)s)")
-    f.add_argument("--mixup", type=float, help=f"mixup alpha (default: {M['mixup']}; 0 with masks)")
-    f.add_argument("--cutmix", type=float, help=f"CutMix alpha (default: {M['cutmix']}; 0 with masks)")
-    f.add_argument("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="CutMix box area range, instead of its alpha")
-    f.add_argument("--mixup-prob", type=float, default=M["mixup_prob"],
-                   help="share of batches mixed (default: %(default)s)")
-    f.add_argument("--mixup-switch-prob", type=float, default=M["mixup_switch_prob"],
-                   help="share of mixed batches cut-mixed instead (default: %(default)s)")
-    f.add_argument("--mixup-mode", choices=("batch", "pair", "elem"), default=M["mixup_mode"],
-                   help="one mixing per batch, per pair or per image (default: %(default)s)")
-    f.add_argument("--aa", help=f"RandAugment policy, 'none' for none (default: {M['aa']}; none with masks)")
-    f.add_argument("--reprob", type=float, help=f"random erasing probability (default: {M['reprob']}; 0 with masks)")
-    f.add_argument("--remode", choices=("pixel", "rand", "const"), default=M["remode"],
-                   help="random erasing fill (default: %(default)s)")
-    f.add_argument("--recount", type=int, default=M["recount"], help="random erasing count (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of feature extraction and "
-                   "training: auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16, or fp16 (CUDA only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (nor, in a log, the epoch lines)")
-    p.add_argument("--resume", action="store_true", help="continue the partial evaluation a killed mgab-eval left in "
-                   "RUN_DIR/evals/ (linear probe, fine-tuning: checkpointed every epoch)")
-    p.add_argument("--allow-unfinished", action="store_true",
-                   help="evaluate a run that has no finished.json (stopped before its last epoch)")
-    return add_debug_flag(p)
-
-def _fail(msg: str, prog: str = "mgab-eval"):
-    "Stop the command as argparse does for bad input: one line on stderr, exit status 2"
-    print(f"{prog}: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    p.add("layer_decay", group=f, type=float, help="layer-wise lr decay (FINETUNE.md's ViT-B: 0.65)")
+    p.add("drop_path", group=f, type=float, help="drop path rate")
+    p.add("weight_decay", "warmup_epochs", "min_lr", group=f)
+    p.add("smoothing", group=f, type=float, help="label smoothing")
+    p.add("mixup", group=f, type=float, help=f"mixup alpha (default: {M['mixup']}; 0 with masks)")
+    p.add("cutmix", group=f, type=float, help=f"CutMix alpha (default: {M['cutmix']}; 0 with masks)")
+    p.add("cutmix_minmax", group=f, type=float, nargs=2, metavar=("MIN", "MAX"),
+          help="CutMix box area range, instead of its alpha")
+    p.add("mixup_prob", group=f, type=float, help="share of batches mixed")
+    p.add("mixup_switch_prob", group=f, type=float, help="share of mixed batches cut-mixed instead")
+    p.add("mixup_mode", group=f, choices=("batch", "pair", "elem"), help="one mixing per batch, per pair or per image")
+    p.add("aa", group=f, help=f"RandAugment policy, 'none' for none (default: {M['aa']}; none with masks)")
+    p.add("reprob", group=f, type=float, help=f"random erasing probability (default: {M['reprob']}; 0 with masks)")
+    p.add("remode", group=f, choices=("pixel", "rand", "const"), help="random erasing fill")
+    p.add("recount", group=f, type=int, help="random erasing count")
+    p.add("precision", help="autocast of feature extraction and training: auto (bf16 on CUDA, fp32 elsewhere), fp32, "
+          "bf16, or fp16 (CUDA only)")
+    p.add("resume", help="continue the partial evaluation a killed mgab-eval left in RUN_DIR/evals/ (linear probe, "
+          "fine-tuning: checkpointed every epoch)")
+    return p.add("no_progress", "allow_unfinished")
 
 # %% ../../nbs/52_cli_evaluate.ipynb #84487737
 def eval_cli(argv: list[str] | None = None) -> dict:
     "`mgab-eval` as a function: evaluate, record and print the results row; return it"
     args = _eval_parser().parse_args(argv)
-    run = Path(args.run)
+    run = RunFolder(args.run)
     if args.subset_file and args.fraction is None:
-        _fail("--subset-file needs --fraction too (the fraction the file stands for, recorded in results.csv)")
+        raise UsageError("--subset-file needs --fraction too (the fraction the file stands for, recorded with the "
+                         "result)")
     recipe = args.recipe or RECIPES[args.protocol][0]
     if recipe not in RECIPES[args.protocol]:
-        _fail(f"--protocol {args.protocol} has the recipes {', '.join(RECIPES[args.protocol])}, got --recipe {recipe}")
+        raise UsageError(f"--protocol {args.protocol} has the recipes {', '.join(RECIPES[args.protocol])}, got "
+                         f"--recipe {recipe}")
     dino_flags = args.n_last_blocks is not None or args.avgpool_patchtokens is not None
     if dino_flags and (args.protocol, recipe) != ("linear", "dino"):
-        _fail("--n-last-blocks and --avgpool-patchtokens choose the features of --protocol linear --recipe dino")
+        raise UsageError("--n-last-blocks and --avgpool-patchtokens choose the features of --protocol linear "
+                         "--recipe dino")
     if args.fraction is not None and not 0 < args.fraction <= 1:
-        _fail(f"--fraction must be in (0, 1], got {args.fraction}")
-    try: resolve_precision(args.precision)  # fp16 on a CPU: refused before any data is read
-    except ValueError as e: _fail(str(e))
+        raise UsageError(f"--fraction must be in (0, 1], got {args.fraction}")
+    resolve_precision(args.precision)  # fp16 on a CPU: a usage error before any data is read
     try:
-        cfg = read_run_config(run)
+        cfg = run.config()
         img_size = args.img_size or cfg["model"].get("img_size", 224)
         which = "student" if args.student else "encoder"
-        if args.student and not (run/"student.pth").is_file():
-            _fail(f"run {str(run)!r} has no student.pth: --student evaluates the student of a DINO run "
-                  f"(this run's method: {cfg.get('method', '?')})")
-        encoder = load_run_encoder(run, which=which, num_classes=0, img_size=img_size)
-    except (FileNotFoundError, ValueError) as e: _fail(str(e))
-    if not args.allow_unfinished and (why := unfinished_reason(run)):
+        if args.student and not run.weights("student").is_file():
+            raise UsageError(f"run {str(run)!r} has no {run.weights('student').name}: --student evaluates the "
+                             f"student of a DINO run (this run's method: {cfg.get('method', '?')})")
+        encoder = run.load_encoder(which, num_classes=0, img_size=img_size)
+    except (FileNotFoundError, ValueError) as e: raise UsageError(str(e)) from e
+    if not args.allow_unfinished and (why := run.unfinished_reason()):
         raise RunFailed(f"run {why}: finish it with --resume, or pass --allow-unfinished to evaluate it as it is")
     pool = args.pool
     if dino_flags:  # DINO's choice for this architecture, where not overridden
@@ -137,13 +131,15 @@ def eval_cli(argv: list[str] | None = None) -> dict:
         pool = LastBlocks(dflt.n if args.n_last_blocks is None else args.n_last_blocks,
                           dflt.avgpool if args.avgpool_patchtokens is None else bool(args.avgpool_patchtokens))
         if not 1 <= pool.n <= len(encoder.blocks):
-            _fail(f"--n-last-blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), got {pool.n}")
+            raise UsageError(f"--n-last-blocks must be in [1, {len(encoder.blocks)}] (the encoder's blocks), got "
+                             f"{pool.n}")
     masks = None
     if uses_masks(encoder) and not args.no_masks:
         if args.masks is None:
-            _fail(f"run {str(run)!r} was trained with mask-guided attention bias: pass --masks STORE (masks of the "
-                  "train/ and val/ images of --data) or --no-masks to evaluate it without masks")
-        if not Path(args.masks).exists(): _fail(f"mask store {args.masks!r} does not exist")
+            raise UsageError(f"run {str(run)!r} was trained with mask-guided attention bias: pass --masks STORE "
+                             "(masks of the train/ and val/ images of --data) or --no-masks to evaluate it without "
+                             "masks")
+        if not Path(args.masks).exists(): raise UsageError(f"mask store {args.masks!r} does not exist")
         from mgab.store import MaskStore # imported here: evaluation without masks needs no mask code
         masks = MaskStore(args.masks)
     elif args.masks and not args.no_masks:
@@ -152,18 +148,16 @@ def eval_cli(argv: list[str] | None = None) -> dict:
                 aa=args.aa, reprob=args.reprob)
     if args.protocol == "finetune":  # refused before any data is read
         try: finetune_augs(masks is not None, **augs)
-        except ValueError as e: _fail(str(e))
-    from mgab import data as mdata
-    from mgab.datasets import embedded_dataset
-    path = Path(args.data) if args.data else embedded_dataset()
-    for split in ("train", "val"):
-        if not (path/split).is_dir(): _fail(f"{str(path/split)!r} is missing: --data must hold train/ and val/ folders")
+        except ValueError as e: raise UsageError(str(e)) from e
+    from mgab.datasets import resolve_data
+    try: path = resolve_data(args.data or "embedded")  # a folder, or a name (embedded, imagenette, ...) as everywhere
+    except FileNotFoundError as e: raise UsageError(str(e)) from e
     augment = dict(knn="none", linear=args.augment, finetune="finetune")[args.protocol]
     dl_kw = dict(masks=masks, img_size=img_size, patch_size=encoder.patch_embed.patch_size[0], bs=args.bs,
                  augment=augment, fraction=None if args.subset_file else args.fraction, subset_file=args.subset_file,
-                 seed=args.seed)  # with a subset file, --fraction only names the subset in results.csv
+                 seed=args.seed)  # with a subset file, --fraction only names the subset in the results
     if args.num_workers is not None: dl_kw["num_workers"] = args.num_workers
-    dls = mdata.labelled_dls(path, **dl_kw)
+    dls = labelled_dls(path, **dl_kw)
     kw = {k: v for k, v in dict(lr=args.lr, blr=args.blr).items() if v is not None}
     if args.protocol == "linear": kw.update(precompute=args.augment == "none", opt=args.opt)
     if args.protocol == "finetune":
@@ -194,12 +188,12 @@ def eval_main(argv: list[str] | None = None) -> int:
 # %% ../../nbs/52_cli_evaluate.ipynb #38328053
 def report_cli(argv: list[str] | None = None) -> dict[str, Path]:
     "`mgab-report` as a function: write and print the tables and Fig. 4; return the files it wrote"
-    p = argparse.ArgumentParser("mgab-report", description="Table 1, Table 2 and Fig. 4 of the paper from run folders")
-    p.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
-    p.add_argument("--out", default="report", help="output folder (default: report)")
-    args = add_debug_flag(p).parse_args(argv)
+    p = CommandParser("mgab-report", "Table 1, Table 2 and Fig. 4 of the paper from run folders",
+                      defaults=signature_defaults(report))
+    p.add("runs", positional=True, nargs="+", help="run folders (or folders of run folders)")
+    args = p.add("out", help="output folder").parse_args(argv)
     try: runs = find_runs(args.runs)
-    except (FileNotFoundError, ValueError) as e: _fail(str(e), "mgab-report")
+    except (FileNotFoundError, ValueError) as e: raise UsageError(str(e)) from e
     written = report(runs, args.out)
     for name in ("table1.md", "table2.md"):
         if name in written: print(written[name].read_text())

@@ -6,54 +6,52 @@ Docs: https://mgab-dev.github.io/mgab/cli_masks.html.md"""
 
 # %% ../../nbs/50_cli_masks.ipynb #2a872139
 from __future__ import annotations
-import argparse, importlib, os, sys
+import os, sys
 from pathlib import Path
-from ..core import UsageError, add_debug_flag, cli_main
+from ..core import UsageError, cli_main
+from ..flags import CommandParser, signature_defaults
 from ..masks import SuperpixelMasker
-from ..sam import SamMasker, SAM_CHECKPOINTS_URL
+from ..sam import SamMasker, SAM_CHECKPOINTS_URL, make_masker
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
 
 # %% auto #0
-__all__ = ['launch_device', 'make_masker', 'shard_args', 'main']
+__all__ = ['launch_device', 'shard_args', 'main']
 
 # %% ../../nbs/50_cli_masks.ipynb #7c75525f
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mgab-masks", description="Precompute SAM (or stand-in superpixel) label maps for every image of a "
-        "folder into a resumable mask store, or verify one.")
-    p.add_argument("image_dir", nargs="?", help="folder of images, searched recursively")
-    p.add_argument("--out", help="the mask store folder (created or resumed)")
-    p.add_argument("--verify", nargs="+", metavar=("STORE", "IMAGE_DIR"),
-                   help="check STORE against IMAGE_DIR (default: the folder it was built from) and exit")
-    p.add_argument("--summary", metavar="STORE",
-                   help="print STORE's mean mask coverage beside SAM's in the paper (Table 3) and exit")
-    p.add_argument("--generator", help="sam, superpixel or MODULE:NAME (a factory returning a masker); "
-                   "default: sam with --checkpoint, else superpixel")
-    p.add_argument("--c", type=int, default=5, help="masks kept per image (paper: 5)")
-    p.add_argument("--points-per-side", type=int, default=32,
-                   help="SAM prompt grid (paper: 32); for superpixels, the grid whose Table 3 coverage "
-                   "the defaults match")
+def _parser() -> CommandParser:
+    p = CommandParser("mgab-masks", "Precompute SAM (or stand-in superpixel) label maps for every image of a folder "
+                      "into a resumable mask store, or verify one.",
+                      defaults=signature_defaults(SamMasker, SuperpixelMasker))
+    p.add("image_dir", positional=True, nargs="?", help="folder of images, searched recursively")
+    p.add("out", help="the mask store folder (created or resumed)")
+    p.add("verify", nargs="+", metavar=("STORE", "IMAGE_DIR"),
+          help="check STORE against IMAGE_DIR (default: the folder it was built from) and exit")
+    p.add("summary", metavar="STORE",
+          help="print STORE's mean mask coverage beside SAM's in the paper (Table 3) and exit")
+    p.add("generator", help="sam, superpixel or MODULE:NAME (a factory returning a masker); default: sam with "
+          "--checkpoint, else superpixel")
+    p.add("c", type=int, help="masks kept per image (paper: 5)")
+    p.add("points_per_side", help="SAM prompt grid (paper: 32); for superpixels, the grid whose Table 3 coverage the "
+          "defaults match")
     g = p.add_argument_group("SAM")
-    g.add_argument("--checkpoint", help=f"SAM checkpoint file ({SAM_CHECKPOINTS_URL})")
-    g.add_argument("--model-type", default="vit_h", help="vit_h (paper), vit_l or vit_b")
-    g.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when available)")
-    g.add_argument("--points-per-batch", type=int, help="prompts per decoder call (default 256 on CUDA, 64 on CPU)")
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
-    g.add_argument("--crop-n-layers", type=int, default=0)
-    g.add_argument("--min-mask-region-area", type=int, default=0, help="needs opencv when > 0")
-    g.add_argument("--encoder-bf16", action="store_true",
-                   help="bf16 image encoder on CUDA; check it with `mgab-bench masks` first")
+    p.add("checkpoint", group=g, help=f"SAM checkpoint file ({SAM_CHECKPOINTS_URL})")
+    p.add("model_type", "device", group=g)
+    p.add("points_per_batch", group=g, type=int, help="prompts per decoder call (default: 256 on CUDA, 64 on CPU)")
+    p.add("pred_iou_thresh", "stability_score_thresh", group=g, type=float,
+          help="SAM's threshold of its masks' predicted quality")
+    p.add("crop_n_layers", group=g, type=int, help="SAM's layers of image crops (0: the whole image only)")
+    p.add("min_mask_region_area", group=g, type=int, help="small regions and holes removed (needs opencv when > 0)")
+    p.add("encoder_bf16", group=g, action="store_true",
+          help="bf16 image encoder on CUDA; check it with `mgab-bench masks` first")
     s = p.add_argument_group("superpixel stand-in")
-    s.add_argument("--method", default="felzenszwalb", choices=SuperpixelMasker.methods)
+    p.add("method", group=s, choices=SuperpixelMasker.methods, help="the scikit-image superpixel algorithm")
     w = p.add_argument_group("work")
-    w.add_argument("--shard", type=int, help="this process's shard, 0..num_shards-1 (default: $RANK under "
-                   "`accelerate launch`/`torchrun`, else 0)")
-    w.add_argument("--num-shards", type=int, help="processes filling the store (default: $WORLD_SIZE, else 1)")
-    w.add_argument("--no-progress", action="store_true", help="no progress bar")
-    w.add_argument("--repair", action="store_true", help="hash every image, as --verify does, and recompute every "
-                   "entry it would flag (also images changed with their size and modification time kept)")
-    return add_debug_flag(p)
+    p.add("shard", group=w, type=int, help="this process's shard, 0..num_shards-1 (default: $RANK under `accelerate "
+          "launch`/`torchrun`, else 0)")
+    p.add("num_shards", group=w, type=int, help="processes filling the store (default: $WORLD_SIZE, else 1)")
+    p.add("no_progress", group=w, help="no progress bar")
+    return p.add("repair", group=w, action="store_true", help="hash every image, as --verify does, and recompute "
+                 "every entry it would flag (also images changed with their size and modification time kept)")
 
 # %% ../../nbs/50_cli_masks.ipynb #da8e32f3
 def launch_device(env=None) -> str | None:
@@ -64,28 +62,19 @@ def launch_device(env=None) -> str | None:
     r = int(env["LOCAL_RANK"])
     return f"cuda:{r}" if torch.cuda.is_available() and r < torch.cuda.device_count() else None
 
-def make_masker(a: argparse.Namespace, log=print):
-    "The masker the command-line options ask for"
-    gen = a.generator or ("sam" if a.checkpoint else "superpixel")
-    if gen == "sam":
-        if not a.checkpoint:
-            raise ValueError(f"--generator sam needs --checkpoint (official checkpoints: {SAM_CHECKPOINTS_URL}); "
-                             "without one, --generator superpixel is the offline stand-in")
-        return SamMasker(a.checkpoint, a.model_type, a.points_per_side, a.c, device=a.device or launch_device(),
-                         points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
-                         stability_score_thresh=a.stability_score_thresh, crop_n_layers=a.crop_n_layers,
-                         min_mask_region_area=a.min_mask_region_area, encoder_bf16=a.encoder_bf16)
-    if gen == "superpixel":
-        if a.generator is None:
-            log(f"mgab-masks: no --checkpoint given, so masks come from the superpixel stand-in ({a.method}), "
-                f"NOT from SAM. For the paper's masks pass --checkpoint sam_vit_h_4b8939.pth ({SAM_CHECKPOINTS_URL}).")
-        return SuperpixelMasker(a.method, c=a.c, points_per_side=a.points_per_side)
-    if ":" in gen:
-        mod, name = gen.split(":", 1)
-        try: factory = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e: raise ValueError(f"--generator {gen}: cannot import it ({e})") from e
-        return factory()
-    raise ValueError(f"--generator must be sam, superpixel or MODULE:NAME, got {gen!r}")
+_SAM_FLAGS = ("model_type", "points_per_side", "c", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+              "crop_n_layers", "min_mask_region_area", "encoder_bf16")
+
+def _masker(a, log=print):
+    "The masker the flags ask for (`mgab.sam.make_masker`), SAM on this process's GPU under a launcher"
+    sam = a.generator == "sam" or (a.generator is None and a.checkpoint)
+    device = a.device or (launch_device() if sam else None)  # launch_device imports torch: only for SAM
+    masker = make_masker(a.generator, a.checkpoint, method=a.method, device=device,
+                         **{k: getattr(a, k) for k in _SAM_FLAGS})
+    if a.generator is None and isinstance(masker, SuperpixelMasker):
+        log(f"mgab-masks: no --checkpoint given, so masks come from the superpixel stand-in ({a.method}), NOT from "
+            f"SAM. For the paper's masks pass --checkpoint sam_vit_h_4b8939.pth ({SAM_CHECKPOINTS_URL}).")
+    return masker
 
 def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
     bad = {k: res[k] for k in ("missing", "stale", "corrupt")}
@@ -118,25 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     a.shard, a.num_shards = shard_args(a.shard, a.num_shards)  # a usage error (exit 2), outside the try below
-    try:
-        if a.summary:
-            _summary(MaskStore(a.summary))
-            return 0
-        if a.verify:
-            if len(a.verify) > 2: p.error("--verify takes STORE and optionally IMAGE_DIR")
-            store = MaskStore(a.verify[0])
-            image_dir = a.verify[1] if len(a.verify) > 1 else (a.image_dir or store.image_dir)
-            rc = _report(verify_store(store, image_dir, progress=not a.no_progress), store, image_dir)
-            _summary(store)
-            return rc
-        if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
-        if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
-        masker = make_masker(a, log=lambda m: print(m, file=sys.stderr))
-        store = make_mask_store(a.image_dir, a.out, masker, a.shard, a.num_shards, progress=not a.no_progress,
-                                repair=a.repair)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"mgab-masks: error: {e}", file=sys.stderr)
-        return 1
+    if a.summary:
+        _summary(MaskStore(a.summary))
+        return 0
+    if a.verify:
+        if len(a.verify) > 2: p.error("--verify takes STORE and optionally IMAGE_DIR")
+        store = MaskStore(a.verify[0])
+        image_dir = a.verify[1] if len(a.verify) > 1 else (a.image_dir or store.image_dir)
+        rc = _report(verify_store(store, image_dir, progress=not a.no_progress), store, image_dir)
+        _summary(store)
+        return rc
+    if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
+    if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
+    masker = _masker(a, log=lambda m: print(m, file=sys.stderr))
+    store = make_mask_store(a.image_dir, a.out, masker, a.shard, a.num_shards, progress=not a.no_progress,
+                            repair=a.repair)
     s = store.run_stats
     errs = store.errors
     print(f"mgab-masks: {store.root}: computed {s['computed']}, skipped {s['skipped']} already done, "

@@ -8,10 +8,12 @@ Docs: https://mgab-dev.github.io/mgab/cli_train.html.md"""
 from __future__ import annotations
 import argparse, os, re, sys
 from pathlib import Path
-from ..core import UsageError, add_debug_flag, cli_main
+from ..core import UsageError, cli_main
+from ..flags import CommandParser, show_default, signature_defaults
+from ..runs import RunFolder
 
 # %% auto #0
-__all__ = ['method_defaults', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
+__all__ = ['method_defaults', 'flag_defaults', 'pretrain_config', 'pretrain_main', 'distill_config', 'distill_main']
 
 # %% ../../nbs/51_cli_train.ipynb #8af928ec
 # the flags only one method takes; their defaults, as all others, are that method's `MAE_DEFAULTS` / `DINO_DEFAULTS`
@@ -37,91 +39,96 @@ def _resolve(config: dict) -> dict:
     from mgab.dino import dino_config
     return dino_config(config)
 
-# %% ../../nbs/51_cli_train.ipynb #bab5c230
-def _add_precision_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "`--precision`, the same in every training command (names: `mgab.precision.PRECISIONS`)"
-    p.add_argument("--precision", help="autocast of the training steps: auto (default: bf16 on CUDA, fp32 elsewhere), "
-                   "fp32, bf16, or fp16 (CUDA only); config.json records the one used")
-    return p
+def flag_defaults(method: str,  # "mae" or "dino"
+                 ) -> dict:
+    "The defaults of `mgab-pretrain`'s flags for `method`: the method's dict, else the model's (`create_vit`)"
+    from mgab.vit import create_vit
+    d = {**signature_defaults(create_vit), **method_defaults(method)}
+    if d.get("img_size") is None: d["img_size"] = d["global_size"]  # DINO's images are its global crops
+    if d.get("missing_masks") is None:  # DINO's config leaves it to its loaders
+        from mgab.data import multicrop_dls
+        d["missing_masks"] = signature_defaults(multicrop_dls)["missing_masks"]
+    return d
 
-def _precision(p: argparse.ArgumentParser, a: argparse.Namespace) -> str | None:
-    "`--precision` checked on this machine: a bad name or fp16 without CUDA exits 2 with one line; None: the default"
-    if a.precision is None: return None
-    from mgab.precision import resolve_precision  # torch: imported once the flags are parsed
-    try: resolve_precision(a.precision)
-    except ValueError as e: p.exit(2, f"{p.prog}: error: {e}\n")  # one line, as `_check_numbers`
-    return a.precision
+def _shown_defaults() -> dict:
+    "What `--help` shows: the value both methods share, else each method's"
+    per = {m: flag_defaults(m) for m in _OWN}
+    out = {}
+    for k in dict.fromkeys(k for d in per.values() for k in d):
+        vals = {m: d[k] for m, d in per.items() if d.get(k) is not None}
+        if len(vals) == 2 and vals["mae"] == vals["dino"]: out[k] = vals["mae"]
+        elif vals: out[k] = ", ".join(f"{m} {show_default(v)}" for m, v in vals.items())
+    return out
 
 # %% ../../nbs/51_cli_train.ipynb #d5d2ef65
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mgab-pretrain", description="Self-supervised pretraining (MAE or DINO) of a ViT with mask-guided "
-        "attention bias from a mask store, into a resumable run folder. Method defaults: see the docs of "
-        "mgab.cli.train.")
-    p.add_argument("--method", required=True, choices=list(_OWN))
-    p.add_argument("--data", required=True, help="image folder (ImageFolder layout, pretraining reads train/)")
-    p.add_argument("--masks", help="mask store built by mgab-masks for --data (needed unless --no-bias)")
-    p.add_argument("--missing-masks", choices=("error", "empty"), default="error",
-                   help="images without masks: stop with a list of them (default) or train them mask-free (labels 0); "
-                   "'empty' without --masks trains every image mask-free")
-    p.add_argument("--out", required=True, help="run folder: config.json, metrics, encoder.pth, checkpoints/")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--arch", help="timm ViT name (default: vit_base_patch16_224 for mae, "
-                   "vit_small_patch16_224 for dino)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--bs", type=int, default=64, help="batch size per process")
+def _parser() -> CommandParser:
+    p = CommandParser("mgab-pretrain", "Self-supervised pretraining (MAE or DINO) of a ViT with mask-guided attention "
+                      "bias from a mask store, into a resumable run folder", defaults=_shown_defaults)
+    p.add("method", required=True, choices=list(_OWN), help="the self-supervised method")
+    p.add("data", required=True, help="image folder (ImageFolder layout, pretraining reads train/)")
+    p.add("masks", help="mask store built by mgab-masks for --data (needed unless --no-bias)")
+    p.add("missing_masks", help="images without masks: stop with a list of them, or train them mask-free (labels "
+          "0); 'empty' without --masks trains every image mask-free")
+    p.add("out", required=True, help="the run folder: settings, logs, encoder, checkpoints")
+    p.add("resume", "arch", "img_size")
+    p.add("epochs", required=True)
+    p.add("bs")
     lr = p.add_mutually_exclusive_group()
-    lr.add_argument("--blr", type=float, help="base learning rate at batch 256: lr = blr x total batch / 256")
-    lr.add_argument("--lr", type=float, help="absolute learning rate (instead of --blr)")
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup-epochs", type=float, help="default: min(paper's, epochs/10)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--weight-decay-end", type=float, help="cosine schedule of the weight decay to this value")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, help="data loader workers per process (default: the loader's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar and epoch table")
+    p.add("blr", "lr", group=lr)
+    p.add("min_lr")
+    p.add("warmup_epochs", help="epochs of linear learning-rate warmup (default: a tenth of the epochs, at most the "
+          "paper's)")
+    p.add("weight_decay")
+    p.add("weight_decay_end", type=float, help="cosine schedule of the weight decay to this value (MAE: constant)")
+    p.add("seed", "num_workers")
+    p.add("no_progress", help="no progress bar and epoch table")
     g = p.add_argument_group("mask-guided attention bias (Tables 4 and 5)")
     b = g.add_mutually_exclusive_group()
-    b.add_argument("--no-bias", action="store_true", help="vanilla baseline: no bias, masks not needed")
-    b.add_argument("--bias", choices=("learnable", "fixed"), default="learnable",
-                   help="learnable u (default) or fixed u_pos=+1, u_neg=-1")
-    g.add_argument("--relations", choices=("both", "pos", "neg"), default="both")
-    g.add_argument("--share-heads", action="store_true", help="one u per layer instead of per head")
-    g.add_argument("--share-layers", action="store_true", help="the same u in every layer")
-    g.add_argument("--u-pos-init", type=float)
-    g.add_argument("--u-neg-init", type=float)
-    g.add_argument("--num-labels", type=int, default=5, help="c, the largest label in the mask store (paper: 5)")
-    g.add_argument("--bias-lr-mult", type=float, help="learning-rate multiplier of u (default 10)")
+    p.add("no_bias", group=b, action="store_true", help="vanilla baseline: no bias, masks not needed")
+    p.add("bias", group=b, choices=("learnable", "fixed"), help="learnable u, or fixed u_pos=+1, u_neg=-1")
+    p.add("relations", group=g, choices=("both", "pos", "neg"), help="the relations biased (Table 4)")
+    p.add("share_heads", group=g, action="store_true", help="one u per layer instead of per head")
+    p.add("share_layers", group=g, action="store_true", help="the same u in every layer")
+    p.add("u_pos_init", "u_neg_init", group=g, type=float, help="initial value (default: 0 learnable, +-1 fixed)")
+    p.add("num_labels", group=g, type=int, help="c, the largest label in the mask store (paper: 5)")
+    p.add("bias_lr_mult", group=g, type=float, help="learning-rate multiplier of u")
     m = p.add_argument_group("MAE")
-    m.add_argument("--mask-ratio", type=float, help="default 0.75")
-    m.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", default=None,
-                   help="raw pixel targets instead of per-patch normalised ones")
-    m.add_argument("--decoder-embed-dim", type=int, help="default: 512 from ViT-B up (MAE), less for smaller encoders")
-    m.add_argument("--decoder-depth", type=int)
-    m.add_argument("--decoder-num-heads", type=int)
-    m.add_argument("--decoder-bias", action="store_true", default=None,
-                   help="mask-guided bias in the decoder too (from all tokens' labels)")
+    p.add("mask_ratio", group=m, type=float, help="share of the patches masked")
+    p.add("norm_pix_loss", group=m, flags=["--no-norm-pix-loss"], action="store_false", default=None,
+          help="raw pixel targets instead of per-patch normalised ones")
+    for k, what in (("embed_dim", "width"), ("depth", "blocks"), ("num_heads", "heads")):
+        p.add(f"decoder_{k}", group=m, type=int, help=f"decoder {what} (default: by the encoder's width, "
+              "`mgab.mae.decoder_defaults`)")
+    p.add("decoder_bias", group=m, action="store_true", default=None,
+          help="mask-guided bias in the decoder too (from all tokens' labels)")
     d = p.add_argument_group("DINO")
-    d.add_argument("--out-dim", type=int, help="prototypes of the DINO head (default 65536; use fewer on small data)")
-    d.add_argument("--n-local", type=int, help="local crops (default 8)")
-    d.add_argument("--local-size", type=int, help="local crop size (default 96)")
-    d.add_argument("--global-size", type=int, help="global crop size (default: --img-size)")
-    d.add_argument("--teacher-temp", type=float, help="default 0.04")
-    d.add_argument("--warmup-teacher-temp", type=float, help="default 0.04")
-    d.add_argument("--warmup-teacher-temp-epochs", type=int, help="default 0")
-    d.add_argument("--momentum-teacher", type=float, help="default 0.996")
-    d.add_argument("--clip-grad", type=float, help="default 3.0 (0: no clipping)")
-    d.add_argument("--freeze-last-layer", type=int, help="epochs with a frozen last head layer (default 1)")
-    return add_debug_flag(_add_precision_flag(p))
+    for k, typ, what in (("out_dim", int, "prototypes of the DINO head (use fewer on small data)"),
+                         ("n_local", int, "local crops"), ("local_size", int, "local crop size"),
+                         ("global_size", int, "global crop size (default: --img-size)"),
+                         ("teacher_temp", float, "teacher temperature"),
+                         ("warmup_teacher_temp", float, "teacher temperature at the start of its warmup"),
+                         ("warmup_teacher_temp_epochs", int, "epochs of the teacher temperature's warmup"),
+                         ("momentum_teacher", float, "EMA momentum of the teacher (cosine to 1)"),
+                         ("clip_grad", float, "gradient norm clipping (0: none)"),
+                         ("freeze_last_layer", int, "epochs with a frozen last head layer")):
+        p.add(k, group=d, type=typ, help=what)
+    return p.add("precision", help="autocast of the training steps: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, "
+                 "or fp16 (CUDA only); the run's settings record the one used")
 
 # %% ../../nbs/51_cli_train.ipynb #2638fa2e
-def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace):
-    "Usage errors (one line, exit 2) for counts and rates that would train nothing, or NaN, yet exit 0"
+def _check_numbers(p: CommandParser, a: argparse.Namespace):
+    "Usage errors for counts and rates that would train nothing, or NaN, yet exit 0"
     for flag, v in (("--epochs", a.epochs), ("--bs", a.bs)):
-        if v is not None and v < 1: p.exit(2, f"{p.prog}: error: {flag} must be >= 1, got {v}\n")
+        if v is not None and v < 1: p.error(f"{flag} must be >= 1, got {v}")
     for flag, v in (("--lr", a.lr), ("--blr", a.blr)):
-        if v is not None and not v > 0: p.exit(2, f"{p.prog}: error: {flag} must be > 0, got {v}\n")
+        if v is not None and not v > 0: p.error(f"{flag} must be > 0, got {v}")
+
+def _precision(a: argparse.Namespace) -> str | None:
+    "`--precision` checked on this machine (a bad name, or fp16 without CUDA, is a `UsageError`); None: the default"
+    if a.precision is None: return None
+    from mgab.precision import resolve_precision  # torch: imported once the flags are checked
+    resolve_precision(a.precision)
+    return a.precision
 
 def _check_model(cfg: dict):
     "Usage errors of `--arch` and `--img-size`, before any data is read"
@@ -137,7 +144,7 @@ def _check_model(cfg: dict):
 
 def pretrain_config(argv: list[str] | None = None,  # command-line arguments (default: sys.argv[1:])
                    ) -> tuple[dict, bool]:  # (config, resume)
-    "Parse and check `mgab-pretrain` arguments into the run config; bad input exits with a message"
+    "Parse and check `mgab-pretrain` arguments into the run config; bad input is a `UsageError`"
     p = _parser()
     a = p.parse_args(argv)
     data, out = Path(a.data).expanduser(), Path(a.out).expanduser()
@@ -150,16 +157,16 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
     given = [k for k in _OWN[other] if getattr(a, k) is not None]
     if given:
         p.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: {other.upper()} options, not {a.method}")
-    bias = None if a.no_bias else a.bias
-    if masks is None and a.missing_masks != "empty" and (bias is not None or a.decoder_bias):
+    if masks is None and a.missing_masks != "empty" and (not a.no_bias or a.decoder_bias):
         p.error("--masks STORE is needed for mask-guided attention bias: build one with mgab-masks, pass --no-bias "
                 "for the vanilla baseline, or --missing-masks empty to train on purpose without any masks")
-    ckpt = out/"checkpoints"/"last.pth"
-    if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-    if not a.resume and ckpt.exists():
-        p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
-    from mgab.train import resume_warmup
-    model = dict(name=a.arch or method_defaults(a.method)["arch"], img_size=a.img_size, num_classes=0, bias=bias,
+    RunFolder(out).check_start(a.resume)
+    from mgab.train import resume_warmup  # torch: the arguments are checked
+    d = flag_defaults(a.method)
+    for k in ("arch", "img_size", "bs", "seed", "missing_masks", "bias", "relations", "num_labels"):
+        if getattr(a, k) is None: setattr(a, k, d[k])  # recorded as they are in the run's settings
+    bias = None if a.no_bias else a.bias
+    model = dict(name=a.arch, img_size=a.img_size, num_classes=0, bias=bias,
                  relations=a.relations,
                  share_heads=a.share_heads, share_layers=a.share_layers, u_pos_init=a.u_pos_init,
                  u_neg_init=a.u_neg_init, num_labels=a.num_labels)
@@ -170,7 +177,7 @@ def pretrain_config(argv: list[str] | None = None,  # command-line arguments (de
                weight_decay=a.weight_decay, weight_decay_end=a.weight_decay_end, bias_lr_mult=a.bias_lr_mult,
                seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress, model=model,
                **{k: getattr(a, k) for k in _OWN[a.method]})
-    return _resolve(dict(cfg, precision=_precision(p, a))), a.resume
+    return _resolve(dict(cfg, precision=_precision(a))), a.resume
 
 # %% ../../nbs/51_cli_train.ipynb #8d6dab1f
 @cli_main("mgab-pretrain")
@@ -190,55 +197,52 @@ def pretrain_main(argv: list[str] | None = None):
     if main: print(f"mgab-pretrain: run folder {run}")
 
 # %% ../../nbs/51_cli_train.ipynb #c2b2ff87
-def _distill_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mgab-distill",
-                                description="Distil a biased pretraining run into a mask-free student (section 3.3)")
-    p.add_argument("--teacher", required=True, help="run folder of a biased mgab-pretrain run (MAE or DINO)")
-    p.add_argument("--out", required=True, help="the student's run folder")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--data", help="image folder (default: the teacher run's)")
-    p.add_argument("--masks", help="mask store for --data, fed to the teacher (default: the teacher run's)")
-    p.add_argument("--missing-masks", choices=("error", "empty"), help="images without masks: error (default) or empty")
-    p.add_argument("--lambda", dest="lam", type=float, help="weight of the attention loss, Eq. 10 (MAE; default 1)")
-    p.add_argument("--layers", help="comma-separated encoder layers whose attention is matched (MAE; default all)")
-    p.add_argument("--attn-tokens", choices=("all", "visible"),
-                   help="MAE: Eq. 9 on the attention of all tokens (default) or of MAE's visible tokens only")
-    p.add_argument("--attn-loss", choices=("kl", "sse"),
-                   help="MAE: attention loss per query row, KL(teacher || student) or squared error summed "
-                   "over keys (default kl)")
-    p.add_argument("--student-init", choices=("teacher", "scratch"),
-                   help="student weights: the teacher's without the bias (default) or a random initialisation")
-    # defaults: mgab.distill.DISTILL_DEFAULTS, filled in by distill_run (None here means "the default")
-    p.add_argument("--student-temp", type=float, help="DINO: student temperature (default 0.1)")
-    p.add_argument("--teacher-temp", type=float, help="DINO: teacher temperature (default 0.04)")
-    p.add_argument("--bs", type=int, help="batch size per process (default: the teacher run's)")
+def _distill_defaults() -> dict:
+    from mgab.distill import DISTILL_DEFAULTS  # torch: imported for --help only
+    return DISTILL_DEFAULTS
+
+def _distill_parser() -> CommandParser:
+    p = CommandParser("mgab-distill", "Distil a biased pretraining run into a mask-free student (section 3.3)",
+                      defaults=_distill_defaults)
+    p.add("teacher", required=True, help="run folder of a biased mgab-pretrain run (MAE or DINO)")
+    p.add("out", required=True, help="the student's run folder")
+    p.add("epochs", required=True)
+    p.add("resume")
+    p.add("data", help="image folder (default: the teacher run's)")
+    p.add("masks", help="mask store for --data, fed to the teacher (default: the teacher run's)")
+    p.add("missing_masks", help="images without masks: stop with a list of them, or use them mask-free (default: the "
+          "teacher run's)")
+    p.add("lam", flags=["--lambda"], type=float, help="weight of the attention loss, Eq. 10 (MAE)")
+    p.add("layers", help="comma-separated encoder layers whose attention is matched (MAE; default: all)")
+    p.add("attn_tokens", choices=("all", "visible"), help="MAE: Eq. 9 on the attention of all tokens or of MAE's "
+          "visible tokens only")
+    p.add("attn_loss", choices=("kl", "sse"), help="MAE: attention loss per query row, KL(teacher || student) or "
+          "squared error summed over keys")
+    p.add("student_init", choices=("teacher", "scratch"), help="student weights: the teacher's without the bias, or "
+          "a random initialisation")
+    p.add("student_temp", type=float, help="DINO: student temperature")
+    p.add("teacher_temp", type=float, help="DINO: teacher temperature")
+    p.add("bs", help="batch size per process (default: the teacher run's)")
     lr = p.add_mutually_exclusive_group()
-    lr.add_argument("--blr", type=float, help="base learning rate at batch 256 (default: the method's)")
-    lr.add_argument("--lr", type=float, help="absolute learning rate")
-    p.add_argument("--warmup-epochs", type=float, help="default: min(epochs/10, 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--allow-unfinished", action="store_true",
-                   help="distil a teacher run that has no finished.json (stopped before its last epoch)")
-    return add_debug_flag(_add_precision_flag(p))
+    p.add("blr", group=lr, help="base learning rate at batch 256 (default: the method's)")
+    p.add("lr", group=lr)
+    p.add("warmup_epochs", help="epochs of linear learning-rate warmup (default: a tenth of the epochs, at most 5)")
+    p.add("seed", "num_workers", "no_progress")
+    p.add("allow_unfinished", help="distil a teacher run stopped before its last epoch")
+    return p.add("precision", help="autocast of the training steps: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, "
+                 "or fp16 (CUDA only); the run's settings record the one used")
 
 def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
-    "Parse and check `mgab-distill` arguments into a `mgab.distill.distill_run` config; bad input exits with a message"
+    "Parse and check `mgab-distill` arguments into a `mgab.distill.distill_run` config; bad input is a `UsageError`"
     p = _distill_parser()
     a = p.parse_args(argv)
     teacher, out = Path(a.teacher).expanduser(), Path(a.out).expanduser()
-    for f in ("config.json", "checkpoints/last.pth"):
-        if not (teacher/f).is_file(): p.error(f"--teacher {a.teacher!r}: no {f} (is it a finished mgab-pretrain run?)")
+    RunFolder(teacher).check_trained("--teacher")
     _check_numbers(p, a)
     if a.data is not None and not Path(a.data).expanduser().is_dir(): p.error(f"--data {a.data!r}: no such folder")
     if a.masks is not None and not Path(a.masks).expanduser().exists():
         p.error(f"--masks {a.masks!r}: no such mask store")
-    ckpt = out/"checkpoints"/"last.pth"
-    if a.resume and not ckpt.is_file(): p.error(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-    if not a.resume and ckpt.exists():
-        p.error(f"--out {a.out!r} already holds a run; add --resume or choose another --out")
+    RunFolder(out).check_start(a.resume)
     try: layers = None if a.layers is None else [int(l) for l in a.layers.split(",")]
     except ValueError: p.error(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,1,2")
     res = lambda s: None if s is None else str(Path(s).expanduser().resolve())
@@ -249,7 +253,7 @@ def distill_config(argv: list[str] | None = None) -> tuple[dict, bool]:
                student_temp=a.student_temp, teacher_temp=a.teacher_temp, bs=a.bs, blr=a.blr, lr=a.lr,
                warmup_epochs=a.warmup_epochs, seed=a.seed, num_workers=a.num_workers, progress=not a.no_progress,
                allow_unfinished=a.allow_unfinished)
-    return dict(cfg, precision=_precision(p, a)), a.resume
+    return dict(cfg, precision=_precision(a)), a.resume
 
 @cli_main("mgab-distill")
 def distill_main(argv: list[str] | None = None):

@@ -6,7 +6,7 @@ Docs: https://mgab-dev.github.io/mgab/widgets_bias.html.md"""
 
 # %% ../../nbs/42_widgets_bias.ipynb #23580f7c
 from __future__ import annotations
-import json, os
+import os
 from collections import OrderedDict
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from ..core import data_dir
 from ..mre import labels2tokens, relation_matrix
-from ..vit import MaskBiasViT, load_run_encoder
+from ..vit import MaskBiasViT
+from ..runs import RunFolder
 from ..masks import SuperpixelMasker, load_image
 from .base import (Explorer, TokenPicker, as_store, check_rgb, image_sources, mark_token, resize_image,
                                show_tokens, store_key, token_picture)
@@ -72,7 +73,7 @@ def bias_figure(u_pos: np.ndarray,  # (layers, heads)
 class BiasExplorer(Explorer):
     "Fig. 4 for an encoder's `u_pos`/`u_neg`; for an image and query token, relations and attention with bias on/off"
     def __init__(self,
-                 run_or_model,  # a run folder (config.json + encoder.pth, see `load_run_encoder`) or a `MaskBiasViT`
+                 run_or_model,  # a run folder (`RunFolder`: its settings and encoder) or a `MaskBiasViT`
                  images,  # folder (recursive), image file, list of paths/arrays, or {name: path or array}
                  store,  # mask store (`MaskStore`, its folder, or a dict keyed like `images`): each image's label map
                  img_size: int | None = None,  # ViT input size; default: the model's
@@ -84,9 +85,7 @@ class BiasExplorer(Explorer):
         self.run, self.history = None, []
         if isinstance(run_or_model, (str, os.PathLike)):
             self.run = Path(run_or_model)
-            model = load_run_encoder(self.run)
-            h = self.run/"bias_history.json"
-            if h.is_file(): self.history = json.loads(h.read_text())
+            model, self.history = RunFolder(self.run).load_encoder(), RunFolder(self.run).bias_history()
         else: model = run_or_model
         if not isinstance(model, MaskBiasViT):
             raise TypeError(f"`run_or_model` must be a run folder or a MaskBiasViT (mgab.vit.create_vit), "

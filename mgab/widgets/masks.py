@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from ..core import data_dir
 from ..mre import labels2tokens
 from ..masks import SuperpixelMasker, label_map, load_image, mask_ratio
-from ..sam import SamMasker
+from ..sam import SamMasker, make_masker
 from .base import (Explorer, TokenPicker, as_store, image_sources, labelled, show_labels, show_tokens,
                                store_key, token_picture)
 
@@ -191,7 +191,7 @@ class MaskExplorer(Explorer):
         if key not in self._sam_maskers:
             sam = self._sam
             if isinstance(sam, (str, os.PathLike)):  # a checkpoint: load it once, reuse the model
-                sam = self._sam = SamMasker(checkpoint=sam, model_type=self._sam_model_type).sam
+                sam = self._sam = make_masker("sam", sam, model_type=self._sam_model_type).sam
             # one generator at a time: each holds the embedding of its last image
             self._sam_maskers = {key: SamMasker(sam=sam, **s, **self.sam_options)}
         return self._sam_maskers[key]

@@ -6,7 +6,6 @@ Docs: https://mgab-dev.github.io/mgab/widgets_runs.html.md"""
 
 # %% ../../nbs/43_widgets_runs.ipynb #20a636db
 from __future__ import annotations
-import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from .base import Explorer
-from ..results import find_runs, read_results
+from ..runs import RunFolder, find_runs
 from ..report import arch_details
 
 # %% auto #0
@@ -24,16 +23,12 @@ __all__ = ['read_run', 'RunViewer']
 # %% ../../nbs/43_widgets_runs.ipynb #5ad94ce7
 def read_run(run: str | Path) -> dict:
     "A run folder's config, metrics (DataFrame), bias history (list) and results (DataFrame), missing files empty"
-    run = Path(run)
-    def read(name, fn, empty):
-        f = run/name
-        if not f.is_file(): return empty
-        try: return fn(f)
-        except Exception as e: raise ValueError(f"cannot read {f}: {e}") from e
-    return dict(path=run, config=read("config.json", lambda f: json.loads(f.read_text()), {}),
-                metrics=read("metrics.csv", pd.read_csv, pd.DataFrame()),
-                history=read("bias_history.json", lambda f: json.loads(f.read_text()), []),
-                results=read("results.csv", lambda f: pd.DataFrame(read_results(run)), pd.DataFrame()))
+    r = RunFolder(run)
+    try:
+        return dict(path=r.path, config=r.config(missing_ok=True), history=r.bias_history(),
+                    metrics=pd.read_csv(r.metrics_csv) if r.metrics_csv.is_file() else pd.DataFrame(),
+                    results=pd.DataFrame(r.results()))
+    except Exception as e: raise ValueError(f"cannot read the run folder {str(r.path)!r}: {e}") from e
 
 # %% ../../nbs/43_widgets_runs.ipynb #c8bd8b0c
 def _run_names(paths: list[Path]) -> list[str]:
@@ -74,7 +69,7 @@ class RunViewer(Explorer):
             [c["runs"], c["metric"], c["baseline"], c["log_y"], widgets.Label("u curves"), c["u_view"],
              widgets.HBox([c["reload"], c["export"]])],
             [self.message, self.summary_html, self.views["loss"], self.views["u"],
-             widgets.HTML("<b>evaluation results</b> (results.csv)"), self.results_html])
+             widgets.HTML("<b>evaluation results</b> (mgab-eval)"), self.results_html])
         self.reload()
 
     def reload(self):
@@ -106,7 +101,7 @@ class RunViewer(Explorer):
         self.results = pd.concat(res, ignore_index=True) if res else pd.DataFrame()
         if len(self.results): self.results = self.results[["run"] + [c for c in self.results.columns if c != "run"]]
         self.results_html.value = (self.results.to_html(index=False, border=0, float_format="{:.4g}".format)
-                                   if len(self.results) else "<i>no results.csv in the selected runs (mgab-eval)</i>")
+                                   if len(self.results) else "<i>no results in the selected runs (mgab-eval)</i>")
         c = self.controls
         key = (self._reads, tuple(sel))
         self._draw("loss", key + (c["metric"].value, c["log_y"].value, c["baseline"].value), self._draw_loss)
@@ -172,7 +167,7 @@ class RunViewer(Explorer):
                 extra.append(Line2D([], [], color="none", label=f"{n}: no bias (vanilla)")); continue
             u, m = self.u_curves(n), self.runs[n]["metrics"]
             for ax, k in zip(axs, ("u_pos", "u_neg")):
-                if u is None:  # no history: the means metrics.csv logged, if any
+                if u is None:  # no history: the means the metrics logged, if any
                     if f"{k}_mean" in m.columns: ax.plot(m["epoch"], m[f"{k}_mean"], color=cols(i % 10), label=n)
                     continue
                 d = u[k]
