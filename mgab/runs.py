@@ -67,6 +67,7 @@ class RunFolder:
     # settings
     def config(self,
                missing_ok: bool = False,  # `{}` for a folder without settings instead of an error
+               check_model: bool = True,  # False: an evaluation's folder (`evaluation_dir`), whose settings have none
               ) -> dict:
         "The run's settings, checked for the `model` entry (the encoder's `create_vit` arguments)"
         f = self.path/self.CONFIG
@@ -75,7 +76,7 @@ class RunFolder:
             raise FileNotFoundError(f"{str(f)!r} is missing: is {str(self.path)!r} an mgab run folder?")
         try: cfg = json.loads(f.read_text())
         except json.JSONDecodeError as e: raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from e
-        if not isinstance(cfg.get("model"), dict) or "name" not in cfg["model"]:
+        if check_model and (not isinstance(cfg.get("model"), dict) or "name" not in cfg["model"]):
             raise ValueError(f"{str(f)!r} has no 'model' entry with the encoder's timm 'name'")
         return cfg
 

@@ -434,7 +434,7 @@ def fit_run(learn: Learner,
     state, start = None, 0
     run.check_start(resume)
     if resume:
-        old = run.config()
+        old = run.config(check_model=False)  # an evaluation's folder records no encoder settings
         if rank_distrib() == 0: clean_tmp(run.path)  # what a killed run was writing
         old.setdefault("world_size", 1)  # a run saved before mgab recorded it ran as one process
         if "bs" in old: old.setdefault("total_bs", old["bs"] * old["world_size"])
