@@ -329,7 +329,10 @@ def test_embedded_dataset():
     root = embedded_dataset(progress=False)
     meta = json.loads((root/"embedded.json").read_text())
     files, labels, vocab = D.image_folder(root)
-    assert len(vocab) == 10 and np.bincount(labels).tolist() == [120] * 10 and len(image_files(root/"val")) == 300
+    n_train, n_val = DS.EMBEDDED_CONFIG["n_train"], DS.EMBEDDED_CONFIG["n_val"]  # v3: 200 and 100 per class
+    assert (n_train, n_val) == (200, 100)
+    assert len(vocab) == 10 and np.bincount(labels).tolist() == [n_train] * 10
+    assert len(image_files(root/"val")) == 10 * n_val
     assert meta["sha256"] == folder_digest(root) and meta["config"] == DS.EMBEDDED_CONFIG
     stamp = (root/"embedded.json").stat().st_mtime_ns
     assert embedded_dataset(progress=False) == root and (root/"embedded.json").stat().st_mtime_ns == stamp
