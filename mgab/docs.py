@@ -12,7 +12,7 @@ from .core import RunFailed, cli_main
 from .flags import CommandParser, signature_defaults
 
 # %% auto #0
-__all__ = ['page_notebook', 'nbdev_command', 'execute_cached', 'build_docs', 'main']
+__all__ = ['page_notebook', 'nbdev_command', 'execute_cached', 'docs_pass_cells', 'build_docs', 'main']
 
 # %% ../nbs/60_docs.ipynb #13375e20
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+)\s*:?\s*(.*)$")
@@ -136,6 +136,26 @@ def execute_cached(work: Path,  # the project copy whose nbs/ are run in place
             shutil.copy(nb, dest); status[nb.name] = "run"
     return status
 
+# %% ../nbs/60_docs.ipynb #d0c5a551
+_SHOWN = {"export", "exports", "exporti", "exec_doc"}  # directives whose cells nbdev's docs pass runs anyway
+
+def docs_pass_cells(nb_path: Path,  # a notebook of the project copy, edited in place
+                   ) -> int:  # how many cells were marked
+    "Mark `#| eval: false` the cells nbdev's docs pass would run only because they import something"
+    import ast, nbformat
+    nb, n = nbformat.read(nb_path, as_version=4), 0
+    for c in nb.cells:
+        if c.cell_type != "code" or _SHOWN & set(_directives(c.source)): continue
+        try: body = ast.parse(_strip_directives(c.source)).body
+        except SyntaxError: continue  # magics: nbdev cannot parse them either, so it does not run them
+        imports = any(isinstance(x, (ast.Import, ast.ImportFrom)) for t in body for x in ast.walk(t))
+        only_imports = all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in body)
+        show_doc = any(isinstance(t, ast.Expr) and getattr(getattr(t.value, "func", None), "id", "") == "show_doc"
+                       for t in body)
+        if imports and not only_imports and not show_doc: c.source, n = "#| eval: false\n" + c.source, n + 1
+    if n: nbformat.write(nb, nb_path)
+    return n
+
 # %% ../nbs/60_docs.ipynb #a1c0de09
 _NAV_STYLE = """<style>
 #mgab-nav{position:fixed;top:0;left:0;width:220px;height:100%;overflow:auto;padding:1em;box-sizing:border-box;
@@ -203,6 +223,7 @@ def build_docs(root: str | Path = ".",  # repository root (holds pyproject.toml 
         for d in ("nbs", "mgab"): shutil.copytree(root/d, work/d, ignore=shutil.ignore_patterns("__pycache__", "_proc"))
         if (root/".git").exists(): (work/".git").mkdir()  # nbdev looks for the project root
         status = execute_cached(work, cache, execute)
+        for nb in (work/"nbs").glob("*.ipynb"): docs_pass_cells(nb)  # nbdev's pass runs show_doc's cells only
         _run(["nbdev-proc-nbs"], work, "nbdev-proc-nbs")
         proc = work/"_proc"
         nbs = sorted(proc.glob("*.ipynb"), key=_page_order)
