@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from mgab.datasets import EMBEDDED_CLASSES, EMBEDDED_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = ROOT / "nbs" / "45_mask_explorer.ipynb"
@@ -217,7 +219,8 @@ def test_explorers_in_jupyterlab(chromium, lab):
             w, nat = masks.evaluate("e => [e.getBoundingClientRect().width, e.naturalWidth]")
             assert nat / 2 - 2 < w < nat / 2 + 2, (w, nat)
             select = panel.locator(".widget-dropdown select").first
-            assert len(select.locator("option").all()) == 300  # the 300 validation images
+            n_val = EMBEDDED_CONFIG["n_val"] * len(EMBEDDED_CLASSES)  # the embedded validation images
+            assert len(select.locator("option").all()) == n_val
             for label in ("image", "generator", "grid", "c", "pred", "stability", "patch", "ViT size", "tokens"):
                 assert panel.locator(".widget-label", has_text=re.compile(f"^{label}$")).count() == 1, label
             for text in ("◀", "▶", "compare grids", "export figures", "nearest", "majority"):
