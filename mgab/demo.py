@@ -26,8 +26,9 @@ from .results import CI_LEVEL, MDE_POWER, evaluate_run
 
 
 # %% auto #0
-__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks', 'bias_reach', 'demo_evaluations', 'plan_budget',
-           'run_demo', 'primary_endpoint', 'bias_lr_sweep', 'parse_budget', 'main']
+__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks', 'bias_reach', 'demo_evaluations',
+           'eval_batches', 'plan_budget', 'demo_workers', 'run_demo', 'primary_endpoint', 'bias_lr_sweep',
+           'parse_budget', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
@@ -125,7 +126,21 @@ def demo_evaluations(protocols=("linear", "knn"), probe: str = "logreg", pools=(
         else: out.append((proto, "mae", pools[0]))
     return out
 
-def _evaluate(run: Path, dls, with_masks: bool, evals: list, progress: bool):
+def eval_batches(dls,  # labelled loaders (`mgab.data.labelled_dls`) of the evaluation
+                 img_size: int,  # their image size, for the memory estimate
+                 limit_mb: float = 1024.,  # hold the batches in memory up to this size, else read them each time
+                ):  # `get(split)`: the batches of "train" (in order, all of them) or "valid"
+    "The evaluation's batches, decoded once for every run when they fit in memory (each run's features then skip it)"
+    cache, n = {}, len(dls.train_ds) + len(dls.valid_ds)
+    fits = n*3*img_size**2*4/2**20 <= limit_mb  # float32 images; masks and labels are small
+    def get(split: str):
+        if split not in cache:
+            dl = dls.train.new(shuffle=False, drop_last=False) if split == "train" else dls.valid
+            cache[split] = list(dl) if fits else dl
+        return cache[split]
+    return get
+
+def _evaluate(run: Path, dls, batches, with_masks: bool, evals: list, progress: bool):
     "Evaluate a run with each (protocol, recipe, pool) not yet in its results; the features extracted once"
     def done(proto, rec, pool):
         return any(r["protocol"] == proto and r["with_masks"] == with_masks and r["fraction"] == 1.
@@ -137,8 +152,7 @@ def _evaluate(run: Path, dls, with_masks: bool, evals: list, progress: bool):
     feats = {}
     if shared:
         pools = tuple(dict.fromkeys(p for *_, p in shared))
-        feats = {s: extract_features(enc, dl, with_masks, pools, progress) for s, dl in (("train", dls.train),
-                                                                                         ("valid", dls.valid))}
+        feats = {s: extract_features(enc, batches(s), with_masks, pools, progress) for s in ("train", "valid")}
     for proto, rec, pool in todo:
         f = {s: (x[pool], y) for s, (x, y) in feats.items()} if (proto, rec, pool) in shared else None
         kw = dict(precompute=True) if proto == "linear" and f is None else {}  # a reference probe: features once
@@ -224,6 +238,12 @@ def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
          f"image, {n_train} training images)")
     return dict(c, seeds=seeds, epochs=E)
 
+def demo_workers(num_workers: int | None) -> int | None:
+    "Data-loader workers of the study: without a GPU none (`None`: the loader's default where a GPU trains)"
+    # measured on 2 CPU cores, the default study's MAE epoch: 5 s with 2 workers, 4 s with none (the workers' decoding
+    # competes with the two threads of the tiny model's step, and workers restart every epoch)
+    return num_workers if num_workers is not None or torch.cuda.is_available() else 0
+
 def run_demo(out: str | Path = "runs/demo",  # the study folder
              **kwargs,  # see `DEMO_DEFAULTS`
             ) -> dict:
@@ -231,6 +251,7 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None})
     if c["method"] not in ("mae", "dino"): raise ValueError(f"`method` must be 'mae' or 'dino', got {c['method']!r}")
     if c["seeds"] < 1: raise ValueError(f"`seeds` must be >= 1, got {c['seeds']}")
+    c["num_workers"] = demo_workers(c["num_workers"])
     out, t0, method = Path(out), time.time(), c["method"]
     path = resolve_data(str(c["data"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -262,10 +283,10 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     if rank_distrib() != 0: return dict(runs=studies)
     dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
                        augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
-    evals = demo_evaluations(c["protocols"], c["probe"], c["pools"])
+    evals, batches = demo_evaluations(c["protocols"], c["probe"], c["pools"]), eval_batches(dls, c["img_size"])
     for runs in studies:
         for name, with_masks in VARIANTS:
-            if name in runs: _evaluate(runs[name], dls, with_masks, evals, c["progress"])
+            if name in runs: _evaluate(runs[name], dls, batches, with_masks, evals, c["progress"])
     run_dirs = [r for runs in studies for r in runs.values()]
     written = report(run_dirs, out/"report", data=path, masks=store)
     for name in ("table1.md", "table2.md", "distill.md"):
@@ -324,6 +345,7 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
     from mgab.results import compare_outcomes, load_predictions
     c = dict(DEMO_DEFAULTS); c.update({k: v for k, v in kwargs.items() if v is not None and k != "bias_lr_sweep"})
     if c["method"] != "mae": raise ValueError("bias_lr_sweep measures MAE studies")
+    c["num_workers"] = demo_workers(c["num_workers"])
     out, path = Path(out), resolve_data(str(c["data"]))
     store = Path(c["masks"]) if c["masks"] else out/"masks"
     if not (store/"info.json").is_file(): raise FileNotFoundError(f"no mask store at {store}: run the study first")
@@ -332,6 +354,7 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
     dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
                        augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
     evals = [("linear", c["probe"], c["pools"][0])]  # the primary endpoint's probe
+    batches = eval_batches(dls, c["img_size"])
     seeds, rows = range(c["seed"], c["seed"] + c["seeds"]), []
     for m in sorted({float(x) for x in mults} | {float(c["bias_lr_mult"])}):
         own = m == float(c["bias_lr_mult"])
@@ -343,7 +366,7 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
             if not own:
                 _train(run, c["epochs"], pretrain_mae, dict(base, seed=seed, bias_lr_mult=m,
                                                             model=dict(model, bias="learnable")))
-            for with_masks in (False, True): _evaluate(run, dls, with_masks, evals, c["progress"])
+            for with_masks in (False, True): _evaluate(run, dls, batches, with_masks, evals, c["progress"])
             runs.append((run, vanilla))
         def outcomes(masks):
             pick = lambda r, wm: next(x for x in RunFolder(r).results() if x["protocol"] == "linear"
@@ -418,7 +441,9 @@ def _demo_parser() -> CommandParser:
     p.add("no_controls", action="store_true", help="skip the random-init floor and its control")
     p.add("bias_lr_sweep", type=_listed, help="after the study, measure these bias_lr_mult values too (e.g. 1,10): "
           "report/bias_lr_sweep.md")
-    return p.add("num_workers", "no_progress")
+    p.add("num_workers", help="data-loader worker processes (default: none without a GPU, measured faster there; "
+                                   "with a GPU the loader's)")
+    return p.add("no_progress")
 
 @cli_main("mgab-demo")
 def main(argv: list[str] | None = None):

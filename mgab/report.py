@@ -310,19 +310,23 @@ def to_markdown(columns: list[str], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 def design_notes(columns: list[str], rows: list[dict]) -> str:  # Markdown, one line per result column; "" if none
-    "Each result column's design: seeds (paired or not), images, and the largest MDE of its rows with its margin"
+    "Each result column's design: seeds (paired or not), images, the range of its rows' MDE and the largest one's margin"
     lines = []
     for col in columns:
         cells = [(r, r[col]) for r in rows if isinstance(r.get(col), Cell) and r[col].mde is not None]
         if not cells: continue
         r, c = max(cells, key=lambda rc: rc[1].mde)
+        low = min(x.mde for _, x in cells)
         seeds = (f"{c.n} paired seeds" if c.n > 1 else "1 seed") if c.paired else f"{c.n} vs {c.n_base} unpaired seeds"
         label = next((r[t] for t in TEXT_COLUMNS[:2] if r.get(t)), "?")
+        mde = (f"MDE {c.mde:.1f} points" if len(cells) == 1 else f"MDE {c.mde:.1f} points in each of its {len(cells)} rows"
+               if f"{low:.1f}" == f"{c.mde:.1f}" else f"MDE {low:.1f}-{c.mde:.1f} points across its {len(cells)} rows")
         lines.append(f"- {col}: {seeds} x {c.n_images} validation images"
                      + ("" if c.seed_noise_measured else " (seed noise not measured)")
-                     + f". MDE {c.mde:.1f} points ({MDE_POWER:.0%} power, α = {1 - CI_LEVEL:.2g}); deltas beyond "
-                     f"±{c.margin:.1f} are called outside noise ({label}"
-                     + (f", the largest MDE of {len(cells)} rows)." if len(cells) > 1 else ")."))
+                     + f". {mde} ({MDE_POWER:.0%} power, α = {1 - CI_LEVEL:.2g}"
+                     + ("" if len(cells) == 1 else "; each row's in the CSV") + f"); deltas beyond ±{c.margin:.1f} "
+                     + (f"are called outside noise ({label})." if len(cells) == 1 else
+                        f"are called outside noise in the row with the largest ({label})."))
     return "Design:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 CELL_CSV = ("", " diff", " lo", " hi", " std", " n", " mde", " margin", " paired", " seed noise measured",
