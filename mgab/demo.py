@@ -184,7 +184,9 @@ def _step_times(c: dict, path: Path, store: Path, steps: int = 8) -> tuple[float
     dls = pretrain_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=patch, bs=c["bs"], valid=False,
                        **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    it, times = iter(dls.train), []
+    def cycle():  # a small folder has fewer batches than the steps timed: its epochs one after another
+        while True: yield from dls.train
+    it, times = cycle(), []
     for i in range(steps + 2):  # the first two steps warm up the allocator and the loader's workers
         t = time.perf_counter(); x, m = next(it)
         model(x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)).backward()  # MAE's forward: its loss

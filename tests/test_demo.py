@@ -109,6 +109,16 @@ def test_plan_budget_arithmetic(tmp_path, monkeypatch, small_embedded):
     with pytest.raises(ValueError, match="too small for 3 paired seeds"): plan_budget(c, path, None, 0.6)
 
 
+def test_step_times_cycle_a_folder_smaller_than_the_steps(tmp_path, small_embedded):
+    "The budget's timed steps run on a folder of fewer batches than steps (imagenette-mini: 300 photos, 4 batches)"
+    c = dict(demo.DEMO_DEFAULTS, bs=128, depth=2, embed_dim=64, num_heads=2, num_workers=0)
+    path = DS.embedded_dataset(progress=False)
+    store = demo.demo_masks(path, tmp_path, None, None, c["model_type"], c["points_per_side"], False, grid=8,
+                            mask_ratio=0.75)
+    step, per_image = demo._step_times(c, path, store, steps=3)  # 200 images at bs 128: one batch an epoch
+    assert step > 0 and per_image > 0
+
+
 def test_demo_bad_input(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--data", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "d").exists()  # nothing left behind
