@@ -234,7 +234,7 @@ def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
     elif seeds > MAX_SEEDS:  # enough seeds: the rest buys epochs
         seeds = MAX_SEEDS
         E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * spe * step) // ((2 + X) * spe * step)))
-    _say(f"budget {minutes:g} min: {seeds} paired seeds x {E} epochs ({spe} steps each"
+    _say(f"budget {minutes:.1f} min: {seeds} paired seeds x {E} epochs ({spe} steps each"
          + (f", {X} more biased runs per seed for --bias-lr-sweep" if X else "") + ") fit, planned "
          f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, features {1e3 * per_image:.1f} ms per "
          f"image, {n_train} training images)")
