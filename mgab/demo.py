@@ -7,7 +7,7 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import json, time
+import contextlib, io, json, time
 from pathlib import Path
 import torch
 from fastai.torch_core import rank_distrib, set_seed
@@ -197,6 +197,19 @@ def _step_times(c: dict, path: Path, store: Path, steps: int = 8) -> tuple[float
         model.encoder.eval(); t = time.perf_counter(); model.encoder.forward_features(x, m.as_subclass(torch.Tensor))
     return float(sorted(times)[len(times) // 2]), (time.perf_counter() - t) / len(x)
 
+def _epoch_seconds(c: dict, path: Path, store: Path) -> float:
+    "Seconds per biased pretraining epoch here, all included (checkpoint, logs): a 3-epoch run less a 1-epoch run, /2"
+    import tempfile
+    from mgab.mae import pretrain_mae
+    cfg = dict(_base(c, path, store), model=dict(_model(c), bias="learnable"), progress=False)
+    walls = []
+    with tempfile.TemporaryDirectory() as d:
+        for epochs in (1, 3):  # the difference leaves out what a run costs once (model, loaders, the last save)
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()): pretrain_mae(dict(cfg, out=f"{d}/e{epochs}", epochs=epochs))
+            walls.append(time.perf_counter() - t)
+    return max(walls[1] - walls[0], 0.) / 2
+
 def _patch(c: dict) -> int: return c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
 
 def _base(c: dict, path: Path, store: Path) -> dict:
@@ -220,23 +233,24 @@ def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
     dls = labelled_dls(path, None, img_size=c["img_size"], patch_size=_patch(c), bs=1, num_workers=0)
     n_train, n_eval = len(dls.train_ds), len(dls.train_ds) + len(dls.valid_ds)
     spe, D, X = max(1, n_train // c["bs"]), c["distill_epochs"], len(c["bias_lr_sweep"])
+    epoch = max(_epoch_seconds(c, path, store), spe * step)  # the slower: a whole epoch, or its steps alone
     passes = 3 + 2 * c["controls"] + 2 * bool(D) + 2 * X  # feature passes per seed: vanilla, biased x2, floor, ...
-    train = lambda E: ((2 + X) * E + 3.5 * D) * spe * step  # the pretrainings; distillation ~2.5 steps + control 1
+    train = lambda E: ((2 + X) * E + 3.5 * D) * epoch  # the pretrainings; distillation ~2.5 epochs + control 1
     per_seed = lambda E: train(E) + passes * n_eval * per_image
     usable = 60 * minutes * 0.85 - 30  # margins: the report, loaders starting, a busy machine
     E = c["epochs"]
     seeds = int(usable // per_seed(E))
     if seeds < 3:  # fewer epochs, not fewer than 3 seeds: 3 is the least that measures seed noise with some power
-        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * spe * step) // ((2 + X) * spe * step))
+        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * epoch) // ((2 + X) * epoch))
         if E < 1:
             raise ValueError(f"--budget {minutes:g}m is too small for 3 paired seeds of one epoch on {n_train} images "
                              f"here (a step {step:.2f} s): give more time or fewer images")
     elif seeds > MAX_SEEDS:  # enough seeds: the rest buys epochs
         seeds = MAX_SEEDS
-        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * spe * step) // ((2 + X) * spe * step)))
+        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * epoch) // ((2 + X) * epoch)))
     _say(f"budget {minutes:.1f} min: {seeds} paired seeds x {E} epochs ({spe} steps each"
          + (f", {X} more biased runs per seed for --bias-lr-sweep" if X else "") + ") fit, planned "
-         f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, features {1e3 * per_image:.1f} ms per "
+         f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, an epoch {epoch:.1f} s, features {1e3 * per_image:.1f} ms per "
          f"image, {n_train} training images)")
     return dict(c, seeds=seeds, epochs=E)
 

@@ -94,6 +94,7 @@ def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embed
 def test_plan_budget_arithmetic(tmp_path, monkeypatch, small_embedded):
     "Seeds first (3 at least, 10 at most), then epochs, from the timed step and feature costs"
     monkeypatch.setattr(demo, "_step_times", lambda c, path, store: (0.1, 0.001))  # 0.1 s a step, 1 ms an image
+    monkeypatch.setattr(demo, "_epoch_seconds", lambda c, path, store: 200 // 32 * 0.1)  # an epoch: its steps
     c = dict(demo.DEMO_DEFAULTS, bs=32, epochs=10, distill_epochs=2)
     path = DS.embedded_dataset(progress=False)
     spe, n_eval, passes = 200 // 32, 300, 7  # 6 steps an epoch; 200 + 100 images; 7 feature passes a seed
