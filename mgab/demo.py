@@ -7,7 +7,7 @@ Docs: https://mgab-dev.github.io/mgab/demo.html.md"""
 
 # %% ../nbs/53_demo.ipynb #6355e08c
 from __future__ import annotations
-import contextlib, io, json, time
+import json, time
 from pathlib import Path
 import torch
 from fastai.torch_core import rank_distrib, set_seed
@@ -15,20 +15,21 @@ from .core import cli_main
 from .flags import CommandParser, signature_defaults
 from .sam import SamMasker, make_masker
 from .store import MaskStore, coverage_line, make_mask_store, store_stats
-from .mre import token_line, token_stats
+from .mre import store_token_stats, token_line
 from .data import labelled_dls
 from .datasets import EmbeddedMasker, resolve_data
 from .runs import RunFolder
 from .train import write_init_run
 from .evaluate import extract_features
-from .report import Cell, load_runs, report, table1, table_columns
-from .results import CI_LEVEL, MDE_POWER, evaluate_run
+from .report import report
+from .results import evaluate_run
+from .study import (bias_reach, demo_workers, parse_budget, plan_budget, primary_endpoint, study_base,
+                        study_model, study_patch)
 
 
 # %% auto #0
-__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'MAX_SEEDS', 'demo_masker', 'demo_masks', 'bias_reach', 'demo_evaluations',
-           'eval_batches', 'plan_budget', 'demo_workers', 'run_demo', 'primary_endpoint', 'bias_lr_sweep',
-           'parse_budget', 'main']
+__all__ = ['DEMO_DEFAULTS', 'VARIANTS', 'demo_masker', 'demo_masks', 'demo_evaluations', 'eval_batches', 'run_demo',
+           'bias_lr_sweep', 'main']
 
 # %% ../nbs/53_demo.ipynb #629519ad
 DEMO_DEFAULTS = dict(data="embedded", masks=None, checkpoint=None, model_type="vit_h", points_per_side=32,
@@ -100,20 +101,8 @@ def demo_masks(path: Path, out: Path, masks=None, checkpoint=None, model_type="v
         store = make_mask_store(path, out/"masks", masker, progress=progress)
     _say("masks: " + coverage_line(store_stats(store, limit=2000)))
     if grid:  # what the bias can act on: masks at the token grid, and their visible partners under MAE's masking
-        keys = list(store.keys())
-        keys = keys[::max(1, len(keys) // 2000)]  # an evenly spaced sample of a large store
-        _say("masks: " + token_line(token_stats((store[k] for k in keys), grid, mask_ratio)))
+        _say("masks: " + token_line(store_token_stats(store, grid, mask_ratio)))
     return store.root
-
-# %% ../nbs/53_demo.ipynb #d3a0b001
-def bias_reach(run: Path) -> dict | None:
-    "How far the learned `u` went against the farthest AdamW allowed (`u_travel`): the check on `bias_lr_mult`"
-    rows, hist = RunFolder(run).metrics(), RunFolder(run).bias_history()
-    if not rows or not hist or "u_travel" not in rows[-1]: return None
-    u = torch.tensor([hist[-1]["u_pos"], hist[-1]["u_neg"]])  # (2, layers, heads)
-    travel, far = float(rows[-1]["u_travel"]), float(u.abs().max())
-    return dict(travel=round(travel, 3), max_abs_u=round(far, 3), ratio=round(far / travel, 3) if travel else None,
-                u_pos=[round(float(v), 2) for v in u[0].mean(-1)], u_neg=[round(float(v), 2) for v in u[1].mean(-1)])
 
 # %% ../nbs/53_demo.ipynb #01bf13bd
 def demo_evaluations(protocols=("linear", "knn"), probe: str = "logreg", pools=("avg", "cls"),
@@ -164,101 +153,8 @@ def _evaluate(run: Path, dls, batches, with_masks: bool, evals: list, progress: 
 # %% ../nbs/53_demo.ipynb #c6d79c72
 VARIANTS = (("random", False), ("control", True), ("vanilla", False), ("biased", False), ("biased", True),
             ("continued", False), ("distilled", False))  # (run, with masks) evaluated, in the tables' order
-MAX_SEEDS = 10  # a budget buys seeds up to this many, then epochs
 
 def _seed_name(name: str, seed: int, first: int) -> str: return name if seed == first else f"{name}-seed{seed}"
-
-def _model(c: dict) -> dict:
-    "The encoder's `create_vit` settings of the study"
-    model = dict(name=c["arch"], img_size=c["img_size"], num_classes=0)
-    model.update({k: c[k] for k in ("patch_size", "depth", "embed_dim", "num_heads") if c.get(k)})
-    if c["method"] == "dino": model["dynamic_img_size"] = True
-    return model
-
-def _step_times(c: dict, path: Path, store: Path, steps: int = 8) -> tuple[float, float]:
-    "Seconds per biased pretraining step and per image of feature extraction, timed on this machine and data"
-    from mgab.data import pretrain_dls
-    from mgab.mae import mae_config, mae_model
-    cfg = mae_config(dict(_base(c, path, store), epochs=1, out="(timing)", model=dict(_model(c), bias="learnable")))
-    model, patch = mae_model(cfg), _patch(c)
-    dls = pretrain_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=patch, bs=c["bs"], valid=False,
-                       **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    def cycle():  # a small folder has fewer batches than the steps timed: its epochs one after another
-        while True: yield from dls.train
-    it, times = cycle(), []
-    for i in range(steps + 2):  # the first two steps warm up the allocator and the loader's workers
-        t = time.perf_counter(); x, m = next(it)
-        model(x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)).backward()  # MAE's forward: its loss
-        opt.step(); opt.zero_grad()
-        if i >= 2: times.append(time.perf_counter() - t)
-    x = x.as_subclass(torch.Tensor)
-    with torch.no_grad():
-        model.encoder.eval(); t = time.perf_counter(); model.encoder.forward_features(x, m.as_subclass(torch.Tensor))
-    return float(sorted(times)[len(times) // 2]), (time.perf_counter() - t) / len(x)
-
-def _epoch_seconds(c: dict, path: Path, store: Path) -> float:
-    "Seconds per biased pretraining epoch here, all included (checkpoint, logs): a 3-epoch run less a 1-epoch run, /2"
-    import tempfile
-    from mgab.mae import pretrain_mae
-    cfg = dict(_base(c, path, store), model=dict(_model(c), bias="learnable"), progress=False)
-    walls = []
-    with tempfile.TemporaryDirectory() as d:
-        for epochs in (1, 3):  # the difference leaves out what a run costs once (model, loaders, the last save)
-            t = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()): pretrain_mae(dict(cfg, out=f"{d}/e{epochs}", epochs=epochs))
-            walls.append(time.perf_counter() - t)
-    return max(walls[1] - walls[0], 0.) / 2
-
-def _patch(c: dict) -> int: return c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
-
-def _base(c: dict, path: Path, store: Path) -> dict:
-    "Pretraining settings shared by the study's runs"
-    base = dict(method=c["method"], data=str(path), masks=str(store), arch=c["arch"], img_size=c["img_size"],
-                bs=c["bs"], lr=c["lr"], warmup_epochs=c["warmup_epochs"], bias_lr_mult=c["bias_lr_mult"],
-                num_workers=c["num_workers"], progress=c["progress"])
-    if c["method"] == "mae": base.update({k: c[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")})
-    else:  # small images: local crops at 3/7 of the global size, fewer prototypes
-        base.update(global_size=c["img_size"], local_size=max(c["img_size"] * 3 // 7 // 8 * 8, 16), n_local=4,
-                    out_dim=c.get("out_dim") or 1024)
-    return base
-
-def plan_budget(c: dict,  # the study's settings (`DEMO_DEFAULTS` completed)
-                path: Path, store: Path,  # the data and its mask store
-                minutes: float,  # what the whole study may take from now
-               ) -> dict:  # `c` with `seeds` and `epochs` that fit
-    "Paired seeds, then epochs, that fit `minutes` on this machine: a few timed steps, then the study's arithmetic"
-    if c["method"] != "mae": raise ValueError("--budget plans MAE studies (the default method); give --seeds instead")
-    step, per_image = _step_times(c, path, store)
-    dls = labelled_dls(path, None, img_size=c["img_size"], patch_size=_patch(c), bs=1, num_workers=0)
-    n_train, n_eval = len(dls.train_ds), len(dls.train_ds) + len(dls.valid_ds)
-    spe, D, X = max(1, n_train // c["bs"]), c["distill_epochs"], len(c["bias_lr_sweep"])
-    epoch = max(_epoch_seconds(c, path, store), spe * step)  # the slower: a whole epoch, or its steps alone
-    passes = 3 + 2 * c["controls"] + 2 * bool(D) + 2 * X  # feature passes per seed: vanilla, biased x2, floor, ...
-    train = lambda E: ((2 + X) * E + 3.5 * D) * epoch  # the pretrainings; distillation ~2.5 epochs + control 1
-    per_seed = lambda E: train(E) + passes * n_eval * per_image
-    usable = 60 * minutes * 0.85 - 30  # margins: the report, loaders starting, a busy machine
-    E = c["epochs"]
-    seeds = int(usable // per_seed(E))
-    if seeds < 3:  # fewer epochs, not fewer than 3 seeds: 3 is the least that measures seed noise with some power
-        seeds, E = 3, int((usable / 3 - passes * n_eval * per_image - 3.5 * D * epoch) // ((2 + X) * epoch))
-        if E < 1:
-            raise ValueError(f"--budget {minutes:g}m is too small for 3 paired seeds of one epoch on {n_train} images "
-                             f"here (a step {step:.2f} s): give more time or fewer images")
-    elif seeds > MAX_SEEDS:  # enough seeds: the rest buys epochs
-        seeds = MAX_SEEDS
-        E = int(max(E, (usable / seeds - passes * n_eval * per_image - 3.5 * D * epoch) // ((2 + X) * epoch)))
-    _say(f"budget {minutes:.1f} min: {seeds} paired seeds x {E} epochs ({spe} steps each"
-         + (f", {X} more biased runs per seed for --bias-lr-sweep" if X else "") + ") fit, planned "
-         f"{seeds * per_seed(E) / 60:.0f} min (a biased step {step:.2f} s, an epoch {epoch:.1f} s, features {1e3 * per_image:.1f} ms per "
-         f"image, {n_train} training images)")
-    return dict(c, seeds=seeds, epochs=E)
-
-def demo_workers(num_workers: int | None) -> int | None:
-    "Data-loader workers of the study: without a GPU none (`None`: the loader's default where a GPU trains)"
-    # measured on 2 CPU cores, the default study's MAE epoch: 5 s with 2 workers, 4 s with none (the workers' decoding
-    # competes with the two threads of the tiny model's step, and workers restart every epoch)
-    return num_workers if num_workers is not None or torch.cuda.is_available() else 0
 
 def run_demo(out: str | Path = "runs/demo",  # the study folder
              **kwargs,  # see `DEMO_DEFAULTS`
@@ -273,12 +169,12 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     out.mkdir(parents=True, exist_ok=True)
     _say(f"data: {path}")
     store = demo_masks(path, out, c["masks"], c["checkpoint"], c["model_type"], c["points_per_side"], c["progress"],
-                       grid=c["img_size"] // _patch(c), mask_ratio=0.75 if method == "mae" else 0.)
-    if c["budget"]: c = plan_budget(c, path, store, c["budget"] - (time.time() - t0) / 60)
+                       grid=c["img_size"] // study_patch(c), mask_ratio=0.75 if method == "mae" else 0.)
+    if c["budget"]: c = plan_budget(c, path, store, c["budget"] - (time.time() - t0) / 60, log=_say)
     if method == "mae": from mgab.mae import pretrain_mae as pretrain
     else: from mgab.dino import pretrain_dino as pretrain
     from mgab.distill import distill_run
-    model, base, studies = _model(c), _base(c, path, store), []
+    model, base, studies = study_model(c), study_base(c, path, store), []
     for seed in range(c["seed"], c["seed"] + c["seeds"]):  # seed s of every variant: same init, data order, masking
         name = lambda v: out/_seed_name(f"{method}-{v}", seed, c["seed"])
         vanilla = dict(base, seed=seed, model=dict(model, bias=None))
@@ -297,7 +193,7 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
             runs["control"] = _control(name("control"), runs["random"], runs["biased"])
         studies.append(runs)
     if rank_distrib() != 0: return dict(runs=studies)
-    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
+    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=study_patch(c), bs=max(c["bs"], 256),
                        augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
     evals, batches = demo_evaluations(c["protocols"], c["probe"], c["pools"]), eval_batches(dls, c["img_size"])
     for runs in studies:
@@ -329,29 +225,6 @@ def run_demo(out: str | Path = "runs/demo",  # the study folder
     return summary
 
 
-# %% ../nbs/53_demo.ipynb #9e1f0a01
-def primary_endpoint(run_dirs: list,  # the study's run folders
-                    ) -> dict | None:  # delta, lo, hi, mde, margin, seeds, images, and `line`; None without its runs
-    "The study's declared primary comparison: the biased encoder without masks against vanilla, avg-pooled linear probe"
-    runs = load_runs(run_dirs)
-    cols, rows = table1(runs, ("linear",))
-    col = next((t for t, _, _, _, pool in table_columns(runs, ("linear",)) if pool == "avg"), None)
-    names = {r["name"] for r in runs if r["kind"] == "biased" and not r["variant"]}
-    row = next((r for r in rows for n in names if r["Method"] == f"{n} + our method (no masks)"), None)
-    cell = None if row is None or col is None else row.get(col)
-    if not isinstance(cell, Cell) or cell.lo is None: return None
-    noise = "within noise" if cell.lo <= 0 <= cell.hi else "outside noise"
-    seeds = f"{cell.n} paired seeds" if cell.paired else f"{cell.n} vs {cell.n_base} unpaired seeds"
-    line = (f"primary endpoint: {row['Method']} minus {row['Method'].split(' + ')[0]}, linear probe on average-pooled "
-            f"features ({col}): "
-            f"{cell.delta:+.1f} points [{cell.lo:+.1f}, {cell.hi:+.1f}], {noise}"
-            + ("" if cell.seed_noise_measured else " (one seed: seed noise not measured)")
-            + f"; this design detects {cell.mde:.1f} points (MDE, {MDE_POWER:.0%} power, alpha {1 - CI_LEVEL:.2g}) "
-            f"with {seeds} x {cell.n_images} validation images")
-    return dict(delta=cell.delta, lo=cell.lo, hi=cell.hi, mde=cell.mde, margin=cell.margin, seeds=cell.n,
-                images=cell.n_images, column=col, line=line)
-
-
 # %% ../nbs/53_demo.ipynb #9e1f0a05
 def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out`), reused: its vanilla runs
                   mults=(1., 10.),  # multipliers to train besides the study's own
@@ -366,8 +239,8 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
     store = Path(c["masks"]) if c["masks"] else out/"masks"
     if not (store/"info.json").is_file(): raise FileNotFoundError(f"no mask store at {store}: run the study first")
     from mgab.mae import pretrain_mae
-    model, base = _model(c), _base(c, path, store)
-    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=_patch(c), bs=max(c["bs"], 256),
+    model, base = study_model(c), study_base(c, path, store)
+    dls = labelled_dls(path, MaskStore(store), img_size=c["img_size"], patch_size=study_patch(c), bs=max(c["bs"], 256),
                        augment="none", **({} if c["num_workers"] is None else dict(num_workers=c["num_workers"])))
     evals = [("linear", c["probe"], c["pools"][0])]  # the primary endpoint's probe
     batches = eval_batches(dls, c["img_size"])
@@ -409,13 +282,6 @@ def bias_lr_sweep(out: str | Path,  # a finished study folder (`run_demo`'s `out
     return rows
 
 # %% ../nbs/53_demo.ipynb #4f7f6f09
-def parse_budget(text: str) -> float:
-    "Minutes of a `--budget`: `60m`, `1.5h`, `3600s` or a plain number of minutes"
-    import re
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
-    if not m or float(m[1]) <= 0: raise ValueError(f"--budget {text!r}: give a time such as 60m, 1.5h or 3600s")
-    return float(m[1]) * dict(s=1 / 60, m=1., min=1., h=60.)[m[2] or "m"]
-
 def _listed(text: str) -> tuple[str, ...]: return tuple(o for o in text.split(",") if o)  # "a,b" -> ("a", "b")
 
 def _demo_parser() -> CommandParser:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from .core import check_shape
 
 # %% auto #0
-__all__ = ['as_label_maps', 'patch_centres', 'labels2tokens', 'show_tokens', 'partner_probability', 'token_stats', 'token_line',
-           'TokenRelations', 'mask_bias', 'relation_matrix', 'relation_factors', 'factor_weights']
+__all__ = ['as_label_maps', 'patch_centres', 'labels2tokens', 'show_tokens', 'partner_probability', 'token_stats',
+           'store_token_stats', 'token_line', 'TokenRelations', 'mask_bias', 'relation_matrix', 'relation_factors',
+           'factor_weights']
 
 # %% ../nbs/03_mre.ipynb #bab92f43
 def as_label_maps(label_map) -> torch.Tensor:
@@ -115,6 +116,15 @@ def token_stats(label_maps,  # iterable of (H, W) integer label maps, 0 = no mas
                 median_tokens=float(np.median(sizes)) if len(sizes) else 0., unknown=float(np.mean(unknown)),
                 single_token=float((sizes == 1).mean()) if len(sizes) else 0., mask_ratio=mask_ratio, keep=keep,
                 partner_rate=partner, partner_rate_masks=per_mask)
+
+def store_token_stats(store,  # a mask store (`mgab.store.MaskStore`), or any mapping of key -> label map
+                      grid_size: int | tuple[int, int],  # the token grid, see `token_stats`
+                      mask_ratio: float = 0.75,  # MAE's share of masked tokens
+                      limit: int = 2000,  # about this many label maps: every `len // limit`-th of a larger store
+                     ) -> dict:
+    "`token_stats` of a store's label maps, on an evenly spaced sample when it is large"
+    keys = list(store.keys())
+    return token_stats((store[k] for k in keys[::max(1, len(keys) // limit)]), grid_size, mask_ratio)
 
 def token_line(s: dict,  # `token_stats`
               ) -> str:

@@ -1,4 +1,4 @@
-"""Stage 7, the report: the paper's Tables 1-2 and Fig. 4 from run folders, attention with and without the bias, the distillation table.
+"""Stage 7, the report: the paper's Tables 1-2 from run folders, their design and recipe notes, the distillation table, and the figures of `mgab.figures` written beside them.
 
 Docs: https://mgab-dev.github.io/mgab/report.html.md"""
 
@@ -10,23 +10,16 @@ import csv, json, math, re, warnings
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
-import torch
-from .masks import load_image
-from .vit import MaskBiasViT
-from .data import MaskedImages, NormalizeCrops, crop_box, eval_view, image_folder, token_labels
 from .results import (CI_LEVEL, MDE_POWER, PROTOCOLS, RECIPES, RECIPE_SOURCES, compare_outcomes,
                           load_predictions, paired_outcomes, within_noise)
 from .runs import RunFolder
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-import torch.nn as nn
+from .figures import bias_stats, plot_attention, plot_bias_stats
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'POOL_ORDER', 'POOL_LABELS', 'POOL_NOTES', 'CELL_CSV', 'FIG4_TITLES',
-           'DISTILL_COLUMNS', 'arch_name', 'arch_label', 'arch_details', 'run_kind', 'replicate_key', 'load_runs',
-           'Cell', 'table_columns', 'recipe_notes', 'variants', 'table1', 'baseline_of', 'table2', 'format_cell',
-           'to_markdown', 'design_notes', 'write_table_csv', 'bias_stats', 'draw_fig4', 'plot_bias_stats',
-           'attention_layers', 'query_token', 'plot_attention', 'distill_table', 'report']
+__all__ = ['TEXT_COLUMNS', 'KINDS', 'REPLICATE_KEYS', 'POOL_ORDER', 'POOL_LABELS', 'POOL_NOTES', 'CELL_CSV', 'DISTILL_COLUMNS',
+           'arch_name', 'arch_label', 'arch_details', 'run_kind', 'replicate_key', 'load_runs', 'Cell', 'table_columns',
+           'recipe_notes', 'variants', 'table1', 'baseline_of', 'table2', 'format_cell', 'to_markdown', 'design_notes',
+           'write_table_csv', 'distill_table', 'report']
 
 # %% ../nbs/33_report.ipynb #addeab3d
 TEXT_COLUMNS = ("Method", "SSL method", "Arch", "Epochs", "Mask-guided attention bias", "Post-processing")
@@ -346,136 +339,6 @@ def write_table_csv(columns: list[str], rows: list[dict], fname: str | Path) -> 
                 else: out += [_num(x) for x in (r[c] if isinstance(r[c], Cell) else Cell(*r[c]))[:len(CELL_CSV)]]
             w.writerow(out)
     return Path(fname)
-
-# %% ../nbs/33_report.ipynb #678ad5f3
-def bias_stats(encoder_or_u,  # a `MaskBiasViT`, or {"u_pos": (L, H), "u_neg": (L, H)}
-              ) -> dict[str, np.ndarray]:
-    "Per layer, mean and standard deviation across heads of the trained `u_pos`, `u_neg` and `u_pos - u_neg` (Fig. 4)"
-    u = encoder_or_u.bias_values() if isinstance(encoder_or_u, nn.Module) else encoder_or_u
-    as_np = lambda t: t.double().numpy() if torch.is_tensor(t) else t
-    bv = {n: np.asarray(as_np(u[n]), np.float64) for n in ("u_pos", "u_neg")}
-    if bv["u_pos"].ndim != 2 or bv["u_pos"].shape != bv["u_neg"].shape:
-        raise ValueError(f"`u_pos` and `u_neg` must both be (layers, heads), got {bv['u_pos'].shape} and "
-                         f"{bv['u_neg'].shape}")
-    bv["gap"] = bv["u_pos"] - bv["u_neg"]  # per head: how much more a token attends inside its mask than across
-    return {f"{n}_{s}": getattr(bv[n], s)(1) for n in ("u_pos", "u_neg", "gap") for s in ("mean", "std")}
-
-FIG4_TITLES = ("a) mean across heads", "b) standard deviation across heads", "c) u_pos - u_neg, mean ± std")
-
-def draw_fig4(axs,  # three matplotlib axes: a), b), c)
-              stats: dict[str, dict[str, np.ndarray]],  # label -> `bias_stats`
-              ylims: tuple | None = None,  # fixed (a, b, c) y limits, e.g. to compare epochs; default: automatic
-              legend: bool = True,
-             ):
-    "Fig. 4 on `axs`: a) mean and b) std across heads of `u_pos` (solid), `u_neg` (dashed); c) `u_pos - u_neg`"
-    for i, (label, s) in enumerate(stats.items()):
-        layers = np.arange(1, len(s["u_pos_mean"]) + 1)
-        for ax, stat in zip(axs, ("mean", "std")):
-            ax.plot(layers, s[f"u_pos_{stat}"], "-o", color=f"C{i}", ms=3, label=f"{label} positive".strip())
-            ax.plot(layers, s[f"u_neg_{stat}"], "--s", color=f"C{i}", ms=3, label=f"{label} negative".strip())
-        m, sd = s["gap_mean"], s["gap_std"]  # one shared axis and colour per variant: the panels compare variants
-        axs[2].plot(layers, m, "-o", color=f"C{i}", ms=3, label=label or "u_pos - u_neg")
-        axs[2].fill_between(layers, m - sd, m + sd, color=f"C{i}", alpha=0.2, lw=0)
-    for ax, t in zip(axs, FIG4_TITLES):
-        ax.set_title(t, fontsize=9); ax.set_xlabel("layer", fontsize=8); ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.tick_params(labelsize=7)
-    for ax in (axs[0], axs[2]): ax.axhline(0, color="k", lw=0.7, label="_zero")
-    axs[0].set_ylabel("attention bias u", fontsize=8); axs[2].set_ylabel("u_pos - u_neg", fontsize=8)
-    for ax, lim in zip(axs, ylims or (None,) * 3):
-        if lim is not None: ax.set_ylim(*lim)
-    if legend: axs[1].legend(fontsize=7); axs[2].legend(fontsize=7)
-
-def plot_bias_stats(stats: dict[str, dict[str, np.ndarray]],  # label -> `bias_stats`
-                    fname: str | Path | None = None,  # PNG to write
-                   ) -> Figure:
-    "Fig. 4 of several runs (`draw_fig4`) as a figure, written to `fname` if given"
-    fig = Figure(figsize=(15, 3.6), layout="constrained")
-    draw_fig4(fig.subplots(1, 3), stats)
-    if fname is not None: fig.savefig(fname, dpi=120)
-    return fig
-
-
-# %% ../nbs/33_report.ipynb #e84da9d2
-def attention_layers(depth: int,  # blocks of the encoder
-                     layers: list[int] | None = None,  # block indices (negative from the end); default: see below
-                    ) -> list[int]:
-    "Blocks `plot_attention` shows: by default a shallow one (index 1, or 0 for depth <= 2) and the last"
-    layers = [1 if depth > 2 else 0, depth - 1] if layers is None else list(layers)
-    bad = [l for l in layers if not -depth <= l < depth]
-    if bad: raise ValueError(f"`layers` {bad} are not blocks of a {depth}-block encoder")
-    return list(dict.fromkeys(l % depth for l in layers))
-
-def query_token(m,  # (gh * gw,) token labels of one image
-                grid: tuple[int, int],  # (gh, gw)
-               ) -> int:  # patch index, row-major
-    "The token at the centre of the most confident mask present (the smallest label: label 1 is SAM's most confident)"
-    m, (gh, gw) = np.asarray(m).reshape(-1), grid
-    if not (m > 0).any(): return (gh // 2) * gw + gw // 2  # no mask: the centre patch
-    idx = np.flatnonzero(m == m[m > 0].min())
-    ys, xs = np.divmod(idx, gw)
-    return int(idx[((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).argmin()])  # inside the region, even if not convex
-
-def _crop_label_map(ds: MaskedImages, i: int) -> np.ndarray | None:
-    "Image `i`'s label map under its (deterministic) crop, one label per crop pixel: (S, S)"
-    H, W = load_image(ds.files[i]).shape[:2]
-    lm, v = ds.label_map(i, (H, W)), ds.views[0]
-    return None if lm is None else token_labels(lm, crop_box(H, W, v), (H, W), v.size).reshape(v.size, v.size)
-
-def _query_attention(encoder: MaskBiasViT, x: torch.Tensor, m: torch.Tensor, q: int, layers: list[int]) -> list:
-    "Per layer, the attention (mean over heads) of patch `q` to the patch tokens: (gh, gw) arrays"
-    gh, gw = encoder.grid_size(x)
-    p = encoder.num_prefix_tokens
-    attn = encoder.attention_maps(x, m)  # per layer (1, heads, T, T)
-    return [attn[l][0].mean(0)[p + q, p:].reshape(gh, gw).float().cpu().numpy() for l in layers]  # CLS excluded
-
-@torch.no_grad()
-def plot_attention(run_dir: str | Path,  # a run folder whose encoder has mask-guided attention bias
-                   data: str | Path,  # its ImageFolder root (`val/<class>/...` images are shown)
-                   store,  # the mask store of `data` (a `MaskStore` or its folder)
-                   n_images: int = 3,  # validation images, spread evenly over the (class-sorted) list
-                   layers: list[int] | None = None,  # blocks to show, see `attention_layers`
-                   query: int | None = None,  # patch index of the query; default: see `query_token`
-                   which: str = "encoder",  # the run's weights, see `RunFolder.load_encoder`
-                  ):
-    "Attention of one query patch per image, bias on (`m`) and off (`m` = 0), masks outlined, query starred"
-    import matplotlib.pyplot as plt
-    cfg = RunFolder(run_dir).config()
-    encoder = RunFolder(run_dir).load_encoder(which, num_classes=0).eval()
-    device, size = next(encoder.parameters()).device, int(cfg["model"].get("img_size", 224))
-    files, labels, vocab = image_folder(data, "val")
-    ds = MaskedImages(files, data, [eval_view(size)], store, encoder.patch_embed.patch_size[0], labels, vocab)
-    picks = list(dict.fromkeys(np.linspace(0, len(ds) - 1, max(1, min(n_images, len(ds)))).round().astype(int)))
-    layers, depth = attention_layers(len(encoder.blocks), layers), len(encoder.blocks)
-    fig, axs = plt.subplots(len(picks), 1 + 2 * len(layers), figsize=(2.3 * (1 + 2.4 * len(layers)), 2.3 * len(picks)),
-                            squeeze=False, layout="constrained")
-    xy = np.arange(size) + 0.5  # pixel centres, for the contours
-    for k, (row, i) in enumerate(zip(axs, picks)):
-        x, m, y = ds[i]
-        xb = NormalizeCrops()((x[None], m[None]))[0].to(device)  # (1, 3, S, S)
-        gh, gw = encoder.grid_size(xb)
-        q = query_token(m, (gh, gw)) if query is None else int(query)
-        if not 0 <= q < gh * gw: raise ValueError(f"`query` must be a patch index in [0, {gh * gw}), got {q}")
-        on = _query_attention(encoder, xb, m[None].to(device), q, layers)
-        off = _query_attention(encoder, xb, torch.zeros_like(m[None]).to(device), q, layers)
-        lab = _crop_label_map(ds, i)
-        qy, qx = (q // gw + 0.5) * size / gh, (q % gw + 0.5) * size / gw
-        def _decorate(ax, label):
-            ax.set_label(label); ax.set_xticks([]); ax.set_yticks([])
-            for L in ([] if lab is None else np.unique(lab[lab > 0])):  # each mask's outline, once
-                if (lab != L).any(): ax.contour(xy, xy, (lab == L) * 1., levels=[0.5], colors="w", linewidths=0.7)
-            ax.plot(qx, qy, marker="*", color="red", ms=9, mec="k", mew=0.5)
-        row[0].imshow(x.numpy()); _decorate(row[0], f"image {k}")
-        row[0].set_title(f"{vocab[y]} (query {q})", fontsize=8)
-        for j, (l, a_on, a_off) in enumerate(zip(layers, on, off)):
-            vmax = float(max(a_on.max(), a_off.max()))  # one colour scale for the on/off pair
-            for ax, a, state in ((row[1 + 2 * j], a_on, "on"), (row[2 + 2 * j], a_off, "off")):
-                ax.imshow(x.numpy().mean(-1), cmap="gray")
-                im = ax.imshow(a, cmap="inferno", vmin=0, vmax=vmax, alpha=0.7, extent=(0, size, size, 0),
-                               interpolation="nearest")
-                _decorate(ax, f"attention {k} layer {l} {state}")
-                ax.set_title(f"layer {l + 1}/{depth}, bias {state}", fontsize=8)
-            fig.colorbar(im, ax=[row[1 + 2 * j], row[2 + 2 * j]], shrink=0.8)
-    return fig
 
 # %% ../nbs/33_report.ipynb #db87e19e
 DISTILL_COLUMNS = ("Run", "Loss", "λ", "Student init", "Attn gap before", "Attn gap after", "After / before")

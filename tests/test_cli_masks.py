@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from mgab.masks import list_images, load_image
+from mgab.mre import store_token_stats, token_line
 from mgab.store import MaskStore, shard_of, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,22 @@ def test_cli_imagenette(imagenette, tmp_path):
     assert max(int(s2[k].max()) for k in s2) == 3
 
 
+def test_summary_ends_with_the_token_line(tmp_path):
+    "Any store's summary says how its masks reach the tokens (here 3 drawn images, no photos needed)"
+    from PIL import Image
+    imgs, rng = tmp_path / "imgs", np.random.default_rng(0)
+    imgs.mkdir()
+    for i in range(3):
+        a = np.full((64, 64, 3), 40, np.uint8)
+        a[:32] = (200, 30, 30); a[40:, :24] = (20, 200, 20)  # two regions on a background
+        Image.fromarray(a + rng.integers(0, 10, a.shape, dtype=np.uint8)).save(imgs / f"{i}.png")
+    r = subprocess.run(["mgab-masks", str(imgs), "--out", str(tmp_path / "s"), "--generator", "superpixel",
+                        "--token-grid", "8", "--no-progress"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == token_line(store_token_stats(MaskStore(tmp_path / "s"), 8)) and "8x8 token grid" in last, last
+
+
 def test_cli_coverage_line_entry_point(imagenette, tmp_path):
     "The installed `mgab-masks` prints the store's mean coverage beside SAM's published 70.4-72.7% (Table 3)"
     exe = shutil.which("mgab-masks")
@@ -89,15 +106,21 @@ def test_cli_coverage_line_entry_point(imagenette, tmp_path):
     store = MaskStore(store_dir)
     cov = np.mean([(store[k] > 0).mean() for k in store])
     masks = np.mean([store[k].max() for k in store])
-    line = out.stdout.strip().splitlines()[-1]
+    line, tokens = out.stdout.strip().splitlines()[-2:]
     assert line.startswith(f"mean coverage {cov:.1%} over 10 images (SAM ViT-H in the paper: 70.4-72.7%, Table 3; "
                            "72.7% at 32x32); " f"{masks:.1f} masks per image"), line
     assert line.endswith("generator: superpixel stand-in (felzenszwalb, 32x32 calibration), NOT SAM"), line
     assert 0.5 < cov < 0.95, cov  # calibrated to SAM's coverage (test_masks checks the band on 60 photos)
+    # how the masks reach the tokens: at the paper's ViT-B/16 grid by default, or at --token-grid
+    s = store_token_stats(store, 14)
+    assert tokens == token_line(s) and tokens.startswith("at the 14x14 token grid: "), tokens
     for args in (["--verify", str(store_dir)], ["--summary", str(store_dir)]):
         again = subprocess.run([exe, *args, "--no-progress"], capture_output=True, text=True, env=_env(), timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.strip().splitlines()[-1] == line, again.stdout
+        assert again.stdout.strip().splitlines()[-2:] == [line, tokens], again.stdout
+    again = subprocess.run([exe, "--summary", str(store_dir), "--token-grid", "4", "--mask-ratio", "0.5"],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert again.stdout.strip().splitlines()[-1] == token_line(store_token_stats(store, 4, 0.5)), again.stdout
     assert subprocess.run([exe, "--summary", str(tmp_path / "nostore")], capture_output=True, text=True,
                           env=_env(), timeout=300).returncode == 1
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import mgab.datasets as DS
 import mgab.demo as demo
-from mgab.demo import main, plan_budget, run_demo
+import mgab.study as study
+from mgab.demo import main, run_demo
+from mgab.study import plan_budget
 from mgab.results import compare_outcomes, load_predictions
 from mgab.runs import RunFolder
 
@@ -93,8 +95,8 @@ def test_demo_tiny_study_every_artifact_and_resume(tmp_path, capsys, small_embed
 
 def test_plan_budget_arithmetic(tmp_path, monkeypatch, small_embedded):
     "Seeds first (3 at least, 10 at most), then epochs, from the timed step and feature costs"
-    monkeypatch.setattr(demo, "_step_times", lambda c, path, store: (0.1, 0.001))  # 0.1 s a step, 1 ms an image
-    monkeypatch.setattr(demo, "_epoch_seconds", lambda c, path, store: 200 // 32 * 0.1)  # an epoch: its steps
+    monkeypatch.setattr(study, "_step_times", lambda c, path, store: (0.1, 0.001))  # 0.1 s a step, 1 ms an image
+    monkeypatch.setattr(study, "_epoch_seconds", lambda c, path, store: 200 // 32 * 0.1)  # an epoch: its steps
     c = dict(demo.DEMO_DEFAULTS, bs=32, epochs=10, distill_epochs=2)
     path = DS.embedded_dataset(progress=False)
     spe, n_eval, passes = 200 // 32, 300, 7  # 6 steps an epoch; 200 + 100 images; 7 feature passes a seed
@@ -116,7 +118,7 @@ def test_step_times_cycle_a_folder_smaller_than_the_steps(tmp_path, small_embedd
     path = DS.embedded_dataset(progress=False)
     store = demo.demo_masks(path, tmp_path, None, None, c["model_type"], c["points_per_side"], False, grid=8,
                             mask_ratio=0.75)
-    step, per_image = demo._step_times(c, path, store, steps=3)  # 200 images at bs 128: one batch an epoch
+    step, per_image = study._step_times(c, path, store, steps=3)  # 200 images at bs 128: one batch an epoch
     assert step > 0 and per_image > 0
 
 

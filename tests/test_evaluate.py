@@ -15,8 +15,8 @@ from scipy.stats import norm, t as t_dist
 
 from mgab.evaluate import (LARS, Classifier, LastBlocks, dino_pool, encoder_features, extract_features, knn_accuracy,
                            knn_scores, linear_head, linear_probe, top1)
-from mgab.report import (Cell, bias_stats, design_notes, load_runs, plot_attention, plot_bias_stats, recipe_notes,
-                         report, table1, table2, to_markdown)
+from mgab.figures import bias_stats, plot_attention, plot_bias_stats
+from mgab.report import Cell, design_notes, load_runs, recipe_notes, report, table1, table2, to_markdown
 from mgab.runs import RESULT_COLUMNS, RunFolder
 from mgab.results import (compare_outcomes, evaluate_run, items_digest, load_predictions, paired_outcomes,
                           save_predictions, valid_predictions)

@@ -13,6 +13,7 @@ from ..flags import CommandParser, signature_defaults
 from ..masks import SuperpixelMasker
 from ..sam import SamMasker, SAM_CHECKPOINTS_URL, make_masker
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
+from ..mre import store_token_stats, token_line
 
 # %% auto #0
 __all__ = ['launch_device', 'shard_args', 'main']
@@ -21,13 +22,16 @@ __all__ = ['launch_device', 'shard_args', 'main']
 def _parser() -> CommandParser:
     p = CommandParser("mgab-masks", "Precompute SAM (or stand-in superpixel) label maps for every image of a folder "
                       "into a resumable mask store, or verify one.",
-                      defaults=signature_defaults(SamMasker, SuperpixelMasker))
+                      defaults=signature_defaults(SamMasker, SuperpixelMasker, _summary))
     p.add("image_dir", positional=True, nargs="?", help="folder of images, searched recursively")
     p.add("out", help="the mask store folder (created or resumed)")
     p.add("verify", nargs="+", metavar=("STORE", "IMAGE_DIR"),
           help="check STORE against IMAGE_DIR (default: the folder it was built from) and exit")
     p.add("summary", metavar="STORE",
-          help="print STORE's mean mask coverage beside SAM's in the paper (Table 3) and exit")
+          help="print STORE's mean mask coverage beside SAM's in the paper (Table 3), and how its masks reach the "
+          "tokens, and exit")
+    p.add("token_grid", type=int, help="token grid of the summary's token statistics (14: ViT-B/16 at 224 px)")
+    p.add("mask_ratio", type=float, help="MAE's share of masked tokens, for the summary's visible partners")
     p.add("generator", help="sam, superpixel or MODULE:NAME (a factory returning a masker); default: sam with "
           "--checkpoint, else superpixel")
     p.add("c", type=int, help="masks kept per image (paper: 5)")
@@ -90,8 +94,10 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
     return 0 if ok else 1
 
 # %% ../../nbs/50_cli_masks.ipynb #bb76fa14
-def _summary(store: MaskStore, log=print):
+def _summary(store: MaskStore, log=print, token_grid: int = 14, mask_ratio: float = 0.75):
+    "The store's coverage beside SAM's, and how its masks reach the tokens of a `token_grid` ViT under MAE's masking"
     log(coverage_line(store_stats(store, limit=5000)))
+    if len(store): log(token_line(store_token_stats(store, token_grid, mask_ratio)))
 
 def shard_args(shard: int | None, num_shards: int | None, env=None) -> tuple[int, int]:
     "`--shard`/`--num-shards`, defaulting to a launcher's `RANK`/`WORLD_SIZE` (one store filled by every process)"
@@ -108,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.shard, a.num_shards = shard_args(a.shard, a.num_shards)  # a usage error (exit 2), outside the try below
     if a.summary:
-        _summary(MaskStore(a.summary))
+        _summary(MaskStore(a.summary), token_grid=a.token_grid, mask_ratio=a.mask_ratio)
         return 0
     if a.verify:
         if len(a.verify) > 2: p.error("--verify takes STORE and optionally IMAGE_DIR")
         store = MaskStore(a.verify[0])
         image_dir = a.verify[1] if len(a.verify) > 1 else (a.image_dir or store.image_dir)
         rc = _report(verify_store(store, image_dir, progress=not a.no_progress), store, image_dir)
-        _summary(store)
+        _summary(store, token_grid=a.token_grid, mask_ratio=a.mask_ratio)
         return rc
     if not a.image_dir or not a.out: p.error("give IMAGE_DIR and --out STORE (or --verify STORE IMAGE_DIR)")
     if not Path(a.image_dir).is_dir(): raise FileNotFoundError(f"image folder {a.image_dir} does not exist")
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['errors']} unreadable; {len(store)} entries in the store"
           + (" [superpixel STAND-IN, not SAM]" if store.stand_in else ""))
     for k, e in list(errs.items())[:20]: print(f"  unreadable: {k}: {e['error']}")
-    _summary(store)
+    _summary(store, token_grid=a.token_grid, mask_ratio=a.mask_ratio)
     return 0
 
 # %% ../../nbs/50_cli_masks.ipynb #49cc64ee

@@ -22,7 +22,7 @@ from ..runs import RunFolder
 from ..masks import SuperpixelMasker, load_image
 from .base import (Explorer, TokenPicker, as_store, check_rgb, image_sources, mark_token, resize_image,
                                show_tokens, store_key, token_picture)
-from ..report import bias_stats, draw_fig4
+from ..figures import bias_stats, draw_fig4
 from ..data import image_tensor
 
 # %% auto #0
@@ -52,7 +52,7 @@ def bias_figure(u_pos: np.ndarray,  # (layers, heads)
                 vmax: float | None = None,  # limit of |u| (colours, Fig. 4 a and c); fix it to compare epochs
                 std_max: float | None = None,  # limit of the std across heads (Fig. 4 b); default: these values'
                ) -> Figure:
-    "`u_pos`, `u_neg` per layer and head as heatmaps, beside Fig. 4 (`mgab.report.draw_fig4`) of the same values"
+    "`u_pos`, `u_neg` per layer and head as heatmaps, beside Fig. 4 (`mgab.figures.draw_fig4`) of the same values"
     stats = bias_stats(dict(u_pos=u_pos, u_neg=u_neg))  # checks the shapes
     u_pos, u_neg = np.asarray(u_pos, np.float64), np.asarray(u_neg, np.float64)
     L, H = u_pos.shape
