@@ -13,7 +13,6 @@ from ..flags import CommandParser, signature_defaults
 from ..masks import SuperpixelMasker
 from ..sam import SamMasker, SAM_CHECKPOINTS_URL, make_masker
 from ..store import make_mask_store, verify_store, store_is_valid, MaskStore, store_stats, coverage_line
-from ..mre import store_token_stats, token_line
 
 # %% auto #0
 __all__ = ['launch_device', 'shard_args', 'main']
@@ -97,7 +96,9 @@ def _report(res: dict, store: MaskStore, image_dir, log=print) -> int:
 def _summary(store: MaskStore, log=print, token_grid: int = 14, mask_ratio: float = 0.75):
     "The store's coverage beside SAM's, and how its masks reach the tokens of a `token_grid` ViT under MAE's masking"
     log(coverage_line(store_stats(store, limit=5000)))
-    if len(store): log(token_line(store_token_stats(store, token_grid, mask_ratio)))
+    if not len(store): return
+    from mgab.mre import store_token_stats, token_line  # a model module (torch): only when a summary is printed
+    log(token_line(store_token_stats(store, token_grid, mask_ratio)))
 
 def shard_args(shard: int | None, num_shards: int | None, env=None) -> tuple[int, int]:
     "`--shard`/`--num-shards`, defaulting to a launcher's `RANK`/`WORLD_SIZE` (one store filled by every process)"
