@@ -121,7 +121,7 @@ def eval_batches(dls,  # labelled loaders (`mgab.data.labelled_dls`) of the eval
                 ):  # `get(split)`: the batches of "train" (in order, all of them) or "valid"
     "The evaluation's batches, decoded once for every run when they fit in memory (each run's features then skip it)"
     cache, n = {}, len(dls.train_ds) + len(dls.valid_ds)
-    fits = n*3*img_size**2*4/2**20 <= limit_mb  # float32 images; masks and labels are small
+    fits = n * 3 * img_size ** 2 * 4 / 2 ** 20 <= limit_mb  # float32 images; masks and labels are small
     def get(split: str):
         if split not in cache:
             dl = dls.train.new(shuffle=False, drop_last=False) if split == "train" else dls.valid

@@ -64,7 +64,8 @@ def _epoch_seconds(c: dict, path: Path, store: Path) -> float:
             walls.append(time.perf_counter() - t)
     return max(walls[1] - walls[0], 0.) / 2
 
-def study_patch(c: dict) -> int:  # the ViT patch side of a study
+def study_patch(c: dict) -> int:
+    "The ViT patch side of a study: `patch_size`, else the architecture's"
     return c["patch_size"] or int(c["arch"].split("patch")[1].split("_")[0])
 
 def study_base(c: dict, path: Path, store: Path) -> dict:
